@@ -1,0 +1,35 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= jobs/configs/tiny.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install install-gpu test test-unit demo demo-fast bench ablation clean
+
+$(VENV)/.installed-cpu: pyproject.toml scripts/install.sh
+	VENV=$(VENV) scripts/install.sh cpu
+
+install: $(VENV)/.installed-cpu
+
+install-gpu:
+	VENV=$(VENV) scripts/install.sh gpu
+
+test: install
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-unit: install
+	$(PY) -m pytest -q -ra tests/unit $(PYTEST_ARGS)
+
+demo: install
+	$(PY) jobs/demo.py --config $(CONFIG) $(ARGS)
+
+demo-fast: install
+	$(PY) jobs/demo.py --config $(CONFIG) --fast $(ARGS)
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+ablation: install
+	$(PY) jobs/ablation.py --config $(CONFIG) $(ARGS)
+
+clean:
+	rm -rf .r2d demo-report

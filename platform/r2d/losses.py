@@ -1,0 +1,234 @@
+"""Training losses of Reasoning-to-Defend (Zhu et al. 2025, arXiv 2502.12970).
+
+Pure functions on one logits tensor [B, T, V], already shifted so that
+``logits[:, t]`` predicts ``labels[:, t]``; ``labels`` [B, T] holds
+``IGNORE_INDEX`` where no loss is taken (prompt, padding). ``sft_loss`` is
+Eq. 3, ``cpo_loss`` is Eq. 4, ``total_loss`` is ``L_SFT + lambda * L_CPO``.
+"""
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+"""Label of a token that carries no loss, as in ``torch.nn.CrossEntropyLoss``."""
+
+REASONING = 1
+"""``segment`` value of a token inside ``<think>...</think>``."""
+
+ANSWER = 2
+"""``segment`` value of a token of the final answer."""
+
+SFT_MODES = ("flat", "eq3")
+CPO_VARIANTS = ("mean", "per_class")
+
+
+def _check_shapes(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits [B, T, V] and labels [B, T], "
+            f"got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    # clamp keeps an empty mask at 0 / 1 = 0 instead of 0 / 0 = NaN
+    total = (values * mask).sum() if dim is None else (values * mask).sum(dim)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return total / count.clamp(min=1)
+
+
+def sft_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mode: str = "flat",
+    segment: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Supervised fine-tuning loss on the labelled tokens (paper Eq. 3).
+
+    Args:
+        logits: [B, T, V], ``logits[:, t]`` predicts ``labels[:, t]``.
+        labels: [B, T] target ids, ``IGNORE_INDEX`` where no loss is taken.
+        mode: ``"flat"`` is the reference code's mean NLL over every labelled
+            token of the batch. ``"eq3"`` is the paper's Eq. 3: per sequence,
+            mean NLL over reasoning tokens plus mean NLL over answer tokens
+            (an empty part adds 0), averaged over sequences with any token.
+            Long reasoning then no longer drowns out a short answer.
+        segment: [B, T] ints, ``REASONING`` (1), ``ANSWER`` (2) or 0 (no
+            loss, even if labelled). Required for ``"eq3"``.
+
+    Returns:
+        Scalar float32 loss; 0.0 (not NaN, still in the graph) if no token
+        is labelled.
+
+    Raises:
+        ValueError: unknown ``mode``, ``"eq3"`` without ``segment``, or
+            mismatched shapes.
+    """
+    if mode not in SFT_MODES:
+        raise ValueError(f"sft mode must be one of {SFT_MODES}, got {mode!r}")
+    if mode == "eq3" and segment is None:
+        raise ValueError("sft mode 'eq3' needs segment (1 = reasoning, 2 = answer)")
+    _check_shapes(logits, labels)
+    # reduction="none" leaves 0 loss and 0 gradient at ignored positions
+    nll = F.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(labels.shape).float()
+    labelled = labels != IGNORE_INDEX
+    if mode == "flat":
+        return _masked_mean(nll, labelled)
+
+    if segment.shape != labels.shape:
+        raise ValueError(
+            f"segment must match labels {tuple(labels.shape)}, got {tuple(segment.shape)}"
+        )
+    per_seq = torch.zeros_like(nll[:, 0])
+    has_token = torch.zeros_like(labelled[:, 0])
+    for part in (REASONING, ANSWER):
+        in_part = labelled & (segment == part)
+        per_seq = per_seq + _masked_mean(nll, in_part, dim=1)
+        has_token = has_token | in_part.any(dim=1)
+    return _masked_mean(per_seq, has_token)
+
+
+def _pivot_ids(safe_id, unsafe_id, rethink_id, vocab):
+    ids = [safe_id, unsafe_id] + ([] if rethink_id is None else [rethink_id])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"pivot ids must be distinct, got {ids}")
+    if not all(0 <= tok < vocab for tok in ids):
+        raise ValueError(f"pivot ids {ids} must lie in the vocabulary [0, {vocab})")
+    return ids
+
+
+def _pivot_margins(logits, labels, safe_id, unsafe_id, rethink_id):
+    """Margins z[t+] - z[t-] at pivot positions, their true ids, and their z.
+
+    [SAFE] and [UNSAFE] are each other's opposite. [RETHINK] is contrasted
+    with [SAFE]: a step that should be reconsidered must not be called safe,
+    whereas [UNSAFE] is close to its meaning and is not pushed away.
+    """
+    _check_shapes(logits, labels)
+    ids = _pivot_ids(safe_id, unsafe_id, rethink_id, logits.shape[-1])
+    opposite = {safe_id: unsafe_id, unsafe_id: safe_id, rethink_id: safe_id}
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    contrast = torch.full_like(labels, IGNORE_INDEX)
+    for true_id in ids:
+        here = labels == true_id
+        mask |= here
+        contrast[here] = opposite[true_id]
+    true_ids, other_ids = labels[mask], contrast[mask]
+    # upcast only the gathered rows: bf16 would round away the small margins
+    # CPO works on, and N pivot rows are cheap next to the [B, T, V] logits
+    z = logits[mask].float()
+    margin = z.gather(1, true_ids[:, None]) - z.gather(1, other_ids[:, None])
+    return margin.squeeze(1), true_ids, z
+
+
+def cpo_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    safe_id: int,
+    unsafe_id: int,
+    rethink_id: int | None = None,
+    variant: str = "mean",
+) -> torch.Tensor:
+    """Contrastive Pivot Optimization loss (paper Eq. 4).
+
+    At every position whose label is a pivot, ``-log sigmoid(z[t+] - z[t-])``
+    with ``z`` the logits there, ``t+`` the true pivot and ``t-`` its
+    opposite: [SAFE] <-> [UNSAFE]. With ``rethink_id``, [RETHINK] positions
+    are contrasted with [SAFE] too; without it they are not contrasted.
+
+    Args:
+        logits: [B, T, V], ``logits[:, t]`` predicts ``labels[:, t]``.
+        labels: [B, T] target ids.
+        safe_id, unsafe_id: token ids of [SAFE] and [UNSAFE].
+        rethink_id: token id of [RETHINK], or None to leave it out.
+        variant: ``"mean"`` averages over all pivot positions of the batch,
+            Eq. 4's expectation. ``"per_class"`` is the reference code's
+            variant: the mean within each pivot class, summed over the classes
+            present, so rare [UNSAFE] pivots weigh as much as common [SAFE].
+
+    Returns:
+        Scalar loss; 0.0 that still requires grad if there is no pivot.
+
+    Raises:
+        ValueError: unknown ``variant``, equal or out-of-range pivot ids, or
+            mismatched shapes.
+    """
+    if variant not in CPO_VARIANTS:
+        raise ValueError(f"cpo variant must be one of {CPO_VARIANTS}, got {variant!r}")
+    margin, true_ids, _ = _pivot_margins(logits, labels, safe_id, unsafe_id, rethink_id)
+    if margin.numel() == 0:
+        # keeps backward() and DDP's gradient hooks working on pivot-free batches
+        return logits.sum() * 0
+    per_pivot = -F.logsigmoid(margin)
+    if variant == "mean":
+        return per_pivot.mean()
+    return sum(per_pivot[true_ids == tok].mean() for tok in true_ids.unique())
+
+
+@torch.no_grad()
+def pivot_metrics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    safe_id: int,
+    unsafe_id: int,
+    rethink_id: int | None = None,
+) -> dict:
+    """How well the model picks the pivot at pivot positions (no gradient).
+
+    Arguments as in ``cpo_loss``.
+
+    Returns:
+        ``pivot_acc``: fraction of pivot positions where the argmax over the
+        pivot ids alone is the label; ``pivot_margin``: mean of the Eq. 4
+        margin ``z[t+] - z[t-]`` (both floats, 0.0 without pivots, so that
+        logging never meets NaN); ``n_pivots``: int count of pivot positions.
+    """
+    margin, true_ids, z = _pivot_margins(logits, labels, safe_id, unsafe_id, rethink_id)
+    if margin.numel() == 0:
+        return {"pivot_acc": 0.0, "pivot_margin": 0.0, "n_pivots": 0}
+    ids = _pivot_ids(safe_id, unsafe_id, rethink_id, logits.shape[-1])
+    ids = torch.tensor(ids, device=z.device)
+    predicted = ids[z[:, ids].argmax(dim=1)]
+    return {
+        "pivot_acc": (predicted == true_ids).float().mean().item(),
+        "pivot_margin": margin.mean().item(),
+        "n_pivots": int(margin.numel()),
+    }
+
+
+def total_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    safe_id: int,
+    unsafe_id: int,
+    rethink_id: int | None = None,
+    cpo_weight: float = 1.0,
+    sft_mode: str = "flat",
+    cpo_variant: str = "mean",
+    segment: torch.Tensor | None = None,
+) -> dict:
+    """R2D training objective ``L = L_SFT + lambda * L_CPO`` (paper Eq. 3 + Eq. 4).
+
+    Both terms read the same logits, so one forward pass serves both.
+
+    Args:
+        logits, labels, segment: as in ``sft_loss``.
+        safe_id, unsafe_id, rethink_id: as in ``cpo_loss``.
+        cpo_weight: lambda, 1.0 in the paper; 0 gives the no-CPO ablation.
+        sft_mode: ``mode`` of ``sft_loss``.
+        cpo_variant: ``variant`` of ``cpo_loss``.
+
+    Returns:
+        ``{"loss", "sft_loss", "cpo_loss"}``, scalar tensors.
+
+    Raises:
+        ValueError: negative ``cpo_weight``, or any error of the two losses.
+    """
+    if cpo_weight < 0:
+        raise ValueError(f"cpo_weight must be >= 0, got {cpo_weight}")
+    sft = sft_loss(logits, labels, mode=sft_mode, segment=segment)
+    cpo = cpo_loss(logits, labels, safe_id, unsafe_id, rethink_id, variant=cpo_variant)
+    return {"loss": sft + cpo_weight * cpo, "sft_loss": sft, "cpo_loss": cpo}
