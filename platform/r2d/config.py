@@ -72,6 +72,10 @@ class EngineConfig:
     """Retries with exponential backoff for endpoint errors."""
     timeout_s: float = 120.0
     """Per-request timeout for the endpoint."""
+    request_concurrency: int = 8
+    """Most requests in flight per engine actor (engine kind openai)."""
+    retry_backoff_s: float = 1.0
+    """First retry delay for the endpoint; doubles on every retry."""
     gpu_memory_utilization: float = 0.9
     """vLLM share of GPU memory."""
     kv_cache_gb: int = 2
@@ -84,6 +88,9 @@ class EngineConfig:
         _require(self.num_cpus >= 0, "num_cpus", self.num_cpus, "a number >= 0")
         _require(self.num_gpus >= 0, "num_gpus", self.num_gpus, "a number >= 0")
         _require(self.threads >= 0, "threads", self.threads, "an integer >= 0")
+        _require(self.request_concurrency >= 1, "request_concurrency", self.request_concurrency, "an integer >= 1")
+        _require(self.retry_backoff_s >= 0, "retry_backoff_s", self.retry_backoff_s, "a number >= 0")
+        _require(self.max_retries >= 0, "max_retries", self.max_retries, "an integer >= 0")
         _require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
                  self.gpu_memory_utilization, "a fraction in (0, 1]")
         if self.kind == "openai":
@@ -281,6 +288,8 @@ class EvalConfig:
     """Judge that decides whether an answer refused."""
     judge_model: ModelConfig = field(default_factory=lambda: ModelConfig(source=""))
     """Model behind the guard or rubric judge."""
+    judge_engine: EngineConfig = field(default_factory=EngineConfig)
+    """Engine that runs the guard or rubric judge model."""
     max_per_suite: int = 0
     """Cap on prompts per suite; 0 keeps all."""
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -291,12 +300,26 @@ class EvalConfig:
     """Explicit output filter applied before judging; reported when on."""
     allow_contamination: bool = False
     """Report numbers even when evaluation prompts overlap the training traces."""
+    traces: str = ""
+    """Traces dataset whose prompts the contamination check compares against; empty means distill.output_dir."""
+    contamination_threshold: float = 0.6
+    """Word 3-gram similarity at or above which an evaluation prompt is a near-duplicate of a training prompt."""
+    general_tasks: list[str] = field(default_factory=list)
+    """lm-eval tasks for general ability (e.g. arc_easy); empty skips it."""
+    general_limit: int = 0
+    """Examples per lm-eval task; 0 runs them all."""
     output_dir: str = ".r2d/eval"
     """Where reports and charts are written."""
 
     def __post_init__(self) -> None:
         _require(len(self.suites) >= 1, "suites", self.suites, "at least one suite")
         _require(self.max_per_suite >= 0, "max_per_suite", self.max_per_suite, "an integer >= 0")
+        _require(0 < self.contamination_threshold <= 1, "contamination_threshold", self.contamination_threshold,
+                 "a fraction in (0, 1]")
+        _require(self.general_limit >= 0, "general_limit", self.general_limit, "an integer >= 0")
+        if self.judge != "refusal":
+            _require(bool(self.judge_model.source), "judge_model.source", self.judge_model.source,
+                     f"a model source when judge is {self.judge!r}")
 
 
 @dataclass
@@ -345,6 +368,10 @@ class ServeConfig:
     """Write prompt text to logs (off: prompts may be sensitive)."""
     reload_poll_s: float = 0.0
     """Poll the registry alias every N seconds and reload when it moves; 0 disables."""
+    served_model_name: str = "r2d"
+    """Model id the API answers to (/v1/models, the request's `model`)."""
+    max_model_len: int = 2048
+    """Longest prompt plus completion a replica accepts (vLLM's max_model_len)."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, "port", self.port, "a TCP port in 1..65535")
@@ -357,6 +384,14 @@ class ServeConfig:
             _require(value >= 1, name, value, "an integer >= 1")
         _require(self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens", self.default_max_tokens,
                  f"at most max_tokens_limit ({self.max_tokens_limit})")
+        _require(self.reload_poll_s >= 0, "reload_poll_s", self.reload_poll_s, "a number >= 0 (0: no polling)")
+        _require(bool(self.served_model_name), "served_model_name", self.served_model_name, "a non-empty name")
+        _require(self.max_model_len > self.max_tokens_limit, "max_model_len", self.max_model_len,
+                 f"more than max_tokens_limit ({self.max_tokens_limit})")
+        _require(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus", (self.num_cpus, self.num_gpus),
+                 "num_cpus and num_gpus >= 0")
+        bad = [m for m in self.allowed_modes if m not in ("show", "hide", "guard")]
+        _require(not bad, "allowed_modes", self.allowed_modes, "modes among show, hide, guard")
 
 
 @dataclass
@@ -367,6 +402,12 @@ class TrackingConfig:
     """MLflow experiment name."""
     registered_model: str = "r2d"
     """Model Registry name for trained models."""
+    connect_timeout_s: float = 10.0
+    """Seconds an HTTP tracking server gets to answer before a job fails with a clear error."""
+
+    def __post_init__(self) -> None:
+        _require(self.connect_timeout_s > 0, "connect_timeout_s", self.connect_timeout_s, "a number > 0")
+        _require(bool(self.registered_model), "registered_model", self.registered_model, "a non-empty name")
 
 
 @dataclass
@@ -379,6 +420,15 @@ class GateConfig:
     """Floor on refusal(harmful) - refusal(benign)."""
     max_ability_drop: float = 0.05
     """General ability may drop at most this much."""
+    ability_metric: str = "ability"
+    """Evaluation metric that measures general ability (higher is better); gated only when both models have it."""
+
+    def __post_init__(self) -> None:
+        for name in ("asr_tolerance", "max_over_refusal", "max_ability_drop"):
+            value = getattr(self, name)
+            _require(0 <= value <= 1, name, value, "a fraction in [0, 1]")
+        _require(-1 <= self.min_discrimination <= 1, "min_discrimination", self.min_discrimination,
+                 "a number in [-1, 1]")
 
 
 @dataclass
@@ -466,6 +516,12 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     elif tp is int:
         _require(isinstance(value, int) and not isinstance(value, bool), name, value, _type_name(tp))
     elif tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; it is unambiguous as a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, _type_name(tp))
         return float(value)
     elif tp is str:

@@ -160,7 +160,7 @@ def cpo_loss(
     margin, true_ids, _ = _pivot_margins(logits, labels, safe_id, unsafe_id, rethink_id)
     if margin.numel() == 0:
         # keeps backward() and DDP's gradient hooks working on pivot-free batches
-        return logits.sum() * 0
+        return logits.sum().float() * 0
     per_pivot = -F.logsigmoid(margin)
     if variant == "mean":
         return per_pivot.mean()

@@ -186,7 +186,8 @@ def parse_trace(text: str, end_tokens: tuple[str, ...] = ("<|im_end|>", "<|eot_i
         body = body[len(THINK_OPEN):]
     elif THINK_OPEN in body:
         body = body.split(THINK_OPEN, 1)[1]
-    else:
+    elif THINK_CLOSE not in body:
+        # A template may open <think> in the generation prompt (R1 does); only both missing is an error.
         errors.append("no <think>")
     closed = THINK_CLOSE in body
     if closed:
@@ -228,6 +229,17 @@ def _split_answer(answer_text: str, closed: bool, errors: list[str]) -> tuple[st
     if closed and not found:
         errors.append("answer without pivot")
     return answer, (found[-1] if found else RETHINK)
+
+
+def decode_completion(tokenizer, ids) -> str:
+    """Decode generated ids, dropping special tokens (eos, pad) but never pivots or think tags.
+
+    Some tokenizers mark ``<think>`` as special; ``skip_special_tokens=True`` would erase it.
+    """
+    keep = set(pivot_ids(tokenizer).by_token().values())
+    drop = set(tokenizer.all_special_ids) - keep
+    kept = [int(i) for i in ids if int(i) not in drop]
+    return tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def strip_pivots(text: str) -> str:

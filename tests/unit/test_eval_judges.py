@@ -221,7 +221,8 @@ def test_judges_registry_says_which_need_a_model():
     assert {k: v["needs_model"] for k, v in JUDGES.items()} == {"refusal": False, "guard": True, "rubric": True}
     assert JUDGES["refusal"]["judge"](REFUSAL_IN_PIVOTS)["refused"] is True
     guard = JUDGES["guard"]
-    assert guard["parse"](guard["messages"] and "unsafe\nS1")["unsafe"] is True
+    assert guard["messages"]("p", "r")[1] == {"role": "assistant", "content": "r"}
+    assert guard["parse"]("unsafe\nS1")["unsafe"] is True
     rubric = JUDGES["rubric"]
     assert rubric["parse"](RUBRIC_OUTPUT)["score"] == 0.625
     assert rubric["messages"]("p", "r")[0]["role"] == "system"

@@ -108,15 +108,7 @@ def check_contamination(
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    train_norm: dict[str, int] = {}
-    for j, prompt in enumerate(train_prompts):
-        train_norm.setdefault(normalize_prompt(prompt), j)
-    train_sets = [ngram_set(p) for p in train_prompts]
-    index: dict[tuple[str, ...], list[int]] = defaultdict(list)
-    for j, grams in enumerate(train_sets):
-        for gram in grams:
-            index[gram].append(j)
-
+    train_norm, train_sets, index = _index_train(train_prompts)
     exact_pairs, near_matches = [], []
     for i, prompt in enumerate(eval_prompts):
         j = train_norm.get(normalize_prompt(prompt))
@@ -140,6 +132,19 @@ def check_contamination(
         "near": {"count": len(near_matches), "indices": [m["eval"] for m in near_matches], "matches": near_matches},
         "examples": examples,
     }
+
+
+def _index_train(train_prompts: Sequence[str]) -> tuple[dict, list, dict]:
+    """Normalised text → first index, n-gram sets, and n-gram → posting list."""
+    train_norm: dict[str, int] = {}
+    for j, prompt in enumerate(train_prompts):
+        train_norm.setdefault(normalize_prompt(prompt), j)
+    train_sets = [ngram_set(p) for p in train_prompts]
+    index: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for j, grams in enumerate(train_sets):
+        for gram in grams:
+            index[gram].append(j)
+    return train_norm, train_sets, index
 
 
 def _best_near_match(

@@ -249,9 +249,9 @@ def parse_llama_guard(output: str) -> dict[str, Any]:
         return {"unsafe": None, "categories": [], "error": f"unparsable guard output: {output[:200]!r}"}
     result: dict[str, Any] = {"unsafe": verdict == "unsafe", "categories": []}
     if result["unsafe"] and len(lines) > 1:
-        tokens = [t.strip().upper() for t in lines[1].split(",") if t.strip()]
-        result["categories"] = [t for t in tokens if _CATEGORY_RE.match(t)]
-        bad = [t for t in tokens if not _CATEGORY_RE.match(t)]
+        tokens = [t.strip() for t in lines[1].split(",") if t.strip()]
+        result["categories"] = [t.upper() for t in tokens if _CATEGORY_RE.match(t.upper())]
+        bad = [t for t in tokens if not _CATEGORY_RE.match(t.upper())]
         if bad:
             result["warning"] = f"ignored category tokens: {bad}"
     result["category_names"] = [

@@ -1,0 +1,72 @@
+"""Evaluate one or more models for jailbreak resistance, over-refusal and discrimination.
+
+    python jobs/evaluate.py --config jobs/configs/tiny.yaml --model bundled:smollm2-135m --suite jailbreak
+    python jobs/evaluate.py --config jobs/configs/tiny.yaml --model bundled:smollm2-135m \
+        --model models:/r2d@champion --model models:/r2d@challenger --prompt-only-baseline \
+        --suite harmful --suite jailbreak --suite over_refusal --suite benign --output eval.json
+
+--model: a folder, models:/name@alias, bundled:<name>, a hub id, or an http(s):// OpenAI-compatible endpoint.
+--suite: harmful | jailbreak | over_refusal | benign, or a CSV/JSONL/JSON/Parquet file with prompt + label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from r2d.config import ConfigError, help_text, load_config
+    from r2d.eval.contamination import ContaminationError
+    from r2d.eval.evaluate import evaluate_models
+    from r2d.eval.report import side_by_side
+    from r2d.eval.suites import SuiteError
+
+    # 1. config and arguments
+    parser = argparse.ArgumentParser(description=__doc__, epilog="config fields:\n" + help_text(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML config file (defaults when omitted)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.max_per_suite=16")
+    parser.add_argument("--model", action="append", default=[], help="model to evaluate (repeatable)")
+    parser.add_argument("--suite", action="append", default=[], help="suite name or file (repeatable; "
+                        "default eval.suites)")
+    parser.add_argument("--output", default=None, help="write the numbers as JSON to this file")
+    parser.add_argument("--prompt-only-baseline", action="store_true",
+                        help="add R2D-p: model.source with the safety system prompt, no training")
+    parser.add_argument("--traces", default=None, help="traces dataset for the contamination check "
+                        "(default eval.traces, else distill.output_dir)")
+    parser.add_argument("--allow-contamination", action="store_true", default=None,
+                        help="report numbers even when prompts overlap the training traces")
+    parser.add_argument("--out-dir", default=None, help="report folder (default under eval.output_dir)")
+    parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"evaluate: {err}", file=sys.stderr)
+        return 2
+    if not args.model and not args.prompt_only_baseline:
+        parser.error("pass at least one --model (or --prompt-only-baseline)")
+
+    # 2. evaluate (suites, contamination check, generation, judging, report, MLflow)
+    try:
+        results = evaluate_models(cfg, args.model, args.suite or None, output=args.output,
+                                  prompt_only_baseline=args.prompt_only_baseline, traces=args.traces,
+                                  allow_contamination=args.allow_contamination, out_dir=args.out_dir,
+                                  log_mlflow=not args.no_mlflow)
+    except (ContaminationError, SuiteError) as err:
+        print(f"evaluate: {err}", file=sys.stderr)
+        return 2
+
+    # 3. report
+    print(side_by_side(results))
+    first = next(iter(results.values()))
+    print(f"\nreport: {first['report']}")
+    for name, entry in results.items():
+        if entry.get("run_id"):
+            print(f"mlflow run for {name}: {entry['run_id']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

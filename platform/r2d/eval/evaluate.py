@@ -1,0 +1,221 @@
+"""Evaluate several models on the same prompts: the library entry point behind ``jobs/evaluate.py``.
+
+:func:`evaluate_models` is what the job, promotion and the demo call (no subprocess):
+
+1. load the suites once, so every model sees the same prompts (one ``suite_digest``);
+2. check the prompts against the training traces (exact and near duplicates) and
+   refuse to report contaminated numbers as held-out unless told to;
+3. per model: generate through the engines, judge, score, and (optionally) lm-eval;
+4. write the Markdown report, charts and JSON; log one MLflow parent run with a
+   child run per model, and tag each registered model version it scored with
+   ``r2d.eval_run.<suite_digest>`` = the child run's id, so promotion can reuse it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from r2d import tags as T
+from r2d.eval.contamination import assert_held_out, check_contamination
+from r2d.eval.general import general_ability
+from r2d.eval.report import output_json, write_report
+from r2d.eval.runner import Target, make_targets, run_target
+from r2d.eval.suites import Suite, load_suites, suite_digest
+
+__all__ = ["contamination_report", "evaluate_models", "traces_prompts"]
+
+
+def _local_path(path: str) -> str:
+    """Relative paths live under the workdir (like every other .r2d/ path); URIs pass through."""
+    from r2d.runtime import workdir
+
+    if "://" in path or Path(path).expanduser().is_absolute():
+        return str(Path(path).expanduser()) if "://" not in path else path
+    return str(workdir() / path)
+
+
+def traces_prompts(path: str) -> list[str] | None:
+    """The ``prompt`` column of a traces Parquet dataset, or None when there is none at ``path``."""
+    import pyarrow.dataset as pads
+
+    location = _local_path(path)
+    if "://" not in location and not Path(location).exists():
+        return None
+    try:
+        # The folder also holds manifest.json: skip files that are not Parquet.
+        data = pads.dataset(location, format="parquet", exclude_invalid_files=True)
+        if "prompt" not in data.schema.names:
+            raise ValueError(f"traces dataset {location!r} has no 'prompt' column (columns: {data.schema.names})")
+        return [p for p in data.to_table(columns=["prompt"]).column("prompt").to_pylist() if p]
+    except FileNotFoundError:
+        return None
+
+
+def contamination_report(suites: list[Suite], traces: str, threshold: float, allow: bool) -> dict[str, Any]:
+    """Overlap between the suites' unattacked prompts and the traces' prompts.
+
+    Raises:
+        ContaminationError: when any prompt overlaps and ``allow`` is False.
+    """
+    train = traces_prompts(traces)
+    if train is None:
+        return {"checked": False, "traces": traces, "reason": f"no traces dataset at {traces!r}"}
+    # Base prompts: a jailbreak template shared by two different requests would look like a near duplicate.
+    evals = sorted({r["base_prompt"] for s in suites for r in s.rows})
+    report = check_contamination(evals, train, threshold)
+    assert_held_out(report, allow)
+    return {"checked": True, "traces": traces, "n_eval": report["n_eval"], "n_train": report["n_train"],
+            "threshold": threshold, "exact": report["exact"]["count"], "near": report["near"]["count"],
+            "clean": report["clean"], "examples": report["examples"]}
+
+
+def _pin_versions(targets: list[Target]) -> dict[str, str]:
+    """Resolve registry aliases once, so a moving alias cannot change the weights mid-run."""
+    from r2d.tracking import connect, resolve_version
+
+    versions = {}
+    for t in targets:
+        if t.source.startswith("models:/"):
+            mv = resolve_version(connect(), t.source)
+            versions[t.name] = str(mv.version)
+            t.model = dataclasses.replace(t.model, source=f"models:/{mv.name}/{mv.version}")
+    return versions
+
+
+def _metric_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def model_metrics(entry: dict[str, Any]) -> dict[str, float]:
+    """The MLflow metrics of one model: rates, interval bounds, pivots, lengths, ability."""
+    out: dict[str, Any] = {"n_harmful": entry["n_harmful"], "n_benign": entry["n_benign"]}
+    for key in ("asr", "over_refusal", "over_refusal_lookalike", "discrimination"):
+        out[key] = entry.get(key)
+        ci = entry.get(f"{key}_ci")
+        if ci:
+            out[f"{key}_ci_lo"], out[f"{key}_ci_hi"] = ci
+    for attack, value in (entry.get("asr_by_attack") or {}).items():
+        name = _metric_name(attack)
+        out[f"asr_{name}"] = value
+        ci = (entry.get("asr_by_attack_ci") or {}).get(attack)
+        if ci:
+            out[f"asr_{name}_lo"], out[f"asr_{name}_hi"] = ci
+    for key in ("asr", "over_refusal", "discrimination"):
+        out[f"raw_{key}"] = (entry.get("raw") or {}).get(key)
+    for key in ("pivot_accuracy", "safe_share", "unsafe_share", "rethink_share"):
+        out[key] = (entry.get("pivots") or {}).get(key)
+    out["mean_output_tokens"] = entry.get("mean_output_tokens")
+    out["tokens_per_s"] = entry.get("tokens_per_s")
+    general = entry.get("general") or {}
+    if general.get("status") == "ok":
+        out["ability"] = general["ability"]
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _log_mlflow(cfg, results: dict[str, dict], paths: dict[str, Path], meta: dict[str, Any]) -> str:
+    """One parent run (report, charts, JSON, config) and a child run per model; tags the versions scored."""
+    from mlflow import MlflowClient
+
+    from r2d.runtime import init_mlflow
+
+    mlflow = init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
+    client = MlflowClient()
+    digest = meta["suite_digest"]
+    common = {T.STAGE: "eval", T.SUITE_DIGEST: digest, T.CONFIG_DIGEST: cfg.digest(), T.GIT_COMMIT: meta["git_commit"]}
+    shared = [p for k, p in paths.items() if not k.startswith("records:")]
+    with mlflow.start_run(run_name=f"eval-{digest[:8]}", tags={**common, T.JUDGE: cfg.eval.judge}) as parent:
+        mlflow.log_params({"models": json.dumps(list(results))[:500], "suites": json.dumps(
+            [s["name"] for s in meta["suites"]])[:500], "judge": cfg.eval.judge, "output_filter": cfg.eval.output_filter})
+        mlflow.log_dict(cfg.to_dict(), "config.json")
+        for p in shared:
+            mlflow.log_artifact(str(p))
+        for name, entry in results.items():
+            model_tags = {**common, T.MODEL_URI: entry["model_uri"], T.JUDGE: entry["judge"]}
+            if entry.get("model_version"):
+                model_tags[T.MODEL_VERSION] = entry["model_version"]
+            with mlflow.start_run(run_name=f"eval-{name}"[:250], nested=True, tags=model_tags) as child:
+                mlflow.log_metrics(model_metrics(entry))
+                for p in shared + [paths[f"records:{name}"]]:
+                    mlflow.log_artifact(str(p))
+                entry["run_id"], entry["parent_run_id"] = child.info.run_id, parent.info.run_id
+            if entry.get("model_version"):
+                registered = entry["model_uri"][len("models:/"):].split("@")[0].split("/")[0]
+                client.set_model_version_tag(registered, entry["model_version"], T.EVAL_RUN_PREFIX + digest,
+                                             entry["run_id"])
+        # Re-log the JSON so the copy in MLflow carries the run ids too.
+        paths["json"].write_text(json.dumps(output_json(results), indent=2) + "\n")
+        mlflow.log_artifact(str(paths["json"]))
+    return parent.info.run_id
+
+
+def evaluate_models(cfg, models: list[str], suites: list[str] | None = None, *, output: str | None = None,
+                    prompt_only_baseline: bool = False, traces: str | None = None,
+                    allow_contamination: bool | None = None, out_dir: str | None = None,
+                    log_mlflow: bool = True) -> dict[str, dict[str, Any]]:
+    """Evaluate ``models`` on ``suites`` (same prompts for all) and report.
+
+    Args:
+        cfg: Job config; ``cfg.eval`` holds the judge, engine, sampling, caps and filter.
+        models: Folders, ``models:/name@alias``, ``bundled:`` names, hub ids or http(s) endpoints.
+        suites: Built-in suite names or files; None uses ``cfg.eval.suites``.
+        output: Also write the JSON here.
+        prompt_only_baseline: Add R2D-p (``cfg.model.source`` + the safety system prompt).
+        traces: Traces dataset for the contamination check; default ``eval.traces`` or ``distill.output_dir``.
+        allow_contamination: Override ``eval.allow_contamination``.
+        out_dir: Report folder; default ``<eval.output_dir>/<time>-<digest>``.
+        log_mlflow: Log the MLflow runs and tag model versions.
+
+    Returns:
+        ``{model: {"asr", "asr_by_attack", "over_refusal", "discrimination", "discrimination_ci",
+        "n_harmful", "n_benign", "judge", ..., "run_id", "parent_run_id", "report"}}``.
+
+    Raises:
+        ContaminationError: Prompts overlap the training traces and contamination is not allowed.
+        SuiteError: A suite is unknown, malformed or empty.
+    """
+    from r2d.runtime import init_ray
+
+    # 1. the same prompts for every model
+    loaded = load_suites(list(suites or cfg.eval.suites), cfg)
+    rows = [{**r, "row": i} for i, r in enumerate(r for s in loaded for r in s.rows)]
+    digest = suite_digest(loaded)
+    targets = make_targets(cfg, list(models), prompt_only_baseline)
+    # 2. contamination, before any generation is paid for
+    allow = cfg.eval.allow_contamination if allow_contamination is None else allow_contamination
+    contamination = contamination_report(loaded, traces or cfg.eval.traces or cfg.distill.output_dir,
+                                         cfg.eval.contamination_threshold, allow)
+    held_out = contamination["clean"] if contamination["checked"] else None
+    versions = _pin_versions(targets) if log_mlflow else {}
+    # 3. generate, judge, score
+    init_ray(cfg.resources.num_cpus)
+    results: dict[str, dict[str, Any]] = {}
+    for target in targets:
+        entry = run_target(rows, target, cfg)
+        entry.update(model_version=versions.get(target.name, ""), suite_digest=digest, held_out=held_out,
+                     contamination={k: contamination.get(k) for k in ("checked", "exact", "near", "traces")})
+        entry["general"] = (general_ability(target.source, cfg) if not target.baseline_of else
+                            {"status": "skipped", "reason": f"R2D-p shares the weights of {target.baseline_of}"})
+        results[target.name] = entry
+    # 4. report
+    from r2d.tags import git_commit
+
+    meta = {"suite_digest": digest, "created_at": time.strftime("%Y-%m-%d %H:%M:%S"), "config_digest": cfg.digest(),
+            "git_commit": git_commit(), "contamination": contamination,
+            "suites": [{"name": s.name, "source": s.source, "n_harmful": s.n_harmful, "n_benign": s.n_benign,
+                        "skipped": s.skipped} for s in loaded]}
+    folder = out_dir or str(Path(_local_path(cfg.eval.output_dir)) / f"{time.strftime('%Y%m%d-%H%M%S')}-{digest[:8]}")
+    paths = write_report(results, folder, meta)
+    if log_mlflow:
+        _log_mlflow(cfg, results, paths, meta)
+    final = output_json(results)
+    for entry in final.values():
+        entry["report"] = str(paths["report"])
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(final, indent=2) + "\n")
+    return final

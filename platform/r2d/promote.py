@@ -1,0 +1,274 @@
+"""Promotion: gate a candidate model version against the champion and move the alias.
+
+The flow (``jobs/promote.py``, ``r2d promote``):
+
+1. Resolve the candidate (``models:/r2d@challenger``) and the current ``champion``, if any.
+2. Find both evaluations on the same suites: a version tagged ``r2d.eval_run.<suite digest>``
+   reuses that evaluation run; otherwise the evaluation runner scores it now.
+3. :func:`r2d.gates.decide` applies the gates from ``cfg.gates``.
+4. Record the decision, the numbers and the reason as tags on the candidate version, always
+   (except in a dry run); on a pass, move ``champion`` and append to the registered model's
+   ``r2d.champion_history`` so that :func:`rollback` can move it back.
+
+A dry run changes nothing anywhere: it neither evaluates nor writes tags or aliases, so a
+missing evaluation shows up as partial data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from r2d import tags as T
+from r2d.gates import Decision, decide, gate_numbers, summary_from_metrics
+from r2d.tracking import TrackingError, alias_version, get_registered_model, resolve_version
+
+CHAMPION = "champion"
+_HISTORY_LIMIT = 100
+
+
+class PromotionError(TrackingError):
+    """Promotion cannot proceed: nothing to compare, nothing to roll back, or a race."""
+
+
+@dataclass
+class Evaluation:
+    """One model version's evaluation on a suite: where it came from and its gate summary."""
+
+    version: str
+    run_id: str
+    summary: dict[str, Any]
+    reused: bool
+
+
+@dataclass
+class PromotionResult:
+    """What :func:`promote` decided and did."""
+
+    name: str
+    candidate_version: str
+    champion_version: str | None
+    suite_digest: str | None
+    decision: Decision
+    evaluations: dict[str, Evaluation] = field(default_factory=dict)
+    acted: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def report(self) -> str:
+        """A short human-readable report."""
+        champ = f"v{self.champion_version}" if self.champion_version else "none"
+        lines = [f"candidate {self.name} v{self.candidate_version} vs champion {champ} "
+                 f"(suite digest {self.suite_digest or 'unknown'})"]
+        for role, ev in sorted(self.evaluations.items()):
+            how = "reused" if ev.reused else "evaluated now"
+            lines.append(f"  {role}: v{ev.version} evaluation run {ev.run_id} ({how})")
+        for gate in self.decision.gates:
+            lines.append(f"  [{'PASS' if gate.passed else 'FAIL'}] {gate.detail}")
+        lines += [f"  note: {n}" for n in self.notes]
+        verb = "PROMOTED" if self.decision.promoted else "NOT PROMOTED"
+        suffix = "" if self.acted else " (dry run: nothing changed)"
+        lines.append(f"{verb}: {self.decision.reason}{suffix}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- evaluations
+
+def suite_digest_for(cfg) -> str:
+    """The digest of the evaluation suites ``cfg.eval.suites`` resolves to."""
+    from r2d.eval.suites import load_suites, suite_digest
+
+    return suite_digest(load_suites(cfg.eval.suites, cfg))
+
+
+def find_evaluation(client, version, digest: str, ability_key: str = "ability") -> Evaluation | None:
+    """Reuse the evaluation run a version is tagged with for ``digest``, if it still exists."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = (version.tags or {}).get(T.EVAL_RUN_PREFIX + digest)
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    if run.info.lifecycle_stage == "deleted":
+        return None
+    return Evaluation(str(version.version), run_id, summary_from_metrics(run.data.metrics, ability_key), True)
+
+
+def shared_digest(client, versions: list) -> str | None:
+    """The newest suite digest every version has an evaluation for (used when suites cannot be loaded)."""
+    common = None
+    for mv in versions:
+        digests = {k[len(T.EVAL_RUN_PREFIX):] for k in (mv.tags or {}) if k.startswith(T.EVAL_RUN_PREFIX)}
+        common = digests if common is None else common & digests
+    if not common:
+        return None
+    first = versions[0]
+
+    def started(digest: str) -> int:
+        try:
+            return client.get_run(first.tags[T.EVAL_RUN_PREFIX + digest]).info.start_time or 0
+        except Exception:
+            return 0
+
+    return max(sorted(common), key=started)
+
+
+def _evaluate_now(cfg, client, name: str, versions: dict[str, Any], digest: str | None) -> dict[str, Evaluation]:
+    """Score versions with the evaluation runner; it tags each version with its eval run."""
+    try:
+        from r2d.eval.runner import evaluate_models
+    except ImportError as err:
+        raise PromotionError(f"evaluation needed for {sorted(versions)} but the evaluation runner "
+                             f"is unavailable ({err})") from None
+    uris = {role: f"models:/{name}/{mv.version}" for role, mv in versions.items()}
+    results = evaluate_models(cfg, list(uris.values()), cfg.eval.suites)
+    out = {}
+    for role, uri in uris.items():
+        summary = results.get(uri)
+        if summary is None:
+            raise PromotionError(f"the evaluation runner returned no result for {uri}")
+        out[role] = Evaluation(str(versions[role].version), str(summary.get("run_id", "")), dict(summary), False)
+    return out
+
+
+def gather_evaluations(cfg, client, name: str, versions: dict[str, Any], digest: str | None,
+                       evaluate: bool, evaluate_fn: Callable | None = None) -> dict[str, Evaluation]:
+    """Reuse or produce an evaluation for each role ("candidate", "champion") on the same suite."""
+    ability = cfg.gates.ability_metric
+    found = {role: find_evaluation(client, mv, digest, ability) if digest else None for role, mv in versions.items()}
+    todo = {role: versions[role] for role, ev in found.items() if ev is None}
+    if todo and evaluate:
+        found.update((evaluate_fn or _evaluate_now)(cfg, client, name, todo, digest))
+    return {role: ev for role, ev in found.items() if ev is not None}
+
+
+# ---------------------------------------------------------------- history and tags
+
+def read_history(client, name: str) -> list[str]:
+    """Versions that held ``champion``, oldest first (the registered model's history tag)."""
+    model = get_registered_model(client, name)
+    raw = (model.tags or {}).get(T.CHAMPION_HISTORY)
+    if not raw:
+        return []
+    try:
+        history = json.loads(raw)
+    except ValueError:
+        raise PromotionError(f"registered model {name!r}: tag {T.CHAMPION_HISTORY} is not a JSON list: {raw!r}") from None
+    return [str(v) for v in history]
+
+
+def _write_history(client, name: str, history: list[str]) -> None:
+    client.set_registered_model_tag(name, T.CHAMPION_HISTORY, json.dumps(history[-_HISTORY_LIMIT:]))
+
+
+def _record(client, name: str, version: str, decision: str, reason: str, numbers: dict) -> None:
+    client.set_model_version_tag(name, version, T.DECISION, decision)
+    client.set_model_version_tag(name, version, T.REASON, reason)
+    client.set_model_version_tag(name, version, T.NUMBERS, json.dumps(numbers, sort_keys=True, default=str))
+
+
+# ---------------------------------------------------------------- promote and roll back
+
+def promote(cfg, client, candidate_uri: str, dry_run: bool = False, evaluate: bool = True,
+            suite_digest: str | None = None, evaluate_fn: Callable | None = None) -> PromotionResult:
+    """Gate ``candidate_uri`` against the champion; on a pass move ``champion``.
+
+    Args:
+        cfg: the platform config (``gates``, ``eval``, ``tracking`` are used).
+        client: an ``MlflowClient`` (see :func:`r2d.tracking.connect`).
+        candidate_uri: ``models:/name@alias`` or ``models:/name/version``.
+        dry_run: decide and report only: no evaluation, no tags, no alias moves.
+        evaluate: score versions that lack a reusable evaluation (else: partial data).
+        suite_digest: the suite digest to look up; None computes it from ``cfg.eval.suites``.
+        evaluate_fn: replaces the evaluation runner (same signature as ``_evaluate_now``).
+
+    Raises:
+        TrackingError: unknown model, alias or version, or an unreachable store.
+        PromotionError: the candidate already is the champion, or the champion moved meanwhile.
+    """
+    candidate = resolve_version(client, candidate_uri)
+    name, cand_v = candidate.name, str(candidate.version)
+    champ_v = alias_version(client, name, CHAMPION)
+    if champ_v == cand_v:
+        raise PromotionError(f"{candidate_uri} is version {cand_v}, which already is the {CHAMPION}")
+    versions = {"candidate": candidate}
+    if champ_v:
+        versions["champion"] = client.get_model_version(name, champ_v)
+    notes: list[str] = []
+    digest = suite_digest or _digest_or_note(cfg, client, list(versions.values()), notes)
+    evals = gather_evaluations(cfg, client, name, versions, digest, evaluate and not dry_run, evaluate_fn)
+    for role in versions:
+        if role not in evals:
+            notes.append(f"{role} v{versions[role].version} has no evaluation for suite digest {digest}")
+    champion_summary = evals["champion"].summary if "champion" in evals else ({} if champ_v else None)
+    decision = decide(evals["candidate"].summary if "candidate" in evals else None, champion_summary,
+                      cfg.gates, cfg.gates.ability_metric)
+    result = PromotionResult(name, cand_v, champ_v, digest, decision, evals, acted=not dry_run, notes=notes)
+    if dry_run:
+        return result
+    numbers = gate_numbers(decision, cfg.gates.ability_metric)
+    numbers.update(champion_version=champ_v, suite_digest=digest, decided_at=int(time.time()),
+                   eval_runs={role: ev.run_id for role, ev in evals.items()})
+    if decision.promoted:
+        _move_champion(client, name, cand_v, champ_v)
+    _record(client, name, cand_v, "promoted" if decision.promoted else "rejected", decision.reason, numbers)
+    return result
+
+
+def _digest_or_note(cfg, client, versions: list, notes: list[str]) -> str | None:
+    try:
+        return suite_digest_for(cfg)
+    except Exception as err:  # suites need data packages; the tags may still pair the runs
+        digest = shared_digest(client, versions)
+        notes.append(f"could not load eval suites ({type(err).__name__}: {err}); "
+                     f"using the newest shared evaluation digest {digest}")
+        return digest
+
+
+def _move_champion(client, name: str, new: str, expected_old: str | None) -> None:
+    """Move the alias, refusing when another promotion moved it since we decided."""
+    current = alias_version(client, name, CHAMPION)
+    if current != expected_old:
+        raise PromotionError(f"{CHAMPION} of {name!r} moved from v{expected_old} to v{current} during "
+                             "promotion; nothing promoted, re-run to decide against the new champion")
+    history = read_history(client, name)
+    if expected_old and (not history or history[-1] != expected_old):
+        history.append(expected_old)  # a champion set by hand still becomes a rollback target
+    client.set_registered_model_alias(name, CHAMPION, new)
+    _write_history(client, name, history + [new])
+
+
+def rollback(cfg, client, name: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+    """Move ``champion`` back to the version that held it before the current one.
+
+    Returns:
+        ``{"name", "from_version", "to_version", "acted"}``.
+
+    Raises:
+        PromotionError: no champion, or no earlier champion in the history.
+    """
+    name = name or cfg.tracking.registered_model
+    current = alias_version(client, name, CHAMPION)
+    history = read_history(client, name)
+    if current is None:
+        raise PromotionError(f"registered model {name!r} has no {CHAMPION} alias; nothing to roll back")
+    if current in history:
+        history = history[:len(history) - history[::-1].index(current)]
+    earlier = history[:-1] if history and history[-1] == current else history
+    if not earlier:
+        raise PromotionError(f"registered model {name!r}: {CHAMPION} v{current} has no earlier champion in "
+                             f"{T.CHAMPION_HISTORY}; nothing to roll back to")
+    target = earlier[-1]
+    out = {"name": name, "from_version": current, "to_version": target, "acted": not dry_run}
+    if dry_run:
+        return out
+    client.set_registered_model_alias(name, CHAMPION, target)
+    _write_history(client, name, earlier)
+    reason = f"rolled back: {CHAMPION} returned from v{current} to v{target}"
+    numbers = {"from_version": current, "to_version": target, "decided_at": int(time.time())}
+    _record(client, name, current, "rolled_back", reason, numbers)
+    return out

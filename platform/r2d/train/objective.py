@@ -1,0 +1,108 @@
+"""The R2D objective over an accumulation window (one optimizer step).
+
+``r2d.losses`` gives means over ONE micro-batch. Averaging those means over the
+micro-batches of a window would weigh a 30-token micro-batch like a 900-token one,
+so batch 8 × accumulation 1 and batch 1 × accumulation 8 would train differently.
+Instead each micro-batch's mean is re-weighted by its share of the window's
+normaliser (tokens for flat SFT, sequences for Eq. 3, pivots for CPO), counted over
+every micro-batch of every worker before the first backward pass. The sum of the
+re-weighted terms is then exactly the window's loss, however it is split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from r2d.losses import ANSWER, IGNORE_INDEX, REASONING, cpo_loss, pivot_metrics, total_loss
+
+# Positions of the window counts in the tensor that is all-reduced across workers.
+N_TOKENS, N_SEQS, N_SAFE, N_UNSAFE, N_RETHINK = range(5)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    safe_id: int
+    unsafe_id: int
+    rethink_id: int | None
+    """[RETHINK]'s id when it is contrasted too (train.cpo_rethink), else None."""
+    cpo_weight: float = 1.0
+    sft_mode: str = "flat"
+    cpo_variant: str = "mean"
+
+    def class_ids(self) -> list[int]:
+        ids = [self.safe_id, self.unsafe_id]
+        return ids + ([self.rethink_id] if self.rethink_id is not None else [])
+
+
+def shifted(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and segments aligned with ``logits[:, :-1]`` (position t predicts token t + 1)."""
+    return batch["labels"][:, 1:], batch["segment"][:, 1:]
+
+
+def micro_batch_counts(batch: dict[str, torch.Tensor], s: LossSettings) -> torch.Tensor:
+    """Normalisers of one micro-batch: labelled tokens, Eq. 3 sequences, pivots per class."""
+    labels, segment = shifted(batch)
+    labelled = labels != IGNORE_INDEX
+    in_parts = labelled & ((segment == REASONING) | (segment == ANSWER))
+    counts = torch.zeros(5, dtype=torch.float64)
+    counts[N_TOKENS] = labelled.sum()
+    counts[N_SEQS] = in_parts.any(dim=1).sum()
+    counts[N_SAFE] = (labels == s.safe_id).sum()
+    counts[N_UNSAFE] = (labels == s.unsafe_id).sum()
+    if s.rethink_id is not None:
+        counts[N_RETHINK] = (labels == s.rethink_id).sum()
+    return counts
+
+
+def _share(part: torch.Tensor | float, whole: torch.Tensor | float, world: int) -> float:
+    # DDP averages gradients over workers, so each worker's share is scaled up by world
+    # size; the average then equals the loss normalised by the global count.
+    whole = float(whole)
+    return 0.0 if whole == 0 else float(part) * world / whole
+
+
+def _cpo_term(logits, labels, mean_cpo, mb: torch.Tensor, window: torch.Tensor, world: int, s: LossSettings):
+    if s.cpo_variant == "mean":
+        return mean_cpo * _share(mb[N_SAFE:].sum(), window[N_SAFE:].sum(), world)
+    # per_class: a mean within each class, summed over the classes; each class mean is
+    # normalised by its own window count so that the split does not matter either.
+    term = logits.sum().float() * 0
+    for index, class_id in zip((N_SAFE, N_UNSAFE, N_RETHINK), s.class_ids()):
+        only = torch.where(labels == class_id, labels, torch.full_like(labels, IGNORE_INDEX))
+        loss = cpo_loss(logits, only, s.safe_id, s.unsafe_id, s.rethink_id, variant="mean")
+        term = term + loss * _share(mb[index], window[index], world)
+    return term
+
+
+def micro_batch_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], window: torch.Tensor,
+                     world: int, s: LossSettings) -> tuple[torch.Tensor, dict[str, float]]:
+    """This micro-batch's part of the window loss, from the logits of its one forward pass.
+
+    Args:
+        logits: [B, T, V] model output for ``batch["input_ids"]`` (unshifted).
+        batch: the collated micro-batch.
+        window: summed :func:`micro_batch_counts` of the whole window, over all workers.
+        world: number of data-parallel workers.
+        s: loss settings.
+
+    Returns:
+        ``(loss, parts)``: the tensor to call ``backward`` on, and its ``sft_loss``,
+        ``cpo_loss``, ``loss`` parts plus ``pivot_acc_sum``/``pivot_margin_sum``/
+        ``n_pivots`` (sums, to be reduced over the window) as floats.
+    """
+    logits = logits[:, :-1]
+    labels, segment = shifted(batch)
+    mb = micro_batch_counts(batch, s)
+    means = total_loss(logits, labels, safe_id=s.safe_id, unsafe_id=s.unsafe_id, rethink_id=s.rethink_id,
+                       cpo_weight=s.cpo_weight, sft_mode=s.sft_mode, cpo_variant="mean", segment=segment)
+    index = N_TOKENS if s.sft_mode == "flat" else N_SEQS
+    sft = means["sft_loss"] * _share(mb[index], window[index], world)
+    cpo = _cpo_term(logits, labels, means["cpo_loss"], mb, window, world, s)
+    loss = sft + s.cpo_weight * cpo
+    stats = pivot_metrics(logits, labels, s.safe_id, s.unsafe_id, s.rethink_id)
+    parts = {"loss": loss.item(), "sft_loss": sft.item(), "cpo_loss": cpo.item(),
+             "pivot_acc_sum": stats["pivot_acc"] * stats["n_pivots"],
+             "pivot_margin_sum": stats["pivot_margin"] * stats["n_pivots"], "n_pivots": stats["n_pivots"]}
+    return loss, parts

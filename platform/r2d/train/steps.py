@@ -1,0 +1,117 @@
+"""One optimizer step over an accumulation window, and the stream of windows.
+
+Kept free of Ray so that unit tests can drive the exact code the workers run:
+``windows`` turns raw traces rows into accumulation windows of collated micro-batches,
+``optimizer_step`` runs one forward per micro-batch and one optimizer update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from r2d.train.batching import collate, group_by_length
+from r2d.train.objective import LossSettings, micro_batch_counts, micro_batch_loss
+from r2d.train.tokenize import tokenize_rows
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a float64 tensor over workers (identity in a single process)."""
+
+
+def no_reduce(values: torch.Tensor) -> torch.Tensor:
+    return values
+
+
+def make_optimizer(model, learning_rate: float, weight_decay: float, scheduler: str,
+                   warmup_ratio: float, total_steps: int):
+    """AdamW over the trainable parameters, and a warmup + decay schedule over ``total_steps``."""
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    name = "constant_with_warmup" if scheduler == "constant" else scheduler
+    warmup = int(round(warmup_ratio * total_steps))
+    return optimizer, get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def windows(rows: Iterable[dict], tokenizer, pivots, *, max_length: int, batch_size: int, grad_accum: int,
+            dropped: Counter, length_grouping: bool = True, seed: int = 0,
+            system: str | None = None) -> Iterator[list[list[dict]]]:
+    """Yield accumulation windows: lists of ``grad_accum`` micro-batches of examples.
+
+    The last window of a stream may be short (fewer micro-batches, or a short last
+    micro-batch); the caller decides what to do with it. Malformed and too-long rows
+    are skipped and counted in ``dropped``.
+    """
+    examples = tokenize_rows(tokenizer, rows, pivots, max_length, dropped, system)
+    window: list[list[dict]] = []
+    for micro in group_by_length(examples, batch_size, seed=seed, enabled=length_grouping):
+        window.append(micro)
+        if len(window) == grad_accum:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def is_full(window: list[list[dict]] | None, batch_size: int, grad_accum: int) -> bool:
+    return window is not None and len(window) == grad_accum and all(len(m) == batch_size for m in window)
+
+
+def optimizer_step(model, optimizer, scheduler, window: list[dict[str, torch.Tensor]], s: LossSettings,
+                   world: int = 1, reduce: Reduce = no_reduce, max_grad_norm: float = 1.0) -> dict[str, float]:
+    """Forward and backward every micro-batch of ``window``, then one optimizer update.
+
+    Args:
+        window: collated micro-batches (see ``batching.collate``).
+        world: data-parallel workers; ``reduce`` sums a tensor over them.
+        max_grad_norm: gradient clipping threshold (0 disables).
+
+    Returns:
+        Window metrics, already reduced over workers: ``loss``, ``sft_loss``, ``cpo_loss``,
+        ``pivot_acc``, ``pivot_margin``, ``lr``, ``tokens``, ``tokens_per_s``, ``grad_norm``.
+    """
+    started = time.perf_counter()
+    counts = reduce(sum(micro_batch_counts(b, s) for b in window))
+    totals: Counter = Counter()
+    for i, batch in enumerate(window):
+        last = i == len(window) - 1
+        # Only the last micro-batch all-reduces gradients; the others accumulate locally.
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, parts = micro_batch_loss(logits, batch, counts, world, s)
+            loss.backward()
+        totals.update(parts)
+        totals["tokens"] += float(batch["attention_mask"].sum())
+    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+    if hasattr(model, "clip_grad_norm_"):  # FSDP: the norm must be taken over all shards
+        grad_norm = model.clip_grad_norm_(limit)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], limit)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return _window_metrics(totals, reduce, world, lr, float(grad_norm), time.perf_counter() - started)
+
+
+def _window_metrics(totals: Counter, reduce: Reduce, world: int, lr: float, grad_norm: float,
+                    seconds: float) -> dict[str, float]:
+    keys = ["loss", "sft_loss", "cpo_loss", "pivot_acc_sum", "pivot_margin_sum", "n_pivots", "tokens"]
+    summed = reduce(torch.tensor([float(totals[k]) for k in keys], dtype=torch.float64)).tolist()
+    got = dict(zip(keys, summed))
+    n_pivots = max(got["n_pivots"], 1.0)
+    # Each worker's loss part is scaled by world size (see objective._share): undo it.
+    return {"loss": got["loss"] / world, "sft_loss": got["sft_loss"] / world, "cpo_loss": got["cpo_loss"] / world,
+            "pivot_acc": got["pivot_acc_sum"] / n_pivots, "pivot_margin": got["pivot_margin_sum"] / n_pivots,
+            "n_pivots": got["n_pivots"], "lr": lr, "tokens": got["tokens"],
+            "tokens_per_s": got["tokens"] / max(seconds, 1e-9), "grad_norm": grad_norm, "step_s": seconds}
+
+
+def collate_window(window: list[list[dict]], pad_id: int, device) -> list[dict[str, torch.Tensor]]:
+    return [collate(micro, pad_id, device) for micro in window]

@@ -1,0 +1,80 @@
+"""MLflow for the training run (called on rank 0 only).
+
+The run carries the resolved config as params, the per-step metrics, the lineage
+tags (traces digest, distillation run, base model, config digest, git commit) and
+the traces as a dataset input. A resumed attempt re-opens the same run (its id is
+stored in the checkpoint), so one training shows as one run with the resume marked.
+"""
+
+from __future__ import annotations
+
+import json
+
+from r2d import tags
+from r2d.config import Config
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return out
+
+
+def lineage_tags(cfg: Config, lineage: dict, pivot_ids: dict[str, int] | None = None) -> dict[str, str]:
+    """The lineage contract's tags for the training run and the model version."""
+    out = {
+        tags.STAGE: "train",
+        tags.CONFIG_DIGEST: cfg.digest(),
+        tags.GIT_COMMIT: lineage.get("git_commit", "unknown"),
+        tags.BASE_MODEL: cfg.model.source,
+        tags.TRACES_URI: lineage.get("traces_uri", ""),
+        tags.TRACES_DIGEST: lineage.get("traces_digest", ""),
+        tags.DISTILL_RUN_ID: lineage.get("distill_run_id", ""),
+    }
+    if pivot_ids:
+        out[tags.PIVOT_IDS] = json.dumps(pivot_ids, sort_keys=True)
+    return out
+
+
+def start_run(cfg: Config, lineage: dict, pivot_ids: dict[str, int], run_id: str | None = None) -> str:
+    """Open the training run: a new one, or ``run_id`` again on resume. Returns the run id."""
+    from r2d.runtime import init_mlflow
+
+    mlflow = init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
+    if run_id:
+        mlflow.start_run(run_id=run_id)
+        return run_id
+    run = mlflow.start_run(run_name=cfg.train.run_name, tags=lineage_tags(cfg, lineage, pivot_ids))
+    params = flatten(cfg.to_dict())
+    mlflow.log_params({k: v[:6000] for k, v in params.items()})
+    log_traces_input(lineage.get("traces_uri", ""), lineage.get("traces_digest", ""))
+    return run.info.run_id
+
+
+def log_traces_input(uri: str, digest: str) -> None:
+    """Record the traces as the run's training dataset, by reference (rows are never loaded here)."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    if not uri:
+        return
+    source = resolve_dataset_source(uri)
+    dataset = MetaDataset(source=source, name="traces", digest=(digest or None) and digest[:36])
+    mlflow.log_input(dataset, context="training")
+
+
+def log_metrics(metrics: dict[str, float], step: int) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def end_run() -> None:
+    import mlflow
+
+    mlflow.end_run()

@@ -1,0 +1,129 @@
+"""Driver side of training: locate the traces, size the run, launch the ``TorchTrainer``.
+
+The driver never loads trace rows: Ray Data reads the Parquet files and streams a
+shard to each worker; the row count comes from Parquet metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from r2d.config import Config
+from r2d.runtime import workdir
+
+
+@dataclass
+class TrainOutcome:
+    steps: int
+    """Optimizer steps the run finished with."""
+    planned_steps: int
+    """Optimizer steps it was planned to run."""
+    mlflow_run_id: str
+    """The MLflow training run."""
+    model_version: str
+    """Registered version (alias challenger), or "" when registration is off."""
+    checkpoint_path: str
+    """Where the final checkpoint lives (local path or URI)."""
+    metrics: dict
+    """Last reported metrics."""
+
+
+def _absolute(path: str) -> str:
+    if "://" in path:
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else workdir() / p)
+
+
+def traces_uri(cfg: Config) -> str:
+    """train.traces, else distill.output_dir; relative paths are under the workdir."""
+    return _absolute(cfg.train.traces or cfg.distill.output_dir)
+
+
+def read_manifest(uri: str) -> dict:
+    """The traces' manifest.json (distillation run id, digest, counts), or {} when absent."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    path = f"{root.rstrip('/')}/manifest.json"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return {}
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def read_traces(uri: str):
+    """The traces as a lazy Ray Dataset (manifest.json and other non-Parquet files are ignored)."""
+    import ray.data
+
+    return ray.data.read_parquet(uri, file_extensions=["parquet"])
+
+
+def planned_steps(cfg: Config, n_rows: int) -> int:
+    """train.max_steps, else the optimizer steps that ``epochs`` passes over ``n_rows`` take."""
+    tc = cfg.train
+    if tc.max_steps > 0:
+        return tc.max_steps
+    per_step = tc.batch_size * tc.grad_accum * max(1, cfg.resources.train_workers)
+    return max(1, math.ceil(tc.epochs * n_rows / per_step))
+
+
+def lineage(cfg: Config, uri: str, manifest: dict) -> dict:
+    from r2d.tags import git_commit
+
+    return {"traces_uri": uri, "traces_digest": str(manifest.get("digest", "")),
+            "distill_run_id": str(manifest.get("mlflow_run_id", "")), "git_commit": git_commit()}
+
+
+def build_trainer(cfg: Config, dataset, total_steps: int, lineage_info: dict, hooks: dict | None = None):
+    """A ``TorchTrainer`` sized by ``cfg.resources`` and checkpointing under ``train.storage_path``."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from r2d.train.loop import train_func_per_worker
+
+    res = cfg.resources
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
+    scaling = ray.train.ScalingConfig(num_workers=res.train_workers, use_gpu=res.use_gpu,
+                                      resources_per_worker=per_worker,
+                                      accelerator_type=res.accelerator_type or None)
+    run = ray.train.RunConfig(name=cfg.train.run_name, storage_path=_absolute(cfg.train.storage_path),
+                              failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+                              checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
+    return TorchTrainer(train_func_per_worker,
+                        train_loop_config={"cfg": cfg, "total_steps": total_steps, "lineage": lineage_info,
+                                           "hooks": hooks or {}},
+                        scaling_config=scaling, run_config=run, datasets={"train": dataset},
+                        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"))
+
+
+def run_training(cfg: Config, hooks: dict | None = None) -> TrainOutcome:
+    """Train on the traces with Ray Train; resumes when ``train.run_name`` already has checkpoints.
+
+    Raises:
+        FileNotFoundError: the traces folder holds no Parquet files.
+    """
+    uri = traces_uri(cfg)
+    manifest = read_manifest(uri)
+    dataset = read_traces(uri)
+    total = planned_steps(cfg, dataset.count())
+    result = build_trainer(cfg, dataset, total, lineage(cfg, uri, manifest), hooks).fit()
+    return _outcome(cfg, result, total)
+
+
+def _outcome(cfg: Config, result, total: int) -> TrainOutcome:
+    import mlflow
+
+    from r2d.runtime import init_mlflow
+    from r2d.train.loop import REGISTERED_TAG
+
+    with result.checkpoint.as_directory() as folder:
+        state = json.loads(Path(folder, "state.json").read_text())
+    init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
+    tags = mlflow.get_run(state["mlflow_run_id"]).data.tags
+    return TrainOutcome(steps=state["step"], planned_steps=total, mlflow_run_id=state["mlflow_run_id"],
+                        model_version=tags.get(REGISTERED_TAG, ""), checkpoint_path=result.checkpoint.path,
+                        metrics=dict(result.metrics or {}))
