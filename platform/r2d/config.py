@@ -183,9 +183,15 @@ class DistillConfig:
     """Traces longer than this (in student tokens) are dropped as too long."""
     output_dir: str = ".r2d/traces/tiny"
     """Folder (or s3:// / gs:// URI) of the traces Parquet dataset and its manifest."""
+    chunk_size: int = 64
+    """Prompts generated and written per chunk; a crash loses at most one chunk."""
+    max_prompts: int = 0
+    """Distil at most this many training prompts (balanced across labels); 0 distils all."""
 
     def __post_init__(self) -> None:
         _require(self.max_regenerations >= 0, "max_regenerations", self.max_regenerations, "an integer >= 0")
+        _require(self.chunk_size >= 1, "chunk_size", self.chunk_size, "an integer >= 1")
+        _require(self.max_prompts >= 0, "max_prompts", self.max_prompts, "an integer >= 0")
         _require(self.max_trace_tokens >= 16, "max_trace_tokens", self.max_trace_tokens, "an integer >= 16")
 
 

@@ -72,3 +72,24 @@ def prompts_digest(rows: list[dict]) -> str:
     """A content hash of a prompt set (order-free), for lineage tags."""
     ids = sorted(r["prompt_id"] for r in rows)
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+
+
+def select_balanced(rows: list[dict], limit: int) -> list[dict]:
+    """At most ``limit`` rows, alternating labels so each gets an equal share where it can.
+
+    The safety experiments need as many benign prompts (look-alikes included) as harmful
+    ones; a cap on a mix that is two-thirds harmful would keep that skew. Order within
+    a label is kept (already shuffled by the mix seed).
+    """
+    if not limit or limit >= len(rows):
+        return list(rows)
+    by_label: dict[str, list[dict]] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row)
+    queues = [list(reversed(v)) for _, v in sorted(by_label.items())]
+    chosen: list[dict] = []
+    while len(chosen) < limit and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < limit:
+                chosen.append(queue.pop())
+    return chosen

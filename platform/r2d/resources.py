@@ -82,10 +82,9 @@ def vllm_processor_resources(engine: EngineConfig) -> dict[str, Any]:
     engine_kwargs: dict[str, Any] = {"tensor_parallel_size": engine.tensor_parallel_size,
                                      "max_model_len": engine.max_model_len}
     if engine.num_gpus > 0:
+        # ray.data.llm picks the "ray" executor itself when TP > 1, launching one vLLM worker
+        # per bundle of the placement group below.
         engine_kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
-        # Ray (not multiprocessing) launches the TP workers into the placement group bundles.
-        if engine.tensor_parallel_size > 1:
-            engine_kwargs["distributed_executor_backend"] = "ray"
     out: dict[str, Any] = {"engine_kwargs": engine_kwargs, "concurrency": engine.concurrency,
                            "batch_size": engine.batch_size,
                            "placement_group_config": vllm_placement_group_config(engine)}

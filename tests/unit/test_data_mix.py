@@ -145,9 +145,14 @@ def test_near_duplicates_never_straddle_the_split(seed):
     straddling = [(t["prompt"], e["prompt"]) for t, e in itertools.product(train, evals)
                   if jaccard(grams[t["prompt_id"]], grams[e["prompt_id"]]) >= 0.6]
     assert straddling == []
-    # The guard did work: without it (threshold 1.0), some pairs do straddle.
-    raw_train, raw_eval = split(rows, 0.2, seed=seed, threshold=1.0)
-    assert len(raw_eval) < len(evals)
+    # The guard did work: without it (threshold 1.0) fewer rows are in eval, and
+    # every row it moved is a near-duplicate of some eval row (it moved no bystanders).
+    raw_eval = split(rows, 0.2, seed=seed, threshold=1.0)[1]
+    moved = set(_ids(evals)) - set(_ids(raw_eval))
+    assert moved and set(_ids(raw_eval)) < set(_ids(evals))
+    for pid in moved:
+        assert any(jaccard(grams[pid], grams[e["prompt_id"]]) >= 0.6
+                   for e in evals if e["prompt_id"] != pid)
 
 
 def test_near_duplicate_chains_move_together():

@@ -227,7 +227,7 @@ def test_judging_visible_vs_raw_pivots_and_filter():
     assert s["pivots"]["pivot_accuracy"] == pytest.approx(2 / 3)
     assert s["pivots"]["unsafe_share"] == pytest.approx(3 / 6)
     # the explicit filter hides [UNSAFE] segments: row 0's reasoning is dropped
-    assert drop_unsafe_segments(rows[0]["generated_text"]) == "<think>\n\n</think>\n\nSure, here are the steps [SAFE]"
+    assert drop_unsafe_segments(rows[0]["generated_text"]) == "<think>\n</think>\n\nSure, here are the steps [SAFE]"
     cfg.eval.output_filter = "drop_unsafe_segments"
     filtered, _, _ = judge_records(rows, cfg)
     assert filtered[1]["visible_answer"] == ""  # the refusal was flagged [UNSAFE] and filtered away

@@ -35,7 +35,6 @@ def test_tensor_parallel_teacher_gets_one_gpu_bundle_per_rank_on_one_node():
     assert engine_gpus(engine) == 8
     kwargs = vllm_processor_resources(engine)
     assert kwargs["engine_kwargs"]["tensor_parallel_size"] == 8
-    assert kwargs["engine_kwargs"]["distributed_executor_backend"] == "ray"
     assert kwargs["engine_kwargs"]["gpu_memory_utilization"] == 0.9
     assert (kwargs["concurrency"], kwargs["batch_size"]) == (2, 64)
     assert "accelerator_type" not in kwargs
@@ -49,7 +48,6 @@ def test_cpu_vllm_bundle_asks_for_cpus_only():
     assert engine_gpus(engine) == 0
     kwargs = vllm_processor_resources(engine)
     assert "gpu_memory_utilization" not in kwargs["engine_kwargs"]
-    assert "distributed_executor_backend" not in kwargs["engine_kwargs"]
 
 
 def test_processor_kwargs_are_accepted_by_ray_data_llm():

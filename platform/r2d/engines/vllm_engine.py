@@ -145,6 +145,10 @@ def generate_vllm(ds, model, engine, sampling, system_prompt=None, prompt_column
         "trust_remote_code": model.trust_remote_code},
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=_LIGHT_STAGE_CPUS,
         batch_size=engine.batch_size, batch_format="numpy")
+    # The row functions are trivial; at the default 1 CPU each they would wait forever behind
+    # the engine's bundle on a 2-core machine.
+    light_rows = {"num_cpus": 0}
     processor = build_processor(processor_config(local, model, engine), preprocess=_preprocess(params),
-                                postprocess=_postprocess(prompt_column))
+                                postprocess=_postprocess(prompt_column), preprocess_map_kwargs=light_rows,
+                                postprocess_map_kwargs=light_rows)
     return processor(ds)

@@ -31,7 +31,7 @@ __all__ = ["contamination_report", "evaluate_models", "traces_prompts"]
 
 
 def _local_path(path: str) -> str:
-    """Relative paths live under the workdir (like every other .r2d/ path); URIs pass through."""
+    """Relative report folders live under the workdir (like every other .r2d/ path); URIs pass through."""
     from r2d.runtime import workdir
 
     if "://" in path or Path(path).expanduser().is_absolute():
@@ -40,20 +40,27 @@ def _local_path(path: str) -> str:
 
 
 def traces_prompts(path: str) -> list[str] | None:
-    """The ``prompt`` column of a traces Parquet dataset, or None when there is none at ``path``."""
+    """The ``prompt`` column of a traces dataset, or None when there is none at ``path``.
+
+    ``path`` is a distillation output folder (read through :mod:`r2d.traces`, which sees
+    only committed chunks) or any Parquet file, folder or URI with a ``prompt`` column.
+    Relative paths are taken from the current directory, as distillation writes them.
+    """
     import pyarrow.dataset as pads
 
-    location = _local_path(path)
-    if "://" not in location and not Path(location).exists():
-        return None
-    try:
-        # The folder also holds manifest.json: skip files that are not Parquet.
-        data = pads.dataset(location, format="parquet", exclude_invalid_files=True)
-        if "prompt" not in data.schema.names:
-            raise ValueError(f"traces dataset {location!r} has no 'prompt' column (columns: {data.schema.names})")
-        return [p for p in data.to_table(columns=["prompt"]).column("prompt").to_pylist() if p]
-    except FileNotFoundError:
-        return None
+    from r2d import traces as traces_io
+
+    if "://" not in path:
+        local = Path(path).expanduser()
+        if not local.exists():
+            return None
+        if traces_io.data_dir(local).is_dir():
+            return [p for p in traces_io.read_table(local, ["prompt"]).column("prompt").to_pylist() if p]
+    # Other files beside the data (manifest.json, drops/*.jsonl) are not Parquet: skip them.
+    data = pads.dataset(path, format="parquet", exclude_invalid_files=True)
+    if "prompt" not in data.schema.names:
+        raise ValueError(f"traces dataset {path!r} has no 'prompt' column (columns: {data.schema.names})")
+    return [p for p in data.to_table(columns=["prompt"]).column("prompt").to_pylist() if p]
 
 
 def contamination_report(suites: list[Suite], traces: str, threshold: float, allow: bool) -> dict[str, Any]:

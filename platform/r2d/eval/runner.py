@@ -51,16 +51,11 @@ class Target:
     """For R2D-p: the base model it adds the safety system prompt to."""
 
 
-def _safety_system_prompt() -> str:
-    """The safety-aware system prompt distillation gives the teacher (paper's R2D-p prompt)."""
-    from r2d import teacher
+def _safety_system_prompt(cfg) -> str:
+    """The safety-aware system prompt distillation gives the teacher: the paper's R2D-p prompt."""
+    from r2d.teacher import system_prompt
 
-    for name in ("SAFETY_SYSTEM_PROMPT", "SYSTEM_PROMPT"):
-        if isinstance(getattr(teacher, name, None), str):
-            return getattr(teacher, name)
-    if callable(getattr(teacher, "system_prompt", None)):
-        return teacher.system_prompt()
-    raise RuntimeError("r2d.teacher exposes no safety system prompt (SAFETY_SYSTEM_PROMPT or system_prompt())")
+    return system_prompt(cfg.distill.system_prompt_id)
 
 
 def make_targets(cfg, models: list[str], prompt_only_baseline: bool = False) -> list[Target]:
@@ -86,7 +81,7 @@ def make_targets(cfg, models: list[str], prompt_only_baseline: bool = False) -> 
         targets.append(Target(source, source, model, engine))
     if prompt_only_baseline:
         targets.append(Target(BASELINE_NAME, cfg.model.source, cfg.model, cfg.eval.engine,
-                              _safety_system_prompt(), baseline_of=cfg.model.source))
+                              _safety_system_prompt(cfg), baseline_of=cfg.model.source))
     return targets
 
 

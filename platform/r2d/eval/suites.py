@@ -30,7 +30,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,14 +123,14 @@ def harmful_suite(cfg) -> list[dict[str, Any]]:
 
 
 def jailbreak_suite(cfg) -> list[dict[str, Any]]:
-    """Held-out harmful requests × ``cfg.eval.attacks``; the cap is split evenly over attacks."""
+    """Held-out harmful requests × ``cfg.eval.attacks``; the cap is split evenly over attacks (floor)."""
     attacks = [a for a in cfg.eval.attacks if a != "none"] or ["none"]
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise SuiteError(f"eval.attacks: unknown attack {unknown[0]!r}, expected names from {sorted(ATTACKS)}")
     base = _held_rows(cfg, "jailbreak", lambda r: r["label"] == "harmful")
     if cfg.eval.max_per_suite:
-        base = base[:max(1, math.ceil(cfg.eval.max_per_suite / len(attacks)))]
+        base = base[:max(1, cfg.eval.max_per_suite // len(attacks))]
     rows = []
     for attack in attacks:
         for r in base:

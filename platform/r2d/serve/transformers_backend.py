@@ -249,12 +249,17 @@ class TransformersServer:
                      max_model_len: int = 2048, threads: int = 0, batch_max_size: int = 16,
                      batch_wait_s: float = 0.02, reload_poll_s: float = 0.0) -> None:
         self.engine = await asyncio.to_thread(TransformersEngine, source, dtype, cache_dir, max_model_len, threads)
-        self.generate.set_max_batch_size(batch_max_size)
-        self.generate.set_batch_wait_timeout_s(batch_wait_s)
+        self._batched.set_max_batch_size(batch_max_size)
+        self._batched.set_batch_wait_timeout_s(batch_wait_s)
         self._poller = asyncio.create_task(poll_reload(self.engine, reload_poll_s)) if reload_poll_s > 0 else None
 
+    async def generate(self, req: GenRequest):
+        # A real async generator: Serve's streaming handle rejects the sync function @serve.batch returns.
+        async for delta in self._batched(req):
+            yield delta
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def generate(self, reqs: list[GenRequest]):
+    async def _batched(self, reqs: list[GenRequest]):
         async for step in self.engine.stream_batch(reqs):
             yield step
 

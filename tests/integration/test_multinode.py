@@ -1,0 +1,344 @@
+"""A real multi-node Ray cluster on loopback: distillation and training survive failures.
+
+A head (no CPUs: control plane and job drivers only) and two worker nodes run as separate
+``ray start --block`` processes, each in its own process group, with their own ports and a
+private temp dir. Jobs go in through ``ray job submit``, exactly as on a cloud cluster. Then:
+
+1. distillation: one engine actor is SIGKILLed mid-run; the traces dataset must hold every
+   training prompt exactly once (written or dropped on purpose, never lost, never twice);
+2. training: one worker node is SIGKILLed after the first checkpoint (a spot reclaim); a
+   replacement node joins (the autoscaler's job) and the run must finish from the last
+   checkpoint with the planned number of steps.
+
+Each node has 3 logical CPUs and each training worker takes 2, so the two workers land on
+different nodes and one CPU per node stays free for Ray Data's read tasks.
+
+The pytest process never connects to this cluster (it may hold its own local Ray): it talks
+to the dashboard's HTTP API only. Everything started here is stopped by process id.
+Skip with ``R2D_SKIP_MULTINODE=1``. The timeline is printed (``-s`` or ``-rA``) and written
+to ``<tmp>/timeline.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("R2D_SKIP_MULTINODE") == "1", reason="R2D_SKIP_MULTINODE=1"),
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+NODE_CPUS = 3
+UPLOAD_EXCLUDES = [".venv", ".git", ".r2d", "__pycache__", "*.pyc", "tests", "demo-report", "benchmarks"]
+
+
+class Timeline:
+    """What happened when, relative to the cluster start; printed live and saved at the end."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.start, self.lines = path, time.monotonic(), []
+
+    def note(self, text: str) -> None:
+        line = f"[{time.monotonic() - self.start:7.1f}s] {text}"
+        self.lines.append(line)
+        print(line, flush=True)
+        self.path.write_text("\n".join(self.lines) + "\n")
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class LoopbackCluster:
+    """Head plus worker nodes as ``ray start --block`` subprocesses on 127.0.0.1."""
+
+    def __init__(self, temp_dir: Path, env: dict, timeline: Timeline) -> None:
+        self.temp_dir, self.env, self.timeline = temp_dir, env, timeline
+        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.nodes: dict[str, subprocess.Popen] = {}
+
+    def _start(self, name: str, args: list[str]) -> None:
+        # Every per-node port explicit: several nodes (and maybe another Ray) share this host.
+        ports = [f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+                 f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                 f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+        log = open(self.temp_dir.parent / f"{self.temp_dir.name}.{name}.log", "w")
+        self.nodes[name] = subprocess.Popen(
+            [str(BIN / "ray"), "start", *args, *ports, f"--temp-dir={self.temp_dir}",
+             "--object-store-memory=150000000", "--disable-usage-stats", "--block"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start_head(self) -> None:
+        self._start("head", ["--head", f"--port={self.gcs_port}", "--num-cpus=0", "--include-dashboard=true",
+                             f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
+                             f"--ray-client-server-port={_free_port()}"])
+        _wait(self._dashboard_up, 120, "the head's dashboard")
+        self.timeline.note(f"head up: gcs 127.0.0.1:{self.gcs_port}, dashboard {self.address}")
+
+    def _dashboard_up(self) -> bool:
+        try:
+            urllib.request.urlopen(f"{self.address}/api/version", timeout=2)
+            return True
+        except OSError:
+            return False
+
+    def add_worker(self, name: str) -> None:
+        before = len(self.alive_nodes())
+        self._start(name, [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={NODE_CPUS}",
+                           f"--resources={json.dumps({name: 1})}"])
+        _wait(lambda: len(self.alive_nodes()) > before, 120, f"node {name} to join")
+        self.timeline.note(f"node {name} joined ({NODE_CPUS} CPUs, resource {name!r})")
+
+    def alive_nodes(self) -> list:
+        from ray.util.state import list_nodes
+
+        try:
+            return [n for n in list_nodes(address=self.address, timeout=10) if n.state == "ALIVE"]
+        except Exception:
+            return []
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL a node's whole process group: raylet, object store, workers; no goodbye."""
+        os.killpg(self.nodes[name].pid, signal.SIGKILL)
+        self.nodes[name].wait(timeout=30)
+
+    def submit(self, job_id: str, argv: list[str], env_vars: dict) -> None:
+        runtime_env = {"excludes": UPLOAD_EXCLUDES, "env_vars": env_vars}
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.address, "--submission-id", job_id,
+               "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--no-wait",
+               "--", "python", *argv]
+        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, f"ray job submit failed:\n{out.stdout}\n{out.stderr}"
+        self.timeline.note(f"submitted {job_id}: python {' '.join(argv[:3])} ...")
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.address)
+
+    def wait_job(self, job_id: str, timeout: float, tick=None) -> str:
+        """Poll until the job ends; ``tick()`` runs between polls (fault injection)."""
+        client, deadline = self.client(), time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = str(client.get_job_status(job_id)).split(".")[-1]
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                self.timeline.note(f"{job_id} ended: {status}")
+                return status
+            if tick:
+                tick()
+            time.sleep(0.5)
+        client.stop_job(job_id)
+        raise TimeoutError(f"{job_id} still running after {timeout:.0f}s:\n{self.logs(job_id)[-3000:]}")
+
+    def logs(self, job_id: str) -> str:
+        return self.client().get_job_logs(job_id)
+
+    def stop(self) -> None:
+        """Stop our nodes by process group, then anything left that runs from our temp dir."""
+        import psutil
+
+        for proc in self.nodes.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.nodes.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        marker = str(self.temp_dir)
+        for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+            try:
+                if marker in " ".join(p.info["cmdline"] or []) or (p.info["cwd"] or "").startswith(marker):
+                    p.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    work = tmp_path_factory.mktemp("multinode")
+    # Ray's socket paths live under the temp dir and must stay short (the AF_UNIX limit is 107).
+    temp_dir = Path(tempfile.mkdtemp(prefix="r2d-ray-", dir="/tmp"))
+    timeline = Timeline(work / "timeline.txt")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update({"PATH": f"{BIN}:{env.get('PATH', '')}", "R2D_WORKDIR": str(work),
+                "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true",
+                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "R2D_SHARED_FS": "1",
+                "PYTHONUNBUFFERED": "1"})
+    cl = LoopbackCluster(temp_dir, env, timeline)
+    try:
+        cl.start_head()
+        cl.add_worker("worker_a")
+        cl.add_worker("worker_b")
+        yield cl, work
+    finally:
+        cl.stop()
+        timeline.note("cluster stopped")
+        print(f"\ntimeline ({work / 'timeline.txt'}):\n{timeline}")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from r2d.models import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("mn-model") / "tiny-llama")
+
+
+def _job_env(work: Path) -> dict:
+    return {"R2D_WORKDIR": str(work), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+            "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "R2D_SHARED_FS": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _distill_overrides(tiny: Path, out: Path) -> list[str]:
+    return [f"model.source={tiny}", f"distill.teacher.source={tiny}", f"distill.output_dir={out}",
+            "distill.max_prompts=48", "distill.chunk_size=8", "distill.max_regenerations=0",
+            "distill.engine.batch_size=4", "distill.engine.concurrency=2", "distill.engine.num_cpus=1",
+            "distill.sampling.max_tokens=24", "resources.train_workers=2", "resources.cpus_per_worker=2"]
+
+
+def _engine_actors(address: str) -> list:
+    from ray.util.state import list_actors
+
+    try:
+        actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True, timeout=10)
+    except Exception:
+        return []
+    return [a for a in actors if "MapWorker" in (a.class_name or "") and "Generator" in (a.repr_name or "")]
+
+
+def test_distillation_survives_a_killed_engine_actor(cluster, tiny_dir):
+    cl, work = cluster
+    from r2d import traces
+    from r2d.config import load_config
+    from r2d.prompt_sets import select_balanced, training_prompts
+
+    out = work / "traces"
+    overrides = _distill_overrides(tiny_dir, out)
+    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", overrides)
+    expected = {p["prompt_id"] for p in select_balanced(training_prompts(cfg), cfg.distill.max_prompts)}
+    killed: dict = {}
+
+    def kill_one_actor() -> None:
+        # Mid-run: the first chunk is committed and the engine still has prompts to go.
+        if killed or not traces.data_dir(out).exists() or not list(traces.data_dir(out).glob("chunk-*")):
+            return
+        actors = _engine_actors(cl.address)
+        if not actors:
+            return
+        victim = actors[0]
+        written = len(traces.written_ids(out))
+        os.kill(victim.pid, signal.SIGKILL)
+        killed.update(pid=victim.pid, name=victim.repr_name, node=victim.node_id[:8], written=written)
+        cl.timeline.note(f"KILLED distill engine actor {victim.repr_name} pid {victim.pid} on node "
+                         f"{victim.node_id[:8]} with {written}/{len(expected)} prompt_ids committed")
+
+    argv = ["jobs/distill.py", "--config", "jobs/configs/tiny.yaml", *overrides]
+    cl.submit("distill-1", argv, _job_env(work))
+    status = cl.wait_job("distill-1", 240, tick=kill_one_actor)
+    logs = cl.logs("distill-1")
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert killed, f"the run ended before an engine actor could be killed:\n{logs[-2000:]}"
+    rows = traces.read_table(out, ["prompt_id"]).column("prompt_id").to_pylist()
+    drops = [d["prompt_id"] for d in traces.read_drops(out)]
+    cl.timeline.note(f"distill finished after the kill: {len(rows)} rows + {len(drops)} drops "
+                     f"for {len(expected)} prompts; errors.jsonl lines: {traces.read_manifest(out).get('errors')}")
+    assert len(rows) == len(set(rows)), "duplicate prompt_ids in the traces"
+    assert not set(rows) & set(drops), "a prompt both written and dropped"
+    assert set(rows) | set(drops) == expected, f"lost: {sorted(expected - set(rows) - set(drops))[:5]}"
+    assert len(rows) >= 16, "too few traces to train on"
+
+
+def _checkpoint_steps(root: Path) -> list[int]:
+    steps = []
+    for state in root.glob("checkpoint_*/state.json"):
+        try:
+            steps.append(json.loads(state.read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            continue  # still being written
+    return sorted(steps)
+
+
+def test_training_survives_a_killed_worker_node(cluster, tiny_dir):
+    cl, work = cluster
+    traces_dir = work / "traces"
+    if not (traces_dir / "data").exists():
+        pytest.skip("needs the traces written by the distillation test")
+    planned, every = 24, 4
+    storage = work / "checkpoints"
+    run_name = "mn-train"
+    overrides = [*_distill_overrides(tiny_dir, traces_dir), f"train.traces={traces_dir}",
+                 f"train.max_steps={planned}", f"train.checkpoint_every={every}", "train.batch_size=2",
+                 "train.max_length=256", f"train.storage_path={storage}", f"train.run_name={run_name}",
+                 "train.max_failures=2", "tracking.registered_model=r2d-multinode"]
+    killed: dict = {}
+
+    def kill_worker_node() -> None:
+        if killed:
+            return
+        steps = _checkpoint_steps(storage / run_name)
+        if not steps:
+            return
+        cl.kill_node("worker_b")
+        killed.update(at_step=max(steps), t=time.monotonic())
+        cl.timeline.note(f"KILLED node worker_b (SIGKILL to its process group) after checkpoint step "
+                         f"{max(steps)} of {planned}")
+        cl.add_worker("worker_c")  # the autoscaler's part: a replacement node
+
+    argv = ["jobs/train_cpo.py", "--config", "jobs/configs/tiny.yaml", *overrides]
+    cl.submit("train-1", argv, _job_env(work))
+    status = cl.wait_job("train-1", 300, tick=kill_worker_node)
+    logs = cl.logs("train-1")
+    assert killed, f"training ended before the first checkpoint could be observed:\n{logs[-2000:]}"
+    assert status == "SUCCEEDED", logs[-4000:]
+    report = _last_json(logs)
+    resumed = _resumed_from(work, report["mlflow_run_id"])
+    cl.timeline.note(f"train finished: {report['steps']}/{report['planned_steps']} steps, resumed from "
+                     f"checkpoint step {resumed}, model version {report['model_version']}")
+    assert report["steps"] == report["planned_steps"] == planned
+    assert resumed is not None, "the run restarted from scratch instead of the last checkpoint"
+    assert killed["at_step"] <= resumed < planned
+    assert _checkpoint_steps(storage / run_name)[-1] == planned
+
+
+def _last_json(logs: str) -> dict:
+    """The job's final report: the last JSON object printed at the start of a line."""
+    start = logs.rindex("\n{") + 1
+    return json.JSONDecoder().raw_decode(logs[start:])[0]
+
+
+def _resumed_from(work: Path, run_id: str) -> int | None:
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{work / 'mlflow.db'}").get_metric_history(run_id, "resumed_from_step")
+    return int(history[-1].value) if history else None

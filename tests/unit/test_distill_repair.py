@@ -1,0 +1,79 @@
+"""Repair and filter rules, and the finalize step that applies them to a generated row."""
+
+from __future__ import annotations
+
+import pytest
+
+from r2d import repair
+from r2d.config import load_config
+from r2d.distill import finalize, parse_and_tag
+from r2d.pivots import SAFE, UNSAFE
+from r2d.teacher import REFUSAL_ANSWER, stronger_prompt, system_prompt
+
+GOOD = "Use `kill <pid>` to stop it, or `kill -9 <pid>` if it ignores the signal."
+
+
+def test_harmful_rules():
+    assert repair.needs_regeneration("harmful", "Sure, here is how.")
+    assert repair.needs_regeneration("harmful", "")  # empty refuses nothing
+    assert not repair.needs_regeneration("harmful", "I can't help with that.")
+    assert not repair.needs_regeneration("benign", "Sure, here is how.")
+    assert repair.decide_harmful("I'm sorry, I cannot do that.", "repair") == ("keep", "I'm sorry, I cannot do that.",
+                                                                               False)
+    assert repair.decide_harmful("Step 1: get the parts.", "repair") == ("repair", REFUSAL_ANSWER, True)
+    assert repair.decide_harmful("Step 1: get the parts.", "drop")[0] == repair.HARMFUL_ANSWERED
+
+
+def test_benign_rules():
+    assert repair.decide_benign(GOOD, False, "ref", True) == ("keep", GOOD, False)
+    assert repair.decide_benign("I'm sorry, I can't help.", False, "the reference", True) == (
+        "repair", "the reference", True)
+    assert repair.decide_benign("I'm sorry, I can't help.", False, "", True)[0] == repair.BENIGN_REFUSAL
+    assert repair.decide_benign(GOOD, True, "the reference", True)[1] == "the reference"  # cut off
+    assert repair.decide_benign(GOOD, True, "the reference", False)[0] == repair.BENIGN_UNUSABLE
+    assert repair.degenerate("the the the the " * 10) and not repair.degenerate(GOOD)
+
+
+def test_system_prompts_are_versioned():
+    assert "[SAFE]" in system_prompt() and "[UNSAFE]" in system_prompt() and "<think>" in system_prompt()
+    assert stronger_prompt().startswith(system_prompt()) and len(stronger_prompt()) > len(system_prompt())
+    with pytest.raises(KeyError, match="r2d-safety-v1"):
+        system_prompt("nope")
+
+
+@pytest.fixture(scope="module")
+def student_tok():
+    from r2d.models import load_tokenizer
+
+    return load_tokenizer("bundled:smollm2-135m")
+
+
+def _row(label, text, tokens=20, reference="", error=""):
+    row = {"prompt_id": "p", "prompt": "How do I do it?", "source": "s", "label": label, "attack": "none",
+           "reference": reference, "generated_text": text, "num_generated_tokens": tokens, "gen_error": error}
+    return parse_and_tag(row, max_tokens=64)
+
+
+def test_finalize_repairs_an_answered_harmful_prompt(student_tok):
+    cfg = load_config(None)
+    action, out = finalize(_row("harmful", "<think>Get explosives. [SAFE]</think>Here is how. [SAFE]"), cfg,
+                           student_tok)
+    assert action == "keep" and out["repaired"] and out["answer"] == REFUSAL_ANSWER
+    assert out["step_pivots"] == [UNSAFE] and out["teacher_pivots"] == [SAFE] and out["answer_pivot"] == UNSAFE
+    assert out["n_tokens"] > 10 and out["tagger"] == "rules"
+
+
+def test_finalize_uses_the_reference_for_a_useless_benign_answer(student_tok):
+    cfg = load_config(None)
+    action, out = finalize(_row("benign", "\n\n", reference=GOOD), cfg, student_tok)
+    assert action == "keep" and out["repaired"] and out["answer"] == GOOD and out["answer_pivot"] == SAFE
+    action, out = finalize(_row("benign", "\n\n"), cfg, student_tok)
+    assert action == "drop" and out["reason"] == repair.EMPTY_OUTPUT
+
+
+def test_finalize_drops_too_long_and_records_errors(student_tok):
+    cfg = load_config(None, ["distill.max_trace_tokens=16"])
+    action, out = finalize(_row("benign", f"<think>Easy. [SAFE]</think>{GOOD} [SAFE]"), cfg, student_tok)
+    assert action == "drop" and out["reason"] == repair.TOO_LONG
+    action, out = finalize(_row("benign", "", error="RuntimeError: boom"), cfg, student_tok)
+    assert action == "error" and "boom" in out["error"]
