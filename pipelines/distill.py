@@ -1,7 +1,7 @@
 """Distillation pipeline: training prompts → teacher → steps → tags → repaired traces (Parquet).
 
-Library parts: r2d.prompt_sets (the shared split), r2d.distill (the per-chunk Ray Data
-graph and the resumable loop), r2d.traces (schema, chunks, manifest).
+Library parts: r2d.prompt_sets (the shared split), r2d.distill (the streaming Ray Data
+graph and the resumable chunk loop), r2d.traces (schema, chunks, manifest).
 """
 
 from __future__ import annotations
@@ -27,14 +27,9 @@ def run(cfg) -> tuple[dict, dict]:
         extra = {"mlflow_run_id": active.info.run_id, "mlflow_run_ids": [*history, active.info.run_id],
                  "prompt_sources": [r.as_dict() for r in reports]}
 
-        def checkpoint(_number):
-            traces.write_manifest(d.output_dir, traces.manifest(d.output_dir, cfg.to_dict(), extra))
+        # 3. work: stream chunks to Parquet, skipping prompt_ids already written
+        manifest, stats = run_distillation(cfg, prompts, extra)
 
-        # 3. work: chunk by chunk, skipping prompt_ids already written
-        stats = run_distillation(cfg, prompts, on_chunk=checkpoint)
-
-        # 4. report: manifest over everything written, then metrics, artifact and lineage tags
-        manifest = traces.manifest(d.output_dir, cfg.to_dict(), {**extra, "last_run": stats})
-        path = traces.write_manifest(d.output_dir, manifest)
-        log_outputs(mlflow, cfg, manifest, stats, path)
+        # 4. report: metrics, the manifest artifact and the traces' lineage tags
+        log_outputs(mlflow, cfg, manifest, stats, traces.write_manifest(d.output_dir, manifest))
     return manifest, stats

@@ -119,7 +119,7 @@ def _commit(rows: list[dict], cfg, student_tok, tag: str, stats: Counter) -> Non
                  synthesised=sum(bool(r["synthesised"]) for r in rows))
 
 
-def run_distillation(cfg, prompts: list[dict], on_chunk=None) -> dict:
+def run_distillation(cfg, prompts: list[dict], extra: dict | None = None) -> tuple[dict, dict]:
     """Distil every prompt not yet written, streaming chunk by chunk; returns run statistics.
 
     Pass 0 uses the system prompt; each further pass (``max_regenerations``) re-generates,
@@ -127,10 +127,15 @@ def run_distillation(cfg, prompts: list[dict], on_chunk=None) -> dict:
     A row is written as soon as its last pass is done, so a crash costs at most one chunk
     plus the rows waiting for a re-generation (both are simply redone by the next run).
 
+    The manifest is rewritten after every chunk, over everything in the output folder.
+
     Args:
         cfg: the resolved :class:`r2d.config.Config`.
         prompts: training prompt rows (see :mod:`r2d.prompt_sets`).
-        on_chunk: called with the chunk number after each chunk is written.
+        extra: more manifest fields (the MLflow run id).
+
+    Returns:
+        (manifest, statistics of this run).
     """
     from r2d.models import load_tokenizer
 
@@ -159,14 +164,15 @@ def run_distillation(cfg, prompts: list[dict], on_chunk=None) -> dict:
             if ready:
                 _commit(ready, cfg, student_tok, f"{run_tag}-{number:05d}", stats)
                 number += 1
-                if on_chunk:
-                    on_chunk(number)
+                traces.write_manifest(d.output_dir, traces.manifest(d.output_dir, cfg.to_dict(), extra))
             busy += time.perf_counter() - t0
         pending = [{k: r.get(k, "") for k in PROMPT_KEYS} for r in held]
     stats["wall_s"] = time.perf_counter() - start
     stats["generation_s"] = stats["wall_s"] - busy
     stats["tokens_per_s"] = stats["generated_tokens"] / stats["generation_s"] if stats["generation_s"] else 0.0
-    return dict(stats)
+    manifest = traces.manifest(d.output_dir, cfg.to_dict(), {**(extra or {}), "last_run": dict(stats)})
+    traces.write_manifest(d.output_dir, manifest)
+    return manifest, dict(stats)
 
 
 # ---------------------------------------------------------------- MLflow (driver only)

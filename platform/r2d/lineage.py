@@ -20,7 +20,7 @@ import json
 from typing import Any
 
 from r2d import tags as T
-from r2d.tracking import all_experiment_ids, get_run, load_json_tag, resolve_version
+from r2d.tracking import TrackingError, all_experiment_ids, get_run, load_json_tag, resolve_version
 
 _EVAL_METRICS = ("asr", "over_refusal", "discrimination")
 
@@ -150,12 +150,17 @@ def _distill_summary(client, run) -> dict[str, Any]:
 def trace_forward(client, digest: str) -> dict[str, Any]:
     """Every run and model version that used the traces dataset with ``digest``.
 
+    ``digest`` may be a prefix (jobs print the first 16 characters); at least 8 are needed.
+
     Returns:
         ``{"digest", "distill_runs", "train_runs", "other_runs", "model_versions"}``; runs are
         matched by the ``r2d.traces_digest`` tag or by a dataset input with that digest.
     """
+    digest = digest.strip().lower()
+    if len(digest) < 8 or not all(c in "0123456789abcdef" for c in digest):
+        raise TrackingError(f"traces digest {digest!r}: expected at least 8 hex characters of the manifest's digest")
     experiments = all_experiment_ids(client)
-    runs = {r.info.run_id: r for r in client.search_runs(experiments, f"tags.`{T.TRACES_DIGEST}` = '{digest}'")}
+    runs = {r.info.run_id: r for r in client.search_runs(experiments, f"tags.`{T.TRACES_DIGEST}` LIKE '{digest}%'")}
     # The store keeps dataset digests at most 36 characters long: match a prefix both ways.
     for run in client.search_runs(experiments, f"dataset.digest LIKE '{digest[:16]}%'"):
         if any(digest.startswith(d["digest"]) or d["digest"].startswith(digest) for d in _datasets(run)):
@@ -166,10 +171,12 @@ def trace_forward(client, digest: str) -> dict[str, Any]:
         by_stage[stage if stage in ("distill", "train") else "other"].append(
             {"run_id": run.info.run_id, "run_name": run.info.run_name, "stage": stage, "status": run.info.status})
     versions = {(mv.name, str(mv.version)): mv
-                for mv in client.search_model_versions(f"tags.`{T.TRACES_DIGEST}` = '{digest}'")}
+                for mv in client.search_model_versions(f"tags.`{T.TRACES_DIGEST}` LIKE '{digest}%'")}
     for run in by_stage["train"] + by_stage["other"]:
         for mv in client.search_model_versions(f"run_id = '{run['run_id']}'"):
             versions.setdefault((mv.name, str(mv.version)), mv)
+    # Search results leave aliases out; fetch each version to show which one serves.
+    versions = {key: client.get_model_version(*key) for key in versions}
     model_versions = [{"name": mv.name, "version": str(mv.version), "run_id": mv.run_id,
                        "aliases": sorted(getattr(mv, "aliases", None) or []), "uri": f"models:/{mv.name}/{mv.version}"}
                       for _, mv in sorted(versions.items(), key=lambda kv: (kv[0][0], int(kv[0][1])))]

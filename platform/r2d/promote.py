@@ -118,20 +118,33 @@ def shared_digest(client, versions: list) -> str | None:
 
 
 def _evaluate_now(cfg, client, name: str, versions: dict[str, Any], digest: str | None) -> dict[str, Evaluation]:
-    """Score versions with the evaluation runner; it tags each version with its eval run."""
-    try:
-        from r2d.eval.runner import evaluate_models
-    except ImportError as err:
-        raise PromotionError(f"evaluation needed for {sorted(versions)} but the evaluation runner "
-                             f"is unavailable ({err})") from None
+    """Score versions with the evaluation runner, then read the numbers back from its runs.
+
+    Reading the logged metrics (not the returned dict) gives fresh and reused evaluations
+    one code path, so the gates cannot see different numbers for the same evaluation.
+    """
+    from r2d.eval.contamination import ContaminationError
+    from r2d.eval.runner import evaluate_models
+    from r2d.eval.suites import SuiteError
+    from r2d.models import ModelSourceError
+
+    # Pinned versions, not aliases: a moving alias cannot swap weights mid-evaluation.
     uris = {role: f"models:/{name}/{mv.version}" for role, mv in versions.items()}
-    results = evaluate_models(cfg, list(uris.values()), cfg.eval.suites)
+    try:
+        results = evaluate_models(cfg, list(uris.values()), cfg.eval.suites)
+    except (ContaminationError, SuiteError, ModelSourceError) as err:
+        raise PromotionError(f"evaluation of {', '.join(uris.values())} failed, nothing promoted: {err}") from None
     out = {}
     for role, uri in uris.items():
-        summary = results.get(uri)
-        if summary is None:
-            raise PromotionError(f"the evaluation runner returned no result for {uri}")
-        out[role] = Evaluation(str(versions[role].version), str(summary.get("run_id", "")), dict(summary), False)
+        run_id = (results.get(uri) or {}).get("run_id")
+        if not run_id:
+            raise PromotionError(f"the evaluation runner logged no MLflow run for {uri}; nothing promoted")
+        if digest and results[uri].get("suite_digest") not in (None, digest):
+            raise PromotionError(f"{uri} was evaluated on suite digest {results[uri]['suite_digest']}, "
+                                 f"expected {digest}; nothing promoted")
+        metrics = client.get_run(run_id).data.metrics
+        out[role] = Evaluation(str(versions[role].version), run_id,
+                               summary_from_metrics(metrics, cfg.gates.ability_metric), False)
     return out
 
 

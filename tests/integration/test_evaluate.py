@@ -1,4 +1,4 @@
-"""End to end: the tiny model evaluated on a small JSONL suite, next to a registry version of itself and
+"""End to end: the tiny model evaluated on a small JSONL suite, as a registry version and as
 the prompt-only baseline, through the engines on the shared Ray session, into JSON, report, charts and MLflow."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _register(tiny_model_dir, name: str) -> str:
     client.create_registered_model(name)
     mv = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
     client.set_registered_model_alias(name, "challenger", mv.version)
-    return mv.version
+    return str(mv.version)
 
 
 def test_evaluate_tiny_models_end_to_end(ray_session, tiny_model_dir, state_dir, tmp_path):
@@ -49,12 +49,14 @@ def test_evaluate_tiny_models_end_to_end(ray_session, tiny_model_dir, state_dir,
         f"model.source={tiny_model_dir}", "eval.sampling.max_tokens=8", "eval.engine.concurrency=1",
         f"distill.output_dir={tmp_path / 'no-traces-here'}", "tracking.experiment=r2d-test-eval"])
     uri = "models:/r2d-evaltest@challenger"
-    out = evaluate_models(cfg, [str(tiny_model_dir), uri], [str(suite)], output=str(tmp_path / "out.json"),
+    # The registered version and R2D-p (the tiny folder as base, plus the safety system prompt):
+    # one actor pool start each, the dominant cost on 2 cores.
+    out = evaluate_models(cfg, [uri], [str(suite)], output=str(tmp_path / "out.json"),
                           prompt_only_baseline=True, out_dir=str(tmp_path / "report"))
 
     # JSON: one entry per model (R2D-p included), the same prompts for each, rates in [0, 1]
     assert json.loads((tmp_path / "out.json").read_text()) == out
-    assert list(out) == [str(tiny_model_dir), uri, "R2D-p"]
+    assert list(out) == [uri, "R2D-p"]
     digests = {e["suite_digest"] for e in out.values()}
     assert len(digests) == 1
     for entry in out.values():
@@ -66,9 +68,8 @@ def test_evaluate_tiny_models_end_to_end(ray_session, tiny_model_dir, state_dir,
         assert -1.0 <= lo <= entry["discrimination"] <= hi <= 1.0
         assert entry["mean_output_tokens"] <= 8 and entry["tokens_per_s"] > 0
         assert entry["general"]["status"] == "skipped" and entry["held_out"] is None
-    # the registry version holds the same weights: greedy decoding must give the same numbers
-    assert out[uri]["asr"] == out[str(tiny_model_dir)]["asr"]
-    assert out[uri]["model_version"] == version and out["R2D-p"]["system_prompt"] is True
+    assert out[uri]["model_version"] == version and out[uri]["system_prompt"] is False
+    assert out["R2D-p"]["system_prompt"] is True and out["R2D-p"]["model_uri"] == str(tiny_model_dir)
 
     # the numbers agree with the per-prompt records they came from
     records = [json.loads(x) for x in (tmp_path / "report" / "records" / "R2D-p.jsonl").read_text().splitlines()]

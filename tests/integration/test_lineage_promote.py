@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from registry_chain import SOURCES, distill, evaluation, train
 
 from r2d import tags as T
 from r2d.config import load_config
@@ -25,66 +26,7 @@ pytestmark = pytest.mark.integration
 
 NAME = "r2d-lineage-it"  # private to this module: other tests share the session's registry
 SUITE = "suite0123456789ab"
-SOURCES = [{"name": "harmbench", "split": "all", "limit": 8}, {"name": "benign", "limit": 8}]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _log_traces(mlflow, path: Path, digest: str, context: str) -> None:
-    import pandas as pd
-
-    df = pd.read_parquet(path / "traces.parquet")
-    mlflow.log_input(mlflow.data.from_pandas(df, source=str(path), name="traces", digest=digest), context=context)
-
-
-def _write_traces(folder: Path, digest: str, distill_run: str) -> Path:
-    import pandas as pd
-
-    folder.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"prompt_id": ["a1", "b2"], "prompt": ["how do I pick a lock", "bake bread"],
-                  "label": ["harmful", "benign"], "answer_pivot": ["[UNSAFE]", "[SAFE]"]}
-                 ).to_parquet(folder / "traces.parquet")
-    (folder / "manifest.json").write_text(json.dumps({"mlflow_run_id": distill_run, "digest": digest}))
-    return folder
-
-
-def _distill(mlflow, exp_id: str, tmp: Path, digest: str) -> tuple[str, Path]:
-    import pandas as pd
-
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"distill-{digest[:6]}") as run:
-        folder = _write_traces(tmp / f"traces-{digest[:6]}", digest, run.info.run_id)
-        prompts = pd.DataFrame({"prompt": ["how do I pick a lock", "bake bread"], "label": ["harmful", "benign"]})
-        prompts.to_parquet(folder / "prompts.parquet")
-        mlflow.log_input(mlflow.data.from_pandas(prompts, source=str(folder / "prompts.parquet"), name="prompts"), context="prompts")
-        mlflow.set_tags({T.STAGE: "distill", T.TEACHER: "bundled:smollm2-135m", T.TAGGER: "rules",
-                         T.SYSTEM_PROMPT_ID: "r2d-safety-v1", T.PROMPT_SOURCES: json.dumps(SOURCES),
-                         T.PROMPTS_DIGEST: "prompts-d1", T.TRACES_URI: str(folder), T.TRACES_DIGEST: digest,
-                         T.CONFIG_DIGEST: "cfg-distill"})
-        return run.info.run_id, folder
-
-
-def _train(mlflow, client, exp_id: str, model_dir: Path, traces: Path) -> tuple[str, str]:
-    manifest = json.loads((traces / "manifest.json").read_text())
-    with mlflow.start_run(experiment_id=exp_id, run_name="train") as run:
-        _log_traces(mlflow, traces, manifest["digest"], "training")
-        lineage = {T.TRACES_DIGEST: manifest["digest"], T.TRACES_URI: str(traces),
-                   T.DISTILL_RUN_ID: manifest["mlflow_run_id"], T.BASE_MODEL: "tiny-llama"}
-        mlflow.set_tags({T.STAGE: "train", T.CONFIG_DIGEST: "cfg-train", **lineage})
-        mlflow.log_dict({"train": {"max_steps": 2}}, "config.json")
-        mlflow.log_artifacts(str(model_dir), "model")
-        source = f"{run.info.artifact_uri}/model"
-    mv = client.create_model_version(NAME, source=source, run_id=run.info.run_id,
-                                     tags={T.TRAIN_RUN_ID: run.info.run_id, **lineage})
-    return run.info.run_id, str(mv.version)
-
-
-def _evaluation(mlflow, client, exp_id: str, version: str, **metrics) -> str:
-    """A real evaluation run (numbers logged here) and the version's reuse tag."""
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"eval-v{version}") as run:
-        mlflow.set_tags({T.STAGE: "eval", T.MODEL_URI: f"models:/{NAME}/{version}", T.MODEL_VERSION: version,
-                         T.SUITE_DIGEST: SUITE, T.JUDGE: "refusal"})
-        mlflow.log_metrics(metrics)
-    client.set_model_version_tag(NAME, version, T.EVAL_RUN_PREFIX + SUITE, run.info.run_id)
-    return run.info.run_id
 
 
 @pytest.fixture(scope="module")
@@ -97,20 +39,19 @@ def registry(state_dir, tiny_model_dir, tmp_path_factory):
     exp_id = mlflow.get_experiment_by_name("r2d-lineage-it").experiment_id
     client.create_registered_model(NAME)
     tmp = tmp_path_factory.mktemp("lineage")
-    distill_a, traces_a = _distill(mlflow, exp_id, tmp, "aaaa1111bbbb2222")
-    distill_b, traces_b = _distill(mlflow, exp_id, tmp, "cccc3333dddd4444")
-    train_1, v1 = _train(mlflow, client, exp_id, tiny_model_dir, traces_a)
-    train_2, v2 = _train(mlflow, client, exp_id, tiny_model_dir, traces_a)
-    train_3, v3 = _train(mlflow, client, exp_id, tiny_model_dir, traces_b)
+    distill_a, traces_a = distill(mlflow, exp_id, tmp, "aaaa1111bbbb2222")
+    distill_b, traces_b = distill(mlflow, exp_id, tmp, "cccc3333dddd4444")
+    train_1, v1 = train(mlflow, client, exp_id, tiny_model_dir, traces_a, NAME)
+    train_2, v2 = train(mlflow, client, exp_id, tiny_model_dir, traces_a, NAME)
+    train_3, v3 = train(mlflow, client, exp_id, tiny_model_dir, traces_b, NAME)
     v4 = str(client.create_model_version(NAME, source=client.get_model_version(NAME, v3).source,
                                          run_id=train_3).version)
     base = dict(asr=0.30, asr_none=0.20, asr_base64=0.40, over_refusal=0.30, discrimination=0.40)
-    evals = {v1: _evaluation(mlflow, client, exp_id, v1, **base),
-             v2: _evaluation(mlflow, client, exp_id, v2, **{**base, "asr": 0.20, "asr_base64": 0.20,
-                                                           "discrimination": 0.55}),
-             # v3 rises on base64 by 0.20 against v2: fails the ASR gate by 0.18.
-             v3: _evaluation(mlflow, client, exp_id, v3, **{**base, "asr": 0.21, "asr_base64": 0.40,
-                                                           "discrimination": 0.55})}
+    better = {**base, "asr": 0.20, "asr_base64": 0.20, "discrimination": 0.55}
+    # v3 rises on base64 by 0.20 against v2: fails the ASR gate by 0.18.
+    worse = {**better, "asr": 0.21, "asr_base64": 0.40}
+    evals = {v: evaluation(mlflow, client, exp_id, NAME, v, SUITE, **m)
+             for v, m in ((v1, base), (v2, better), (v3, worse))}
     return {"client": client, "v": [v1, v2, v3, v4], "evals": evals, "distill_a": distill_a,
             "train": [train_1, train_2, train_3], "digest_a": "aaaa1111bbbb2222"}
 
@@ -202,10 +143,15 @@ def test_lineage_from_champion_back_to_prompts(registry, capsys):
 
 def test_lineage_forward_from_traces_digest(registry):
     client, (v1, v2, v3, _v4) = registry["client"], registry["v"]
+    client.set_registered_model_alias(NAME, "champion", v2)
     found = trace_forward(client, registry["digest_a"])
     assert [v["version"] for v in found["model_versions"]] == [v1, v2]
+    assert "champion" in found["model_versions"][1]["aliases"]
     assert [r["run_id"] for r in found["train_runs"]] == registry["train"][:2]
     assert [r["run_id"] for r in found["distill_runs"]] == [registry["distill_a"]]
+    assert trace_forward(client, registry["digest_a"][:8])["model_versions"] == found["model_versions"]
+    with pytest.raises(TrackingError, match="expected at least 8 hex characters"):
+        trace_forward(client, "aaaa")
     other = trace_forward(client, "cccc3333dddd4444")
     assert {v["version"] for v in other["model_versions"]} == {registry["v"][2], registry["v"][3]}
 

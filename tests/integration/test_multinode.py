@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -108,6 +109,8 @@ class LoopbackCluster:
     def _dashboard_up(self) -> bool:
         try:
             urllib.request.urlopen(f"{self.address}/api/version", timeout=2)
+            return True
+        except urllib.error.HTTPError:  # it answered (401 under token auth): it is up
             return True
         except OSError:
             return False
@@ -191,6 +194,10 @@ def cluster(tmp_path_factory):
     temp_dir = Path(tempfile.mkdtemp(prefix="r2d-ray-", dir="/tmp"))
     timeline = Timeline(work / "timeline.txt")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # Ray 2.60 turns token auth on for a head that finds ~/.ray/auth_token, but a joining
+    # `ray start --address` only sends it when RAY_AUTH_MODE=token is set explicitly. This private
+    # test cluster opts out, so the nodes and the HTTP clients here need no token.
+    env["RAY_AUTH_MODE"] = "disabled"
     env.update({"PATH": f"{BIN}:{env.get('PATH', '')}", "R2D_WORKDIR": str(work),
                 "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true",
                 "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "R2D_SHARED_FS": "1",

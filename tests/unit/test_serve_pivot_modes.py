@@ -6,7 +6,8 @@ import pytest
 
 from r2d.serve.pivot_modes import REFUSAL, HideStream, apply_mode, guard_verdict, pivot_counts
 
-SAFE_TEXT = "<think>\nThe user wants a recipe. [SAFE]\nPancakes are harmless. [SAFE]\n</think>\n\nMix flour and milk. [SAFE]"
+SAFE_TEXT = ("<think>\nThe user wants a recipe. [SAFE]\nPancakes are harmless. [SAFE]\n</think>\n\n"
+             "Mix flour and milk. [SAFE]")
 UNSAFE_ANSWER = "<think>\nThey ask about explosives. [RETHINK]\n</think>\n\nStep 1: get nitrate. [UNSAFE]"
 UNSAFE_REASONING_COMPLY = "<think>\nThis is a weapon request. [UNSAFE]\n</think>\n\nSure, here is how. [SAFE]"
 UNSAFE_REASONING_REFUSE = "<think>\nThis is a weapon request. [UNSAFE]\n</think>\n\nI'm sorry, I can't help. [SAFE]"

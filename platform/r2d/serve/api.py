@@ -166,11 +166,15 @@ class _State:
 
         if self.ready:
             return {"status": "ok"}
-        if self._warmup is None or (self._warmup.done() and self._warmup.exception() is not None):
-            self._warmup = asyncio.ensure_future(self.client.call("warmup"))
-        if self._warmup.done() and self._warmup.result():
-            self.ready = True
-            return {"status": "ok"}
+        try:
+            if self._warmup is None or (self._warmup.done() and self._warmup.exception() is not None):
+                self._warmup = asyncio.ensure_future(self.client.call("warmup"))
+            if self._warmup.done() and self._warmup.result():
+                self.ready = True
+                return {"status": "ok"}
+        except (Exception, asyncio.CancelledError) as err:  # retried on the next probe
+            log.warning("warm-up failed: %s: %s", type(err).__name__, err)
+            self._warmup = None
         return JSONResponse({"status": "warming_up"}, 503)
 
     async def chat(self, request: Request):

@@ -62,6 +62,25 @@ def read_traces(uri: str):
     return ray.data.read_parquet(uri, file_extensions=["parquet"])
 
 
+def count_rows(uri: str) -> int:
+    """Rows of the traces, from the Parquet footers only (no row is read).
+
+    Raises:
+        FileNotFoundError: no Parquet file under ``uri``.
+    """
+    import pyarrow.dataset as pads
+
+    try:
+        dataset = pads.dataset(uri, format="parquet", exclude_invalid_files=False,
+                               ignore_prefixes=[".", "_", "manifest"])
+        n = dataset.count_rows()
+    except (FileNotFoundError, OSError) as err:
+        raise FileNotFoundError(f"train.traces {uri!r}: cannot read Parquet traces: {err}") from err
+    if not dataset.files:
+        raise FileNotFoundError(f"train.traces {uri!r}: no Parquet files (run jobs/distill.py first)")
+    return n
+
+
 def planned_steps(cfg: Config, n_rows: int) -> int:
     """train.max_steps, else the optimizer steps that ``epochs`` passes over ``n_rows`` take."""
     tc = cfg.train
@@ -108,8 +127,8 @@ def run_training(cfg: Config, hooks: dict | None = None) -> TrainOutcome:
     """
     uri = traces_uri(cfg)
     manifest = read_manifest(uri)
+    total = planned_steps(cfg, count_rows(uri))
     dataset = read_traces(uri)
-    total = planned_steps(cfg, dataset.count())
     result = build_trainer(cfg, dataset, total, lineage(cfg, uri, manifest), hooks).fit()
     return _outcome(cfg, result, total)
 

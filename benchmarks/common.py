@@ -1,0 +1,257 @@
+"""What every benchmark shares: timing, medians, ratios against a same-run baseline, profiles.
+
+These machines are noisy (other jobs share the cores), so no absolute figure is
+trusted on its own: every result is a :class:`Row` holding a value, the baseline
+measured in the same run on the same inputs, and their ratio checked against a
+target. A missed target gets a profile saved next to the results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def median(values: list[float]) -> float:
+    """Median of the repeats; NaN-free input required.
+
+    Raises:
+        ValueError: on an empty list or a NaN (a failed repeat must not look like a number).
+    """
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("median of no repeats")
+    if any(math.isnan(v) for v in values):
+        raise ValueError(f"median over a NaN repeat: {values}")
+    return statistics.median(values)
+
+
+def ratio(value: float | None, baseline: float | None) -> float | None:
+    """``value / baseline``; None when either is missing or the baseline is not positive."""
+    if value is None or baseline is None or baseline <= 0:
+        return None
+    return float(value) / float(baseline)
+
+
+def meets(got: float | None, target: float | None, higher_is_better: bool = True) -> bool | None:
+    """Whether a ratio meets its target: ``>=`` for gains, ``<=`` for costs; None when unknown."""
+    if got is None or target is None:
+        return None
+    return got >= target if higher_is_better else got <= target
+
+
+def per_second(amount: float, seconds: float) -> float:
+    """Throughput, guarding against a zero-length timing."""
+    return float(amount) / max(float(seconds), 1e-9)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0–100) by linear interpolation between order statistics."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile q must lie in [0, 100], got {q}")
+    ordered = sorted(float(v) for v in values)
+    pos = (len(ordered) - 1) * q / 100
+    low, high = math.floor(pos), math.ceil(pos)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """Call ``fn`` once; returns (its result, wall seconds)."""
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def repeat(fn: Callable[[], Any], repeats: int = 3, warmup: int = 0) -> list[float]:
+    """Wall seconds of ``repeats`` calls after ``warmup`` untimed ones."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    return [timed(fn)[1] for _ in range(repeats)]
+
+
+@dataclass
+class Row:
+    """One line of the results table: a figure, its same-run baseline and target."""
+
+    section: str
+    name: str
+    value: float | None
+    unit: str
+    baseline_name: str = ""
+    baseline: float | None = None
+    target: float | None = None
+    higher_is_better: bool = True
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        return ratio(self.value, self.baseline)
+
+    @property
+    def met(self) -> bool | None:
+        return meets(self.ratio, self.target, self.higher_is_better)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ratio": self.ratio, "met": self.met}
+
+
+def cost_row(section: str, name: str, seconds: float, baseline_name: str, baseline_s: float,
+             target: float | None, note: str = "") -> Row:
+    """A row where lower is better (latency, step time): ratio = value / baseline, met when <= target."""
+    return Row(section, name, seconds, "s", baseline_name, baseline_s, target, higher_is_better=False, note=note)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.{digits}f}"
+
+
+def format_table(rows: list[Row]) -> str:
+    """A Markdown table of the rows (the README's Performance section pastes it as is)."""
+    lines = ["| section | measure | value | baseline (same run) | ratio | target | met |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        base = f"{r.baseline_name} = {_fmt(r.baseline)} {r.unit}" if r.baseline_name else ""
+        sign = ">=" if r.higher_is_better else "<="
+        target = f"{sign} {r.target:g}x" if r.target is not None else ""
+        met = {True: "yes", False: "**no**", None: ""}[r.met]
+        name = r.name + (f" ({r.note})" if r.note else "")
+        ratio_text = f"{_fmt(r.ratio)}x" if r.ratio is not None else ""
+        lines.append(f"| {r.section} | {name} | {_fmt(r.value)} {r.unit} | {base} | {ratio_text} | {target} | {met} |")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict:
+    """What the figures were measured on: cores, load, versions, commit, accelerator."""
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    try:
+        info["load_avg_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    for name in ("torch", "transformers", "ray", "vllm", "peft", "trl"):
+        try:
+            module = __import__(name)
+            info[name] = getattr(module, "__version__", "?")
+        except Exception:  # absent or broken: recorded, not fatal
+            info[name] = None
+    info["cuda"] = cuda_available()
+    info["commit"] = git_commit()
+    return info
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def torch_profile(fn: Callable[[], Any], out_path: Path, row_limit: int = 25, sort_by: str = "cpu_time_total") -> Path:
+    """Run ``fn`` under ``torch.profiler`` and save its operator table (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda_available() else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        fn()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=row_limit))
+    return out_path
+
+
+def py_spy_binary() -> str | None:
+    """The py-spy executable beside this interpreter or on PATH, if installed."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+def py_spy_record(argv: list[str], out_path: Path, rate: int = 50, timeout_s: float = 600) -> Path | None:
+    """Run ``argv`` under ``py-spy record --subprocesses`` and save a flat top-function text profile.
+
+    Returns None when py-spy is not installed (the caller falls back to torch.profiler).
+    """
+    binary = py_spy_binary()
+    if binary is None:
+        return None
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    raw = out_path.with_suffix(".raw.txt")
+    cmd = [binary, "record", "--subprocesses", "--rate", str(rate), "--format", "raw", "--output", str(raw),
+           "--", *argv]
+    subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    if not raw.exists():
+        return None
+    out_path.write_text(summarize_collapsed(raw.read_text()))
+    return out_path
+
+
+def summarize_collapsed(text: str, top: int = 30) -> str:
+    """Top functions by self and inclusive samples from py-spy's collapsed-stack output."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n, frames = int(count), stack.split(";")
+        total += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+    lines = [f"samples: {total}", "", "self %   function"]
+    for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"{100 * n / max(total, 1):6.1f}   {frame}")
+    lines += ["", "inclusive %   function"]
+    for frame, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"{100 * n / max(total, 1):6.1f}   {frame}")
+    return "\n".join(lines) + "\n"
+
+
+def run_child(argv: list[str], timeout_s: float, env: dict | None = None) -> dict:
+    """Run a benchmark step in a fresh Python process and read the JSON it prints last.
+
+    vLLM and whole-pipeline runs go in their own process: start-up is then really
+    measured, and their memory and worker processes are gone when they end.
+    """
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
+                          env=full_env)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (proc.stderr or proc.stdout)[-2000:]
+    raise RuntimeError(f"child {argv[:3]} exited {proc.returncode} without a result:\n{tail}")

@@ -1,0 +1,76 @@
+"""Build a real lineage chain in MLflow: distillation run, training runs, model versions, evaluations.
+
+Shared by the sqlite and the ``mlflow server`` tests. Every object is a real MLflow run,
+dataset input or model version; evaluation runs carry numbers logged here, which the
+promotion gates read exactly as they read the evaluation runner's runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from r2d import tags as T
+
+SOURCES = [{"name": "harmbench", "split": "all", "limit": 8}, {"name": "benign", "limit": 8}]
+
+
+def log_traces(mlflow, path: Path, digest: str, context: str) -> None:
+    import pandas as pd
+
+    df = pd.read_parquet(path / "traces.parquet")
+    mlflow.log_input(mlflow.data.from_pandas(df, source=str(path), name="traces", digest=digest), context=context)
+
+
+def write_traces(folder: Path, digest: str, distill_run: str) -> Path:
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"prompt_id": ["a1", "b2"], "prompt": ["how do I pick a lock", "bake bread"],
+                  "label": ["harmful", "benign"], "answer_pivot": ["[UNSAFE]", "[SAFE]"]}
+                 ).to_parquet(folder / "traces.parquet")
+    (folder / "manifest.json").write_text(json.dumps({"mlflow_run_id": distill_run, "digest": digest}))
+    return folder
+
+
+def distill(mlflow, exp_id: str, tmp: Path, digest: str) -> tuple[str, Path]:
+    """A distillation run: prompt dataset input, lineage tags, traces folder with its manifest."""
+    import pandas as pd
+
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"distill-{digest[:6]}") as run:
+        folder = write_traces(tmp / f"traces-{digest[:6]}", digest, run.info.run_id)
+        prompts = pd.DataFrame({"prompt": ["how do I pick a lock", "bake bread"], "label": ["harmful", "benign"]})
+        prompts.to_parquet(folder / "prompts.parquet")
+        dataset = mlflow.data.from_pandas(prompts, source=str(folder / "prompts.parquet"), name="prompts")
+        mlflow.log_input(dataset, context="prompts")
+        mlflow.set_tags({T.STAGE: "distill", T.TEACHER: "bundled:smollm2-135m", T.TAGGER: "rules",
+                         T.SYSTEM_PROMPT_ID: "r2d-safety-v1", T.PROMPT_SOURCES: json.dumps(SOURCES),
+                         T.PROMPTS_DIGEST: "prompts-d1", T.TRACES_URI: str(folder), T.TRACES_DIGEST: digest,
+                         T.CONFIG_DIGEST: "cfg-distill"})
+        return run.info.run_id, folder
+
+
+def train(mlflow, client, exp_id: str, model_dir: Path, traces: Path, name: str) -> tuple[str, str]:
+    """A training run on ``traces`` whose ``model/`` artifacts become a new version of ``name``."""
+    manifest = json.loads((traces / "manifest.json").read_text())
+    with mlflow.start_run(experiment_id=exp_id, run_name="train") as run:
+        log_traces(mlflow, traces, manifest["digest"], "training")
+        lineage = {T.TRACES_DIGEST: manifest["digest"], T.TRACES_URI: str(traces),
+                   T.DISTILL_RUN_ID: manifest["mlflow_run_id"], T.BASE_MODEL: "tiny-llama"}
+        mlflow.set_tags({T.STAGE: "train", T.CONFIG_DIGEST: "cfg-train", **lineage})
+        mlflow.log_dict({"train": {"max_steps": 2}}, "config.json")
+        mlflow.log_artifacts(str(model_dir), "model")
+        source = f"{run.info.artifact_uri}/model"
+    mv = client.create_model_version(name, source=source, run_id=run.info.run_id,
+                                     tags={T.TRAIN_RUN_ID: run.info.run_id, **lineage})
+    return run.info.run_id, str(mv.version)
+
+
+def evaluation(mlflow, client, exp_id: str, name: str, version: str, suite: str, **metrics) -> str:
+    """A real evaluation run (numbers logged here) and the version's reuse tag."""
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"eval-v{version}") as run:
+        mlflow.set_tags({T.STAGE: "eval", T.MODEL_URI: f"models:/{name}/{version}", T.MODEL_VERSION: version,
+                         T.SUITE_DIGEST: suite, T.JUDGE: "refusal"})
+        mlflow.log_metrics(metrics)
+    client.set_model_version_tag(name, version, T.EVAL_RUN_PREFIX + suite, run.info.run_id)
+    return run.info.run_id

@@ -1,0 +1,108 @@
+"""The distillation pipeline on a tiny model: Parquet plus manifest, and a resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from r2d import traces
+from r2d.config import load_config
+from r2d.prompt_sets import training_prompts
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _overrides(model_dir: Path, out: Path, n: int, extra: list[str] = ()) -> list[str]:
+    return [f"data.sources=[{{name: benign, limit: {n}}}, {{name: harmbench, split: val, limit: {n}}}]",
+            "data.eval_fraction=0.2", f"model.source={model_dir}", f"distill.teacher.source={model_dir}",
+            "distill.engine={kind: transformers, batch_size: 4, concurrency: 1, num_cpus: 1}",
+            "distill.sampling.max_tokens=16", f"distill.output_dir={out}", "resources.num_cpus=2", *extra]
+
+
+def test_pipeline_writes_traces_with_the_schema(ray_session, tiny_model_dir, tmp_path):
+    from r2d.distill import run_distillation
+
+    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", _overrides(tiny_model_dir, tmp_path / "traces", 5,
+                                                                 ["distill.chunk_size=3"]))
+    prompts = training_prompts(cfg)
+    assert 6 <= len(prompts) <= 10
+    manifest, stats = run_distillation(cfg, prompts, {"mlflow_run_id": "test"})
+
+    ds = ray_session.data.read_parquet(str(tmp_path / "traces" / "data"))
+    rows = ds.take_all()
+    assert ds.schema().names == list(traces.COLUMNS)
+    assert len(rows) + sum(manifest["drops"].values()) + manifest["errors"] == len(prompts)
+    assert sorted(r["prompt_id"] for r in rows) == sorted({r["prompt_id"] for r in rows})
+    assert stats["generated_tokens"] > 0 and stats["written"] == len(rows)
+    for row in rows:
+        assert len(row["reasoning_steps"]) == len(row["step_pivots"]) == len(row["teacher_pivots"]) >= 1
+        assert row["answer"].strip() and row["n_tokens"] > 0 and row["tagger"] == "rules"
+        if row["label"] == "harmful":  # a random model never refuses: every harmful row is a repaired refusal
+            assert row["repaired"] and row["answer_pivot"] == "[UNSAFE]" and "[UNSAFE]" in row["step_pivots"]
+        else:
+            assert row["answer_pivot"] == "[SAFE]"
+    on_disk = json.loads((tmp_path / "traces" / "manifest.json").read_text())
+    assert on_disk["rows"] == len(rows) and on_disk["mlflow_run_id"] == "test"
+    assert on_disk["digest"] == traces.digest(traces.read_table(tmp_path / "traces"))
+    assert on_disk["config"]["distill"]["teacher"]["source"] == str(tiny_model_dir)
+    assert sum(on_disk["by_label"].values()) == len(rows)
+
+
+def _job(cfg_overrides: list[str], env: dict) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "jobs/distill.py"), "--config", str(ROOT / "jobs/configs/tiny.yaml"),
+           *cfg_overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def test_killed_job_resumes_without_losing_or_duplicating(state_dir, tiny_model_dir, tmp_path):
+    out = tmp_path / "traces"
+    overrides = _overrides(tiny_model_dir, out, 6, ["distill.chunk_size=1", "distill.max_regenerations=0",
+                                                    "distill.sampling.max_tokens=96",
+                                                    "distill.engine.batch_size=1"])
+    expected = {p["prompt_id"] for p in training_prompts(load_config(ROOT / "jobs/configs/tiny.yaml", overrides))}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "platform")}
+    env.pop("RAY_ADDRESS", None)  # the job starts its own local Ray
+
+    # 1. run, and kill the whole process group as soon as the first chunk is committed
+    job = _job(overrides, env)
+    deadline = time.time() + 240
+    while not list((out / "data").glob("chunk-*")) and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    first = traces.read_table(out, ["prompt_id"]).column("prompt_id").to_pylist()
+    assert 1 <= len(first) < len(expected), "the kill came too late to test a resume"
+
+    # 2. run again to the end
+    job = _job(overrides, env)
+    log, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, log[-3000:]
+    assert "distillation summary" in log
+
+    ids = traces.read_table(out, ["prompt_id"]).column("prompt_id").to_pylist()
+    dropped = {d["prompt_id"] for d in traces.read_drops(out)}
+    assert len(ids) == len(set(ids)), "a prompt was written twice"
+    assert set(ids) | dropped == expected, "a prompt was lost"
+    assert set(first) <= set(ids)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] == len(ids) and manifest["last_run"]["skipped_existing"] == len(first)
+    assert len(manifest["mlflow_run_ids"]) >= 1 and manifest["mlflow_run_id"] == manifest["mlflow_run_ids"][-1]
+
+    import mlflow
+
+    from r2d import tags
+
+    run = mlflow.get_run(manifest["mlflow_run_id"])
+    assert run.data.tags[tags.TRACES_DIGEST] == manifest["digest"]
+    assert run.data.tags[tags.STAGE] == "distill" and run.data.metrics["rows"] == len(ids)
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["prompts"]
