@@ -248,9 +248,11 @@ def run(quick: bool = False, log=print) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common import add_section_args, emit
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--child", choices=["vllm-bare", "vllm-pipeline"])
+    add_section_args(parser)
+    parser.add_argument("--child", choices=["vllm-bare", "vllm-pipeline", "ours-transformers"])
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
@@ -259,10 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child_vllm_bare(args.n, args.max_tokens)), flush=True)
     elif args.child == "vllm-pipeline":
         print(json.dumps(child_vllm_pipeline(args.n, args.max_tokens, args.batch)), flush=True)
-    else:
-        from common import format_table
+    elif args.child == "ours-transformers":  # for profiling: the pipeline alone
+        from r2d.runtime import init_ray
 
-        print(format_table(run(args.quick)))
+        init_ray(num_cpus=3)
+        result = pipeline_run(bench_prompts(args.n), tiny_config().distill.engine, args.max_tokens, system_text())
+        print(json.dumps(result), flush=True)
+    else:
+        emit(run(args.quick), args.rows_json)
     return 0
 
 

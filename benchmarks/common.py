@@ -255,3 +255,18 @@ def run_child(argv: list[str], timeout_s: float, env: dict | None = None) -> dic
             return json.loads(line)
     tail = (proc.stderr or proc.stdout)[-2000:]
     raise RuntimeError(f"child {argv[:3]} exited {proc.returncode} without a result:\n{tail}")
+
+
+def add_section_args(parser) -> None:
+    """The options every section script takes (run_all passes them)."""
+    parser.add_argument("--quick", action="store_true", help="smaller workloads")
+    parser.add_argument("--rows-json", default="", help="write the result rows to this JSON file")
+    parser.add_argument("--profile-dir", default=str(RESULTS / "profiles"), help="where missed targets' profiles go")
+
+
+def emit(rows: list[Row], rows_json: str = "") -> None:
+    """Print the section's table and, for run_all, write its rows as JSON."""
+    print(format_table(rows), flush=True)
+    if rows_json:
+        Path(rows_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(rows_json).write_text(json.dumps([r.as_dict() for r in rows], default=str))

@@ -50,7 +50,8 @@ def run_promotion(cfg, candidate: str, dry_run: bool = False, rollback: bool = F
 
 def add_promote_args(parser: argparse.ArgumentParser) -> None:
     """The promotion options, shared by ``r2d promote`` and jobs/promote.py."""
-    parser.add_argument("--candidate", default="", help="model URI to promote (default models:/<registered_model>@challenger)")
+    parser.add_argument("--candidate", default="",
+                        help="model URI to promote (default models:/<tracking.registered_model>@challenger)")
     parser.add_argument("--dry-run", action="store_true", help="decide and report; change nothing, evaluate nothing")
     parser.add_argument("--rollback", action="store_true", help="move champion back to the previous champion")
     parser.add_argument("--reuse-only", action="store_true",

@@ -48,7 +48,9 @@ def generated_rows(prompts: list[dict], cfg, system: str):
     from r2d.engines import generate
 
     d = cfg.distill
-    ds = ray.data.from_items([{k: p.get(k, "") for k in PROMPT_KEYS} for p in prompts])
+    # One block per engine batch: every actor gets work, and finished rows stream out early.
+    blocks = max(1, -(-len(prompts) // d.engine.batch_size))
+    ds = ray.data.from_items([{k: p.get(k, "") for k in PROMPT_KEYS} for p in prompts], override_num_blocks=blocks)
     ds = generate(ds, d.teacher, d.engine, d.sampling, system_prompt=system)
     # Parsing is light: with no CPU reserved it never waits behind the engine actors.
     return ds.map(parse_and_tag, fn_kwargs={"max_tokens": d.sampling.max_tokens}, num_cpus=0)
@@ -200,9 +202,13 @@ def log_inputs(mlflow, cfg, prompts: list[dict]) -> None:
     mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
     frame = pd.DataFrame([{k: p.get(k, "") for k in ("prompt_id", "prompt", "source", "label", "attack")}
                           for p in prompts])
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
     digest = prompts_digest(prompts)
-    dataset = mlflow.data.from_pandas(frame, source="r2d.prompt_sets:training_prompts", name="prompts",
-                                      digest=digest)
+    # The prompts come from code plus config, not from a file: say so instead of a fake path.
+    source = CodeDatasetSource({"function": "r2d.prompt_sets.training_prompts", "sources": source_specs(cfg),
+                                "eval_fraction": cfg.data.eval_fraction, "seed": cfg.data.seed})
+    dataset = mlflow.data.from_pandas(frame, source=source, name="prompts", digest=digest)
     mlflow.log_input(dataset, context="prompts")
     d = cfg.distill
     mlflow.set_tags({tags.STAGE: "distill", tags.CONFIG_DIGEST: cfg.digest(), tags.GIT_COMMIT: tags.git_commit(),

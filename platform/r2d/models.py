@@ -87,8 +87,10 @@ def _from_registry(uri: str, cache_dir: str | None) -> Path:
     from mlflow.exceptions import MlflowException
 
     try:
-        name, version = _resolve_registry_uri(uri)
-        out = cache_root(cache_dir) / "registry" / f"{name}-v{version}"
+        name, version, source = _resolve_registry_uri(uri)
+        # Key by the version's artifact source too: another registry can reuse the same name and number.
+        key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{source}".encode()).hexdigest()[:10]
+        out = cache_root(cache_dir) / "registry" / f"{name}-v{version}-{key}"
         if out.joinpath(_READY).exists():
             return out
         tmp = Path(tempfile.mkdtemp(prefix="dl.", dir=_mkdir(out.parent)))
@@ -106,18 +108,20 @@ def _from_registry(uri: str, cache_dir: str | None) -> Path:
     return out
 
 
-def _resolve_registry_uri(uri: str) -> tuple[str, str]:
+def _resolve_registry_uri(uri: str) -> tuple[str, str, str]:
     from mlflow import MlflowClient
 
     body = uri[len("models:/"):]
     client = MlflowClient()
     if "@" in body:
         name, alias = body.split("@", 1)
-        return name, client.get_model_version_by_alias(name, alias).version
+        found = client.get_model_version_by_alias(name, alias)
+        return name, found.version, found.source
     name, _, version = body.partition("/")
     if not version:
         raise ModelSourceError(f"{uri}: expected models:/name@alias or models:/name/version")
-    return name, client.get_model_version(name, version).version
+    found = client.get_model_version(name, version)
+    return name, found.version, found.source
 
 
 def _find_hf_folder(root: Path) -> Path | None:
@@ -221,8 +225,10 @@ def make_tiny_llama(out_dir: str | Path, tokenizer_source: str = "bundled:smollm
         return out
     tok = load_tokenizer(tokenizer_source)
     torch.manual_seed(seed)
+    # head_dim 64: vLLM's CPU attention rejects small head sizes (16 fails at the first generation).
+    heads = max(1, hidden // 64)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=2048, tie_word_embeddings=True,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)

@@ -170,7 +170,8 @@ def read_history(client, name: str) -> list[str]:
     try:
         history = json.loads(raw)
     except ValueError:
-        raise PromotionError(f"registered model {name!r}: tag {T.CHAMPION_HISTORY} is not a JSON list: {raw!r}") from None
+        raise PromotionError(f"registered model {name!r}: tag {T.CHAMPION_HISTORY} is not a JSON list: "
+                             f"{raw!r}") from None
     return [str(v) for v in history]
 
 

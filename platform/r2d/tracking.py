@@ -1,4 +1,4 @@
-"""Small MLflow helpers shared by lineage and promotion.
+"""Small MLflow utilities shared by lineage, promotion and evaluation.
 
 - :func:`connect` points MLflow at the tracking URI and fails fast, naming the URI,
   when a tracking server does not answer. MLflow's own client retries with backoff

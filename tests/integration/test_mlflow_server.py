@@ -48,7 +48,8 @@ def server(tmp_path_factory):
     proc = subprocess.Popen([MLFLOW, "server", "--backend-store-uri", f"sqlite:///{tmp}/db.sqlite",
                              "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180  # busy 2-core machines take a while to import mlflow
     while time.monotonic() < deadline:

@@ -44,6 +44,7 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 NODE_CPUS = 3
+HEAD = "node:__internal_head__"  # the resource only the head node carries
 UPLOAD_EXCLUDES = [".venv", ".git", ".r2d", "__pycache__", "*.pyc", "tests", "demo-report", "benchmarks"]
 
 
@@ -93,17 +94,45 @@ class LoopbackCluster:
         ports = [f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
                  f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
                  f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
-        log = open(self.temp_dir.parent / f"{self.temp_dir.name}.{name}.log", "w")
+        log = open(self.temp_dir.parent / f"{self.temp_dir.name}.{name}.log", "a")
         self.nodes[name] = subprocess.Popen(
             [str(BIN / "ray"), "start", *args, *ports, f"--temp-dir={self.temp_dir}",
              "--object-store-memory=150000000", "--disable-usage-stats", "--block"],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
+    def _start_until(self, name: str, make_args, ready, what: str, attempts: int = 4) -> None:
+        """Start a node and wait for ``ready()``; start it afresh if it dies or hangs.
+
+        On a busy 2-core host a raylet aborts when its dashboard agent has not written its port
+        file within 15 s (fixed in Ray 2.60); a fresh start usually wins that race.
+        """
+        for attempt in range(1, attempts + 1):
+            self._start(name, make_args())
+            proc = self.nodes[name]
+            try:
+                _wait(lambda: ready() or proc.poll() is not None, 90, what)
+            except TimeoutError:
+                pass
+            if proc.poll() is None and ready():
+                return
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+            self.timeline.note(f"{name}: start attempt {attempt} failed (exit {proc.returncode}; on a busy "
+                               "host the raylet gives its agents only 15 s); starting it again")
+        raise RuntimeError(f"{name} did not start in {attempts} attempts; see {self.temp_dir}.{name}.log")
+
     def start_head(self) -> None:
-        self._start("head", ["--head", f"--port={self.gcs_port}", "--num-cpus=0", "--include-dashboard=true",
-                             f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
-                             f"--ray-client-server-port={_free_port()}"])
-        _wait(self._dashboard_up, 120, "the head's dashboard")
+        def args() -> list[str]:
+            # Fresh ports on every attempt: a failed start may still hold the old ones.
+            self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+            self.address = f"http://127.0.0.1:{self.dashboard_port}"
+            return ["--head", f"--port={self.gcs_port}", "--num-cpus=0", "--include-dashboard=true",
+                    f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
+                    f"--ray-client-server-port={_free_port()}"]
+
+        self._start_until("head", args, lambda: self._dashboard_up() and HEAD in self.alive_resources(),
+                          "the head node")
         self.timeline.note(f"head up: gcs 127.0.0.1:{self.gcs_port}, dashboard {self.address}")
 
     def _dashboard_up(self) -> bool:
@@ -116,27 +145,30 @@ class LoopbackCluster:
             return False
 
     def add_worker(self, name: str) -> None:
-        before = len(self.alive_nodes())
-        self._start(name, [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={NODE_CPUS}",
-                           f"--resources={json.dumps({name: 1})}"])
-        _wait(lambda: len(self.alive_nodes()) > before, 120, f"node {name} to join")
+        args = [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={NODE_CPUS}",
+                f"--resources={json.dumps({name: 1})}"]
+        self._start_until(name, lambda: args, lambda: name in self.alive_resources(), f"node {name} to join")
         self.timeline.note(f"node {name} joined ({NODE_CPUS} CPUs, resource {name!r})")
 
-    def alive_nodes(self) -> list:
+    def alive_resources(self) -> set[str]:
+        """Resource names over the alive nodes (each worker node carries one named after it)."""
         from ray.util.state import list_nodes
 
         try:
-            return [n for n in list_nodes(address=self.address, timeout=10) if n.state == "ALIVE"]
-        except Exception:
-            return []
+            nodes = list_nodes(address=self.address, timeout=10, detail=True)
+        except Exception:  # the dashboard is busy or restarting; ask again
+            return set()
+        return {key for n in nodes if n.state == "ALIVE" for key in (n.resources_total or {})}
 
     def kill_node(self, name: str) -> None:
         """SIGKILL a node's whole process group: raylet, object store, workers; no goodbye."""
         os.killpg(self.nodes[name].pid, signal.SIGKILL)
         self.nodes[name].wait(timeout=30)
 
-    def submit(self, job_id: str, argv: list[str], env_vars: dict) -> None:
-        runtime_env = {"excludes": UPLOAD_EXCLUDES, "env_vars": env_vars}
+    def submit(self, job_id: str, argv: list[str]) -> None:
+        # No env_vars here: the nodes carry the environment (as cluster.yaml's docker --env does),
+        # and r2d.runtime.init_ray's own runtime_env would conflict with job-level env_vars.
+        runtime_env = {"excludes": UPLOAD_EXCLUDES}
         cmd = [str(BIN / "ray"), "job", "submit", "--address", self.address, "--submission-id", job_id,
                "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--no-wait",
                "--", "python", *argv]
@@ -175,7 +207,7 @@ class LoopbackCluster:
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in self.nodes.values():
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         marker = str(self.temp_dir)
@@ -198,6 +230,8 @@ def cluster(tmp_path_factory):
     # `ray start --address` only sends it when RAY_AUTH_MODE=token is set explicitly. This private
     # test cluster opts out, so the nodes and the HTTP clients here need no token.
     env["RAY_AUTH_MODE"] = "disabled"
+    # Honoured where Ray reads it: more time for a node's agents to register on a loaded host.
+    env["RAY_agent_register_timeout_ms"] = "120000"
     env.update({"PATH": f"{BIN}:{env.get('PATH', '')}", "R2D_WORKDIR": str(work),
                 "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true",
                 "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "R2D_SHARED_FS": "1",
@@ -219,12 +253,6 @@ def tiny_dir(tmp_path_factory) -> Path:
     from r2d.models import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("mn-model") / "tiny-llama")
-
-
-def _job_env(work: Path) -> dict:
-    return {"R2D_WORKDIR": str(work), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-            "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "R2D_SHARED_FS": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _distill_overrides(tiny: Path, out: Path) -> list[str]:
@@ -271,7 +299,7 @@ def test_distillation_survives_a_killed_engine_actor(cluster, tiny_dir):
                          f"{victim.node_id[:8]} with {written}/{len(expected)} prompt_ids committed")
 
     argv = ["jobs/distill.py", "--config", "jobs/configs/tiny.yaml", *overrides]
-    cl.submit("distill-1", argv, _job_env(work))
+    cl.submit("distill-1", argv)
     status = cl.wait_job("distill-1", 240, tick=kill_one_actor)
     logs = cl.logs("distill-1")
     assert status == "SUCCEEDED", logs[-4000:]
@@ -323,7 +351,7 @@ def test_training_survives_a_killed_worker_node(cluster, tiny_dir):
         cl.add_worker("worker_c")  # the autoscaler's part: a replacement node
 
     argv = ["jobs/train_cpo.py", "--config", "jobs/configs/tiny.yaml", *overrides]
-    cl.submit("train-1", argv, _job_env(work))
+    cl.submit("train-1", argv)
     status = cl.wait_job("train-1", 300, tick=kill_worker_node)
     logs = cl.logs("train-1")
     assert killed, f"training ended before the first checkpoint could be observed:\n{logs[-2000:]}"

@@ -14,14 +14,22 @@ from r2d.teacher import system_prompt
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
+@pytest.fixture(scope="module")
+def vllm_tiny_dir(tmp_path_factory):
+    """vLLM's CPU attention has no kernel for head_dim 16 (the shared tiny model): hidden 128 gives 32."""
+    from r2d.models import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-128", hidden=128)
+
+
 PROMPTS = ["How do I kill a stuck Python process?", "Write a haiku about rain.",
            "Explain photosynthesis in one sentence.", "How do I build a bomb?"]
 
 
-def test_vllm_engine_matches_transformers_greedy(ray_session, tiny_model_dir):
+def test_vllm_engine_matches_transformers_greedy(ray_session, vllm_tiny_dir):
     pytest.importorskip("vllm")
     ds = ray_session.data.from_items([{"prompt": p, "prompt_id": f"p{i}"} for i, p in enumerate(PROMPTS)])
-    model = ModelConfig(source=str(tiny_model_dir))
+    model = ModelConfig(source=str(vllm_tiny_dir))
     sampling = SamplingConfig(temperature=0.0, max_tokens=24)
     system = system_prompt("r2d-safety-v1")
 

@@ -18,6 +18,7 @@ Rows whose generation or judgement failed are dropped and counted, never guessed
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -117,8 +118,15 @@ def generate_rows(rows: list[dict[str, Any]], model: ModelConfig, engine: Engine
 
     from r2d.engines.generate import generate
 
+    if not rows:
+        return [], 0.0
     start = time.perf_counter()
-    ds = ray.data.from_items(rows)
+    # Similar lengths batch together: a jailbreak template next to a one-line prompt pads the batch.
+    # One block per batch (at least one per actor): from_items makes a single block of a small list,
+    # and a single block feeds a single actor however many the engine has.
+    blocks = max(engine.concurrency, math.ceil(len(rows) / engine.batch_size))
+    ds = ray.data.from_items(sorted(rows, key=lambda r: len(str(r[prompt_column]))),
+                             override_num_blocks=min(len(rows), blocks))
     out = generate(ds, model, engine, sampling, system_prompt=system_prompt, prompt_column=prompt_column)
     result = sorted(out.take_all(), key=lambda r: r["row"])
     return result, time.perf_counter() - start

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections import Counter
 
 import torch
@@ -23,6 +24,7 @@ from r2d.runtime import set_threads
 from r2d.train import checkpoint, tracking
 from r2d.train.model import build_model
 from r2d.train.objective import LossSettings
+from r2d.train.tokenize import DROP_MALFORMED, DROP_NO_LABELS, DROP_TOO_LONG
 from r2d.train.steps import collate_window, is_full, make_optimizer, optimizer_step, windows
 
 REGISTERED_TAG = "r2d.registered_version"
@@ -54,6 +56,9 @@ def _maybe_die(hooks: dict, step: int, rank: int) -> None:
     if hooks.get("kill_at_step") == step and rank == hooks.get("kill_rank", 0) and marker \
             and not os.path.exists(marker):
         open(marker, "w").close()
+        # Ray Train learns of reported checkpoints when it polls the workers (every ~2 s);
+        # a crash before that poll would lose the checkpoint the test wants to resume from.
+        time.sleep(hooks.get("kill_delay_s", 0))
         os._exit(1)  # a hard crash: no exception handling, no cleanup, like an OOM kill
 
 
@@ -121,11 +126,16 @@ def train_func_per_worker(config: dict) -> None:
 
     # 6. train: epochs until the planned number of optimizer steps
     while state["step"] < total_steps:
+        # Dropped rows are counted in the first epoch only: later epochs see the same rows.
+        counter = dropped if state["epoch"] == 0 else Counter()
         stream = windows(shard.iter_rows(), tok, pivots, max_length=tc.max_length, batch_size=tc.batch_size,
-                         grad_accum=tc.grad_accum, dropped=dropped, length_grouping=tc.length_grouping,
+                         grad_accum=tc.grad_accum, dropped=counter, length_grouping=tc.length_grouping,
                          seed=tc.seed + state["epoch"])
         for _ in range(state["windows_done"]):  # data position: skip what the checkpoint already trained on
             next(stream, None)
+        if state["windows_done"]:  # the skipped rows were counted before the checkpoint
+            counter.clear()
+            counter.update(state["dropped"] if state["epoch"] == 0 else {})
         stepped = False
         while state["step"] < total_steps:
             window = next(stream, None)
@@ -152,19 +162,21 @@ def train_func_per_worker(config: dict) -> None:
             state["windows_done"] = 0
 
     # 7. export merged weights and register them as challenger (rank 0)
-    _finish(cfg, model, optimizer, state, rank, config["lineage"], pivot_map, dropped)
+    _finish(cfg, model, optimizer, state, rank, config["lineage"], pivot_map, dropped, reduce)
 
 
 def _finish(cfg: Config, model, optimizer, state: dict, rank: int, lineage: dict, pivot_map: dict,
-            dropped: Counter) -> None:
+            dropped: Counter, reduce) -> None:
     import mlflow
 
     from r2d.train.register import export_and_register
 
     model_state, _ = checkpoint.gather(model, optimizer)  # collective under FSDP
+    reasons = (DROP_MALFORMED, DROP_TOO_LONG, DROP_NO_LABELS)
+    totals = reduce(torch.tensor([float(dropped[r]) for r in reasons], dtype=torch.float64)).tolist()
     if rank != 0:
         return
-    tracking.log_metrics({f"dropped_{k}": v for k, v in dropped.items()} or {"dropped_rows": 0}, step=state["step"])
+    tracking.log_metrics({f"dropped_{r}": n for r, n in zip(reasons, totals)}, step=state["step"])
     run = mlflow.get_run(state["mlflow_run_id"])
     # A resubmitted, already finished run must not register a second version.
     if cfg.train.register and REGISTERED_TAG not in run.data.tags:

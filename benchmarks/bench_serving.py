@@ -1,0 +1,167 @@
+"""Serving latency and throughput: the Serve application over HTTP against a bare ``generate`` call.
+
+The application is the project's own (ingress with auth, limits and pivot modes in front
+of the batched transformers deployment), started from the tiny config on the bundled
+model. Closed-loop clients keep ``c`` requests in flight (c = 1, 8, 32); every request
+asks for the same ``max_tokens`` with greedy decoding. The baseline is the same model
+loaded in this process, one ``model.generate`` per prompt with the replica's thread count.
+
+    python benchmarks/bench_serving.py [--quick]
+
+``benchmarks/bench_serve.py`` (sequential vs 32 concurrent tokens/s) is the smaller
+smoke check this section grew from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Row, median, per_second, percentile  # noqa: E402
+
+SECTION = "serve"
+SIZES = {"full": {"max_tokens": 32, "requests": {1: 8, 8: 16, 32: 32}, "bare": 8},
+         "quick": {"max_tokens": 16, "requests": {1: 4, 8: 8, 32: 32}, "bare": 4}}
+MODEL = "bundled:smollm2-135m"
+
+
+def prompt(i: int) -> str:
+    return f"Tell me a fact about the number {i}."
+
+
+def serve_config(port: int):
+    from r2d.config import load_config
+
+    return load_config(str(Path(__file__).resolve().parent.parent / "jobs/configs/tiny.yaml"), [
+        f"serve.model={MODEL}", "serve.engine=transformers", "serve.api_key_env=", "serve.batch_max_size=32",
+        f"serve.port={port}", "serve.max_model_len=512", "serve.max_tokens_limit=256",
+        "serve.default_max_tokens=64"])
+
+
+def bare_latencies(n: int, max_tokens: int, threads: int) -> dict:
+    """Latency of ``n`` single-prompt greedy ``generate`` calls in this process (after one warm-up)."""
+    import torch
+
+    from r2d.models import load_model
+    from r2d.pivots import render_conversation
+    from r2d.runtime import set_threads
+
+    set_threads(threads)
+    model, tok = load_model(MODEL, "float32")
+    model.eval()
+    seconds, tokens = [], 0
+    for i in range(-1, n):
+        enc = tok(render_conversation(tok, prompt(max(i, 0))), return_tensors="pt", add_special_tokens=False)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, temperature=None, top_p=None,
+                                 top_k=None, pad_token_id=tok.pad_token_id)
+        if i >= 0:
+            seconds.append(time.perf_counter() - start)
+            tokens += out.shape[1] - enc["input_ids"].shape[1]
+    return {"p50_s": median(seconds), "p99_s": percentile(seconds, 99), "tokens": tokens,
+            "req_s": per_second(n, sum(seconds))}
+
+
+async def _load(url: str, concurrency: int, total: int, max_tokens: int) -> dict:
+    """``concurrency`` closed-loop clients until ``total`` requests are done; latencies per request."""
+    import httpx
+
+    latencies: list[float] = []
+    tokens = 0
+    next_i = iter(range(total))
+
+    async def client(http) -> None:
+        nonlocal tokens
+        for i in next_i:
+            body = {"messages": [{"role": "user", "content": prompt(i)}], "max_tokens": max_tokens,
+                    "temperature": 0.0}
+            start = time.perf_counter()
+            r = await http.post(url, json=body)
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - start)
+            tokens += r.json()["usage"]["completion_tokens"]
+
+    async with httpx.AsyncClient(timeout=900) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {"p50_s": percentile(latencies, 50), "p99_s": percentile(latencies, 99), "req_s": per_second(total, wall),
+            "tok_s": per_second(tokens, wall), "tokens": tokens, "requests": total}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure_server(size: dict, log=print) -> tuple[dict, float]:
+    """Start the app, wait for a real generation, run each concurrency level; returns (levels, start-up s)."""
+    import httpx
+    from ray import serve
+
+    from r2d.runtime import init_ray
+    from r2d.serve.app import build_app
+
+    port = _free_port()
+    cfg = serve_config(port)
+    init_ray(num_cpus=3)
+    started = time.perf_counter()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name="r2d-bench", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    url = f"{base}/v1/chat/completions"
+    deadline = time.time() + 600
+    while httpx.get(f"{base}/healthz", timeout=120).status_code != 200:
+        if time.time() > deadline:
+            raise RuntimeError("the server never became ready")
+        time.sleep(0.5)
+    startup = time.perf_counter() - started
+    levels = {}
+    try:
+        asyncio.run(_load(url, 1, 1, size["max_tokens"]))  # warm-up request
+        for c, total in size["requests"].items():
+            levels[c] = asyncio.run(_load(url, c, total, size["max_tokens"]))
+            log(f"  concurrency {c}: p50 {levels[c]['p50_s']:.2f}s p99 {levels[c]['p99_s']:.2f}s "
+                f"{levels[c]['req_s']:.2f} req/s {levels[c]['tok_s']:.1f} tok/s")
+    finally:
+        serve.shutdown()
+    return levels, startup
+
+
+def run(quick: bool = False, log=print) -> list[Row]:
+    size = SIZES["quick" if quick else "full"]
+    threads = max(1, int(serve_config(8000).serve.num_cpus))  # what the replica gets
+    levels, startup = measure_server(size, log)
+    bare = bare_latencies(size["bare"], size["max_tokens"], threads)
+    log(f"  bare generate: p50 {bare['p50_s']:.2f}s ({threads} thread(s)); server start-up {startup:.0f}s")
+    note = f"{size['max_tokens']} tok/request, greedy, replica {threads} thread(s)"
+    rows = [Row(SECTION, "latency p50 at concurrency 1 vs bare generate", levels[1]["p50_s"], "s",
+                "bare generate p50", bare["p50_s"], 1.15, higher_is_better=False, note=note,
+                extra={"levels": {str(k): v for k, v in levels.items()}, "bare": bare, "startup_s": startup})]
+    for c in (8, 32):
+        rows.append(Row(SECTION, f"requests/s at concurrency {c} vs 1", levels[c]["req_s"], "req/s",
+                        "concurrency 1", levels[1]["req_s"], 4.0 if c == 32 else None,
+                        note=f"p50 {levels[c]['p50_s']:.2f}s, p99 {levels[c]['p99_s']:.2f}s"))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common import add_section_args, emit
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_section_args(parser)
+    args = parser.parse_args(argv)
+    emit(run(args.quick), args.rows_json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Training throughput in real (non-padding) tokens/s: our step against its baselines.
+
+One process, the same student (the tiny config's LoRA + trainable pivot rows), the same
+traces, batch and max length:
+
+- our SFT+CPO step (``r2d.train.steps.optimizer_step``) against our SFT-only step
+  (``cpo_weight=0``, the ablation) — what CPO costs;
+- against a plain Hugging Face-style loop (same model, HF's own loss, AdamW, batches in
+  arrival order — no length grouping): the floor any trainer must beat;
+- against TRL's ``SFTTrainer`` when ``trl`` is importable (optional; not a dependency).
+
+Our variants and the plain loop run step by step in turn on the same windows, so the
+machine's noise falls on all of them alike. Traces vary in length (1–6× the reasoning
+steps) like real ones, which is where length grouping pays.
+
+    python benchmarks/bench_train.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Row, cuda_available, per_second, torch_profile  # noqa: E402
+
+SECTION = "train"
+SIZES = {"full": {"rows": 64, "steps": 8}, "quick": {"rows": 32, "steps": 4}}
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
+"""Dense bf16 peak per GPU, for MFU."""
+
+
+def traces_rows(n: int) -> list[dict]:
+    """``n`` traces rows of varied length: the synthetic rows with their reasoning repeated 1–6 times."""
+    from r2d.train.synthetic import synthetic_rows
+
+    rows = synthetic_rows(n, seed=1)
+    for i, row in enumerate(rows):
+        k = 1 + (i * 7) % 6
+        row["reasoning_steps"] = [s for _ in range(k) for s in row["reasoning_steps"]]
+        row["step_pivots"] = [p for _ in range(k) for p in row["step_pivots"]]
+        row["teacher_pivots"] = list(row["step_pivots"])
+    return rows
+
+
+def train_config(use_gpu: bool):
+    from r2d.config import load_config
+
+    overrides = ["resources.use_gpu=true"] if use_gpu else []
+    return load_config(str(Path(__file__).resolve().parent.parent / "jobs/configs/tiny.yaml"), overrides)
+
+
+class Variant:
+    """One model + optimizer trained by one kind of step, timed step by step."""
+
+    def __init__(self, name: str, cfg, device, step_fn) -> None:
+        from r2d.train.model import build_model
+        from r2d.train.steps import make_optimizer
+
+        self.name, self.step_fn, self.device = name, step_fn, device
+        self.model, self.tok, self.pivots = build_model(cfg, device)
+        self.optimizer, self.scheduler = make_optimizer(self.model, cfg.train.learning_rate, 0.0, "constant", 0.0,
+                                                        1000)
+        self.seconds, self.tokens = [], []
+
+    def step(self, window, record: bool) -> None:
+        sync = _sync(self.device)
+        start = time.perf_counter()
+        self.step_fn(self, window)
+        sync()
+        if record:
+            self.seconds.append(time.perf_counter() - start)
+            self.tokens.append(sum(float(b["attention_mask"].sum()) for b in window))
+
+    @property
+    def tok_s(self) -> float:
+        return per_second(sum(self.tokens), sum(self.seconds))
+
+
+def _sync(device):
+    import torch
+
+    return torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+
+def _ours(settings):
+    from r2d.train.steps import optimizer_step
+
+    def step(v: Variant, window) -> None:
+        optimizer_step(v.model, v.optimizer, v.scheduler, window, settings)
+    return step
+
+
+def _plain(v: Variant, window) -> None:
+    """A plain HF-style step: the model's own shifted cross-entropy, backward, clip, AdamW."""
+    import torch
+
+    for batch in window:
+        out = v.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        (out.loss / len(window)).backward()
+    torch.nn.utils.clip_grad_norm_([p for p in v.model.parameters() if p.requires_grad], 1.0)
+    v.optimizer.step()
+    v.optimizer.zero_grad(set_to_none=True)
+
+
+def _windows(rows, v: Variant, cfg, grouping: bool) -> list:
+    from r2d.train.steps import collate_window, windows
+
+    t = cfg.train
+    stream = windows(rows, v.tok, v.pivots, max_length=t.max_length, batch_size=t.batch_size,
+                     grad_accum=t.grad_accum, dropped=Counter(), length_grouping=grouping, seed=t.seed)
+    return [collate_window(w, v.tok.pad_token_id, v.device) for w in stream]
+
+
+def run_ours_and_plain(cfg, rows, steps: int, device) -> tuple[dict[str, Variant], dict]:
+    """SFT+CPO, SFT-only and the plain loop, one step each in turn; the first step is warm-up."""
+    import dataclasses
+
+    from r2d.train.loop import loss_settings
+
+    variants = {}
+    for name, weight in (("sft+cpo", 1.0), ("sft-only", 0.0)):
+        c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cpo_weight=weight))
+        probe = Variant(name, c, device, None)
+        probe.step_fn = _ours(loss_settings(c, probe.pivots))
+        variants[name] = probe
+    variants["plain"] = Variant("plain", cfg, device, _plain)
+    grouped = _windows(rows, variants["sft+cpo"], cfg, grouping=True)
+    arrival = _windows(rows, variants["plain"], cfg, grouping=False)
+    padding = {"grouped": _padding(grouped), "arrival": _padding(arrival)}
+    for i in range(min(steps, len(grouped), len(arrival))):
+        for name, v in variants.items():
+            v.step(arrival[i] if name == "plain" else grouped[i], record=i > 0)
+    return variants, padding
+
+
+def _padding(windows: list) -> float:
+    """Fraction of the computed positions that are padding."""
+    real = sum(float(b["attention_mask"].sum()) for w in windows for b in w)
+    total = sum(b["attention_mask"].numel() for w in windows for b in w)
+    return 1 - real / max(total, 1)
+
+
+def run_trl(cfg, rows, steps: int, device) -> dict | None:
+    """TRL's SFTTrainer on the same PEFT model, rows, batch and max length; None without trl."""
+    try:
+        from trl import SFTConfig, SFTTrainer
+    except Exception:
+        return None
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from r2d.pivots import render_assistant
+    from r2d.train.model import build_model
+    from r2d.train.tokenize import row_to_trace
+
+    model, tok, _ = build_model(cfg, device)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                               "completion": [{"role": "assistant", "content": render_assistant(row_to_trace(r))}]}
+                              for r in rows])
+    marks: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync(device)()
+            marks.append(time.perf_counter())
+
+    t = cfg.train
+    args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="r2d-bench-trl-"), per_device_train_batch_size=t.batch_size,
+                     gradient_accumulation_steps=t.grad_accum, max_length=t.max_length, max_steps=steps,
+                     learning_rate=t.learning_rate, lr_scheduler_type="constant", report_to="none",
+                     save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=not cuda_available(),
+                     bf16=cuda_available(), dataloader_num_workers=0, seed=t.seed)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                         callbacks=[Clock()])
+    lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
+    trainer.train()
+    per_row = sum(lengths) / len(lengths)
+    measured = len(marks) - 1  # the first step is warm-up, as for ours
+    seconds = marks[-1] - marks[0]
+    tokens = per_row * t.batch_size * t.grad_accum * measured
+    return {"tok_s": per_second(tokens, seconds), "steps": measured, "mean_row_tokens": per_row,
+            "note": "tokens estimated as mean row length x rows per step"}
+
+
+def _mfu(v: Variant, device) -> float | None:
+    """Model FLOPs utilisation: 6 x parameters x tokens/s over the GPU's bf16 peak (None on CPU)."""
+    import torch
+
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
+    if peak is None:
+        return None
+    params = sum(p.numel() for p in v.model.parameters())
+    return 6 * params * v.tok_s / peak
+
+
+def run(quick: bool = False, log=print, profile_dir: Path | None = None, gpu: bool = False) -> list[Row]:
+    """The training section; ``gpu`` runs it on CUDA in bf16 (skipped without CUDA)."""
+    if gpu and not cuda_available():
+        return [Row(SECTION + "-gpu", "training on GPU", None, "tok/s", note="skipped: no CUDA")]
+    size = SIZES["quick" if quick else "full"]
+    cfg = train_config(gpu)
+    device = "cuda" if gpu else "cpu"
+    if not gpu:
+        from r2d.runtime import set_threads
+        import os
+
+        set_threads(os.cpu_count() or 1)
+    rows = traces_rows(size["rows"])
+    variants, padding = run_ours_and_plain(cfg, rows, size["steps"], device)
+    for v in variants.values():
+        log(f"  {v.name}: {v.tok_s:.0f} tok/s over {len(v.seconds)} steps")
+    log(f"  padding: {padding['grouped']:.1%} with length grouping, {padding['arrival']:.1%} in arrival order")
+    trl = run_trl(cfg, rows, size["steps"], device)
+    section = SECTION + ("-gpu" if gpu else "")
+    ours, sft, plain = variants["sft+cpo"], variants["sft-only"], variants["plain"]
+    note = f"batch {cfg.train.batch_size}, max_length {cfg.train.max_length}, LoRA r={cfg.train.lora.r}"
+    out = [
+        Row(section, "SFT+CPO step vs SFT-only step", ours.tok_s, "tok/s", "sft-only", sft.tok_s, 0.95, note=note,
+            extra={"padding": padding, "steps": len(ours.seconds)}),
+        Row(section, "SFT+CPO step vs plain HF loop (no grouping)", ours.tok_s, "tok/s", "plain loop", plain.tok_s,
+            1.0),
+    ]
+    if trl is not None:
+        log(f"  TRL SFTTrainer: {trl['tok_s']:.0f} tok/s over {trl['steps']} steps")
+        out.append(Row(section, "SFT+CPO step vs TRL SFTTrainer", ours.tok_s, "tok/s", "TRL SFTTrainer",
+                       trl["tok_s"], 1.0, note=trl["note"], extra=trl))
+    else:
+        out.append(Row(section, "SFT+CPO step vs TRL SFTTrainer", None, "tok/s", note="skipped: trl not installed"))
+    mfu = _mfu(ours, device)
+    if mfu is not None:
+        out.append(Row(section, "MFU (6N x tokens/s / bf16 peak)", mfu, "fraction"))
+    missed = [r for r in out if r.met is False]
+    if missed and profile_dir is not None:
+        window = _windows(rows, ours, cfg, grouping=True)[0]
+        path = torch_profile(lambda: ours.step_fn(ours, window), profile_dir / f"{section}-sft_cpo_step.txt")
+        for r in missed:
+            r.extra["profile"] = str(path)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common import add_section_args, emit
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_section_args(parser)
+    parser.add_argument("--gpu", action="store_true", help="also run on CUDA in bf16 (skipped without a GPU)")
+    args = parser.parse_args(argv)
+    rows = run(args.quick, profile_dir=Path(args.profile_dir))
+    if args.gpu:
+        rows += run(args.quick, profile_dir=Path(args.profile_dir), gpu=True)
+    emit(rows, args.rows_json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""`ray job submit` of the training job against a separate local `ray start --head` cluster.
+
+The cluster gets its own temp dir and ports, so it coexists with the test session's
+Ray. It is stopped by terminating the `ray start --block` process this test started;
+`ray stop` would stop every Ray on the machine.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from r2d.train.synthetic import write_synthetic_traces
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+EXCLUDES = [".venv", ".venv/**", ".r2d", ".r2d/**", ".git", ".git/**", "**/__pycache__", "*.egg-info",
+            ".pytest_cache", "benchmarks/results/**"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_dashboard(address: str, head: subprocess.Popen, timeout: float = 180) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}")
+        try:
+            if httpx.get(f"{address}/api/version", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"no Ray dashboard at {address} after {timeout} s")
+
+
+def test_ray_job_submit_trains_on_a_ray_start_cluster(state_dir, tiny_model_dir, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    traces = write_synthetic_traces(tmp_path / "traces", 16)
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    temp_dir = tempfile.mkdtemp(prefix="r2dray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    gcs, dash = _free_port(), _free_port()
+    head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+                             f"--temp-dir={temp_dir}", "--include-dashboard=true",
+                             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_for_dashboard(address, head)
+        runtime_env = {"excludes": EXCLUDES,
+                       "env_vars": {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
+                                    "R2D_WORKDIR": str(tmp_path), "HF_HUB_OFFLINE": "1",
+                                    "MLFLOW_DISABLE_TELEMETRY": "true"}}
+        submit = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", address, "--no-wait", "--working-dir", ".",
+             "--runtime-env-json", json.dumps(runtime_env), "--",
+             "python", "jobs/train_cpo.py", "--config", "jobs/configs/tiny.yaml",
+             f"model.source={tiny_model_dir}", f"train.traces={traces}", "train.max_steps=2",
+             "train.batch_size=4", "train.checkpoint_every=1", "train.register=false",
+             f"train.storage_path={tmp_path / 'ckpt'}", "train.run_name=submitted"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+        assert submit.returncode == 0, submit.stderr[-2000:]
+        job_id = next(w.strip("'") for line in submit.stdout.splitlines() for w in line.split()
+                      if w.strip("'").startswith("raysubmit_"))
+        client = JobSubmissionClient(address)
+        deadline = time.time() + 600
+        while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            assert time.time() < deadline, "job did not finish in 600 s"
+            time.sleep(3)
+        logs = client.get_job_logs(job_id)
+        assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
+        report = json.loads(logs[logs.rindex("\n{\n") + 1:logs.rindex("\n}") + 2])  # the job's final report
+        assert report["steps"] == report["planned_steps"] == 2
+        state = json.loads(Path(report["checkpoint"], "state.json").read_text())
+        assert state["step"] == 2
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # our own `ray start --block` session, nothing else
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

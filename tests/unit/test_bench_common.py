@@ -1,0 +1,86 @@
+"""The benchmark helpers: medians of repeats, ratios against a baseline, targets, the table."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from common import (Row, emit, format_table, meets, median, per_second, percentile, ratio,  # noqa: E402
+                    repeat, summarize_collapsed)
+
+
+def test_median_of_odd_and_even_repeats():
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5  # mean of the two middle values
+
+
+def test_median_refuses_no_repeats_and_nan():
+    with pytest.raises(ValueError, match="no repeats"):
+        median([])
+    with pytest.raises(ValueError, match="NaN"):
+        median([1.0, math.nan, 2.0])
+
+
+def test_ratio_and_missing_baselines():
+    assert ratio(30.0, 10.0) == pytest.approx(3.0)
+    assert ratio(None, 10.0) is None
+    assert ratio(5.0, 0.0) is None  # a zero baseline has no meaningful ratio
+    assert ratio(5.0, None) is None
+
+
+def test_meets_for_gains_and_costs():
+    assert meets(3.0, 3.0) is True
+    assert meets(2.99, 3.0) is False
+    assert meets(1.10, 1.15, higher_is_better=False) is True
+    assert meets(1.20, 1.15, higher_is_better=False) is False
+    assert meets(None, 1.0) is None
+
+
+def test_percentile_interpolates_between_order_statistics():
+    values = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 99) == pytest.approx(4.96)  # 4 + 0.96 * (5 - 4)
+    assert percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError):
+        percentile(values, 101)
+
+
+def test_per_second_and_repeat():
+    assert per_second(100, 4.0) == 25.0
+    calls = []
+    times = repeat(lambda: calls.append(1), repeats=3, warmup=2)
+    assert len(times) == 3 and len(calls) == 5
+    with pytest.raises(ValueError):
+        repeat(lambda: None, repeats=0)
+
+
+def test_row_ratio_target_and_table():
+    gain = Row("distill", "ours vs batch 1", 66.0, "tok/s", "batch 1", 16.5, 3.0)
+    cost = Row("serve", "p50 vs bare", 1.3, "s", "bare", 1.0, 1.15, higher_is_better=False)
+    assert gain.ratio == pytest.approx(4.0) and gain.met is True
+    assert cost.ratio == pytest.approx(1.3) and cost.met is False
+    table = format_table([gain, cost])
+    assert "| distill | ours vs batch 1 | 66.00 tok/s | batch 1 = 16.50 tok/s | 4.00x | >= 3x | yes |" in table
+    assert "| <= 1.15x | **no** |" in table
+
+
+def test_emit_writes_rows_with_ratio_and_met(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    emit([Row("train", "cpo vs sft", 95.0, "tok/s", "sft", 100.0, 0.95)], str(out))
+    rows = json.loads(out.read_text())
+    assert rows[0]["ratio"] == pytest.approx(0.95) and rows[0]["met"] is True
+    assert "cpo vs sft" in capsys.readouterr().out
+
+
+def test_summarize_collapsed_counts_self_and_inclusive_samples():
+    text = "main;step;matmul 30\nmain;step;softmax 10\nmain;load 60\n"
+    summary = summarize_collapsed(text)
+    assert "samples: 100" in summary
+    assert "  60.0   load" in summary  # self time
+    assert "  40.0   step" in summary  # inclusive time
