@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Row, median, per_second, ratio, run_child, timed  # noqa: E402
+from common import Row, median, per_second, run_child, start_ray, timed  # noqa: E402
 
 SECTION = "distill"
 SIZES = {"full": {"prompts": 64, "max_tokens": 64, "batch1_prompts": 8, "batches": (8, 16, 32), "repeats": 1},
@@ -156,9 +156,8 @@ def child_vllm_bare(n: int, max_tokens: int) -> dict:
 
 def child_vllm_pipeline(n: int, max_tokens: int, batch_size: int) -> dict:
     """Our vLLM pipeline (``ray.data.llm``) end to end, Ray start excluded, engine start included."""
-    from r2d.runtime import init_ray
 
-    init_ray(num_cpus=3)
+    start_ray(num_cpus=3)
     return pipeline_run(bench_prompts(n), _vllm_engine(batch_size), max_tokens, system_text())
 
 
@@ -177,7 +176,6 @@ def _loop_figures(loop: PlainLoop, prompts: list[dict], size: dict) -> dict:
 def run_transformers(size: dict, log=print) -> list[Row]:
     """Our transformers pipeline against the plain loop at batch 1 and at its best batch."""
     from r2d.models import resolve_source
-    from r2d.runtime import init_ray
 
     cfg = tiny_config()
     prompts = bench_prompts(size["prompts"])
@@ -187,7 +185,7 @@ def run_transformers(size: dict, log=print) -> list[Row]:
     for name, fig in base.items():
         log(f"  plain loop {name}: {fig['tok_s']:.1f} tok/s ({fig['tokens']} tokens in {fig['seconds']:.1f}s)")
     best = max((k for k in base if k != "batch1"), key=lambda k: base[k]["tok_s"])
-    init_ray(num_cpus=3)
+    start_ray(num_cpus=3)
     ours_runs = [pipeline_run(prompts, cfg.distill.engine, size["max_tokens"], system_text())
                  for _ in range(size["repeats"])]
     ours = {**ours_runs[0], "tok_s": median([r["tok_s"] for r in ours_runs])}
@@ -262,9 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.child == "vllm-pipeline":
         print(json.dumps(child_vllm_pipeline(args.n, args.max_tokens, args.batch)), flush=True)
     elif args.child == "ours-transformers":  # for profiling: the pipeline alone
-        from r2d.runtime import init_ray
-
-        init_ray(num_cpus=3)
+        start_ray(num_cpus=3)
         result = pipeline_run(bench_prompts(args.n), tiny_config().distill.engine, args.max_tokens, system_text())
         print(json.dumps(result), flush=True)
     else:

@@ -21,7 +21,7 @@ from pathlib import Path
 STARTED = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Row, run_child  # noqa: E402
+from common import Row, run_child, start_ray  # noqa: E402
 
 SECTION = "engine choice"
 SIZES = {"full": {"prompts": 16, "max_tokens": 64}, "quick": {"prompts": 8, "max_tokens": 32}}
@@ -38,13 +38,12 @@ def child(engine: str, n: int, max_tokens: int) -> dict:
     from r2d.distill import run_distillation
     from r2d.eval.runner import generate_rows
     from r2d.prompt_sets import heldout_prompts, select_balanced, training_prompts
-    from r2d.runtime import init_ray
 
     out_dir = tempfile.mkdtemp(prefix=f"r2d-bench-{engine}-")
     cfg = load_config(str(Path(__file__).resolve().parent.parent / "jobs/configs/tiny.yaml"), [
         f"distill.output_dir={out_dir}", f"distill.sampling.max_tokens={max_tokens}",
         f"eval.sampling.max_tokens={max_tokens}", *ENGINES[engine]])
-    init_ray(num_cpus=3)
+    start_ray(num_cpus=3)
     t0 = time.perf_counter()
     stats = run_distillation(cfg, select_balanced(training_prompts(cfg), n))
     t1 = time.perf_counter()

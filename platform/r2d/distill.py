@@ -170,8 +170,9 @@ def run_distillation(cfg, prompts: list[dict], extra: dict | None = None) -> tup
             busy += time.perf_counter() - t0
         pending = [{k: r.get(k, "") for k in PROMPT_KEYS} for r in held]
     stats["wall_s"] = time.perf_counter() - start
-    stats["generation_s"] = stats["wall_s"] - busy
-    stats["tokens_per_s"] = stats["generated_tokens"] / stats["generation_s"] if stats["generation_s"] else 0.0
+    stats["driver_busy_s"] = busy  # finalize + write, overlapping with the engines' next batches
+    # End to end, engine start-up included: the figure to compare engines with.
+    stats["tokens_per_s"] = stats["generated_tokens"] / stats["wall_s"] if stats["wall_s"] else 0.0
     manifest = traces.manifest(d.output_dir, cfg.to_dict(), {**(extra or {}), "last_run": dict(stats)})
     traces.write_manifest(d.output_dir, manifest)
     return manifest, dict(stats)

@@ -49,9 +49,11 @@ def server(tmp_path_factory):
                              "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1"],
                             stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+                            # The job executor starts worker processes these tests never use.
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+                                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180  # busy 2-core machines take a while to import mlflow
+    deadline = time.monotonic() + 300  # a busy 2-core machine takes minutes to import mlflow
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"mlflow server exited with {proc.returncode}: {(tmp / 'server.log').read_text()[-2000:]}")
@@ -62,7 +64,7 @@ def server(tmp_path_factory):
             time.sleep(0.5)
     else:
         proc.terminate()
-        pytest.fail(f"mlflow server did not answer /health within 180 s: {(tmp / 'server.log').read_text()[-2000:]}")
+        pytest.fail(f"mlflow server did not answer /health within 300 s: {(tmp / 'server.log').read_text()[-2000:]}")
     yield {"uri": uri, "dir": tmp}
     proc.terminate()
     try:

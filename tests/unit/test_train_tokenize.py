@@ -107,6 +107,8 @@ def test_length_grouping_cuts_padding(tok):
         assert sorted(len(b) for b in batches) == [4] * 8
         width[grouped] = sum(collate(b, tok.pad_token_id)["input_ids"].numel() for b in batches)
     assert width[True] < width[False]
+    odd = list(group_by_length(examples[:23], 4, seed=1))
+    assert [len(b) for b in odd] == [4] * 5 + [3]  # the short remainder comes last, after the shuffle
     batch = collate(examples[:3], tok.pad_token_id)
     lengths = [e["length"] for e in examples[:3]]
     assert batch["attention_mask"].sum(1).tolist() == lengths

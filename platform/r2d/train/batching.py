@@ -18,7 +18,7 @@ from r2d.losses import IGNORE_INDEX
 
 def group_by_length(examples: Iterable[dict], batch_size: int, buffer_batches: int = 16,
                     seed: int = 0, enabled: bool = True) -> Iterator[list[dict]]:
-    """Yield lists of ``batch_size`` examples (the last one may be shorter).
+    """Yield lists of ``batch_size`` examples; only the very last one may be shorter.
 
     Args:
         examples: dicts with a ``length`` key.
@@ -35,9 +35,12 @@ def group_by_length(examples: Iterable[dict], batch_size: int, buffer_batches: i
     def flush() -> list[list[dict]]:
         rows = sorted(buffer, key=lambda e: e["length"]) if enabled else list(buffer)
         batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        # A short remainder stays last: the training loop ends an epoch at the first
+        # short micro-batch, so one shuffled to the front would skip the rest.
+        short = batches.pop() if len(batches[-1]) < batch_size else None
         if enabled:
             rng.shuffle(batches)
-        return batches
+        return batches + ([short] if short else [])
 
     for example in examples:
         buffer.append(example)

@@ -1,0 +1,31 @@
+"""Driver-side helpers: sizing the run and reading the traces' manifest without loading rows."""
+
+import pytest
+
+from r2d.config import load_config
+from r2d.train.trainer import count_rows, planned_steps, read_manifest, traces_uri
+from r2d.train.synthetic import write_synthetic_traces
+
+
+def test_planned_steps_from_epochs_or_max_steps():
+    cfg = load_config(None, ["train.epochs=2", "train.batch_size=4", "train.grad_accum=2",
+                             "resources.train_workers=2"])
+    # 2 epochs x 100 rows / (4 x 2 x 2 rows per step) = 12.5 -> 13
+    assert planned_steps(cfg, 100) == 13
+    assert planned_steps(load_config(None, ["train.max_steps=7"]), 100) == 7
+
+
+def test_rows_and_manifest_come_from_files_not_rows(tmp_path):
+    folder = write_synthetic_traces(tmp_path / "t", 10, distill_run_id="abc")
+    assert count_rows(str(folder)) == 10  # manifest.json beside the Parquet is not read as data
+    manifest = read_manifest(str(folder))
+    assert manifest["mlflow_run_id"] == "abc" and len(manifest["digest"]) == 64
+    assert read_manifest(str(tmp_path)) == {}
+    with pytest.raises(FileNotFoundError, match="train.traces"):
+        count_rows(str(tmp_path / "missing"))
+
+
+def test_traces_default_to_the_distillation_output(tmp_path, monkeypatch):
+    monkeypatch.setenv("R2D_WORKDIR", str(tmp_path))
+    assert traces_uri(load_config(None, [])) == str(tmp_path / ".r2d/traces/tiny")
+    assert traces_uri(load_config(None, ["train.traces=s3://b/t"])) == "s3://b/t"
