@@ -65,7 +65,7 @@ def _job(cfg_overrides: list[str], env: dict) -> subprocess.Popen:
 
 def test_killed_job_resumes_without_losing_or_duplicating(state_dir, tiny_model_dir, tmp_path):
     out = tmp_path / "traces"
-    overrides = _overrides(tiny_model_dir, out, 6, ["distill.chunk_size=1", "distill.max_regenerations=0",
+    overrides = _overrides(tiny_model_dir, out, 4, ["distill.chunk_size=1", "distill.max_regenerations=0",
                                                     "distill.sampling.max_tokens=96",
                                                     "distill.engine.batch_size=1"])
     expected = {p["prompt_id"] for p in training_prompts(load_config(ROOT / "jobs/configs/tiny.yaml", overrides))}

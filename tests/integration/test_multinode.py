@@ -70,12 +70,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _boost() -> None:
-    """Runs in a node's ``ray start`` before exec: a head start while it boots (see _start_until)."""
+def _set_priority(nice: int, pid: str = "self") -> None:
+    """Scheduling priority of a node: its session's autogroup (where the kernel groups by session,
+    plain nice values only rank processes inside their own group) and, elsewhere, the process."""
     try:
-        os.nice(-15)
-    except OSError:  # not allowed (no CAP_SYS_NICE): start at normal priority
+        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+    except OSError:
         pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0 if pid == "self" else int(pid), nice)
+    except OSError:  # not allowed (no CAP_SYS_NICE): normal priority
+        pass
+
+
+def _boost() -> None:
+    """Runs in a node's ``ray start`` right after setsid: boot at raised priority."""
+    _set_priority(-15)
 
 
 def _wait(predicate, timeout: float, what: str, interval: float = 0.5):
@@ -114,6 +124,9 @@ class LoopbackCluster:
         """Back to normal priority for every process of this cluster, once a node is up."""
         import psutil
 
+        for proc in self.nodes.values():
+            if proc.poll() is None:
+                _set_priority(0, str(proc.pid))
         marker = str(self.temp_dir)
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
@@ -126,8 +139,8 @@ class LoopbackCluster:
         """Start a node and wait for ``ready()``; start it afresh if it dies or hangs.
 
         A raylet aborts when its dashboard agent has not written its port file within 15 s (fixed
-        in Ray 2.60). On a busy 2-core host the agent's imports alone take longer, so a node boots
-        at raised priority (when allowed) and drops to normal priority once it is up; a node that
+        in Ray 2.60). On a busy 2-core host the agent's imports alone can take longer, so a node
+        boots at raised priority (when allowed) and drops to normal once it is up; a node that
         still loses the race is started again.
         """
         for attempt in range(1, attempts + 1):

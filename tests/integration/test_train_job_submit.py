@@ -32,13 +32,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for_dashboard(address: str, head: subprocess.Popen, timeout: float = 180) -> None:
+def _wait_for_dashboard(address: str, head: subprocess.Popen, log_path: Path, timeout: float = 240) -> None:
     import httpx
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         if head.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.returncode}")
+            raise RuntimeError(f"ray start exited with {head.returncode}: {log_path.read_text()[-2000:]}")
         try:
             if httpx.get(f"{address}/api/version", timeout=2).status_code == 200:
                 return
@@ -57,13 +57,14 @@ def test_ray_job_submit_trains_on_a_ray_start_cluster(state_dir, tiny_model_dir,
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     temp_dir = tempfile.mkdtemp(prefix="r2dray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dash = _free_port(), _free_port()
+    log = open(tmp_path / "ray-start.log", "w")
     head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
                              f"--temp-dir={temp_dir}", "--include-dashboard=true",
                              f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
-        _wait_for_dashboard(address, head)
+        _wait_for_dashboard(address, head, tmp_path / "ray-start.log")
         runtime_env = {"excludes": EXCLUDES,
                        "env_vars": {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
                                     "R2D_WORKDIR": str(tmp_path), "HF_HUB_OFFLINE": "1",
@@ -96,3 +97,4 @@ def test_ray_job_submit_trains_on_a_ray_start_cluster(state_dir, tiny_model_dir,
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        log.close()

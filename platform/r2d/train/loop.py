@@ -62,6 +62,13 @@ def _maybe_die(hooks: dict, step: int, rank: int) -> None:
         os._exit(1)  # a hard crash: no exception handling, no cleanup, like an OOM kill
 
 
+def _global_counts(dropped: Counter, reduce) -> dict[str, int]:
+    """Dropped-row counts summed over workers (a collective: every worker calls it)."""
+    reasons = (DROP_MALFORMED, DROP_TOO_LONG, DROP_NO_LABELS)
+    totals = reduce(torch.tensor([float(dropped[r]) for r in reasons], dtype=torch.float64)).tolist()
+    return {r: int(n) for r, n in zip(reasons, totals)}
+
+
 def _save_and_report(model, optimizer, scheduler, state: dict, metrics: dict, rank: int) -> None:
     import ray.train
 
@@ -121,21 +128,20 @@ def train_func_per_worker(config: dict) -> None:
     # 5. data: this worker's shard of the traces, streamed
     shard = ray.train.get_dataset_shard("train")  # [3]
     settings, reduce = loss_settings(cfg, pivots), _reduce_sum(world)
-    dropped = Counter(state["dropped"])
+    # Dropped rows are counted in epoch 0 only (later epochs see the same rows). A resume
+    # inside epoch 0 re-reads the epoch from its start and so recounts; after epoch 0 the
+    # checkpoint's global counts stand, held by rank 0 so that the final sum is right.
+    dropped = Counter(state["dropped"]) if state["epoch"] > 0 and rank == 0 else Counter()
     metrics: dict = {}
 
     # 6. train: epochs until the planned number of optimizer steps
     while state["step"] < total_steps:
-        # Dropped rows are counted in the first epoch only: later epochs see the same rows.
         counter = dropped if state["epoch"] == 0 else Counter()
         stream = windows(shard.iter_rows(), tok, pivots, max_length=tc.max_length, batch_size=tc.batch_size,
                          grad_accum=tc.grad_accum, dropped=counter, length_grouping=tc.length_grouping,
                          seed=tc.seed + state["epoch"])
         for _ in range(state["windows_done"]):  # data position: skip what the checkpoint already trained on
             next(stream, None)
-        if state["windows_done"]:  # the skipped rows were counted before the checkpoint
-            counter.clear()
-            counter.update(state["dropped"] if state["epoch"] == 0 else {})
         stepped = False
         while state["step"] < total_steps:
             window = next(stream, None)
@@ -151,7 +157,7 @@ def train_func_per_worker(config: dict) -> None:
             if rank == 0 and state["step"] % tc.log_every == 0:
                 tracking.log_metrics({**metrics, "epoch": state["epoch"]}, step=state["step"])
             if state["step"] % tc.checkpoint_every == 0 or state["step"] == total_steps:
-                state["dropped"] = dict(dropped)
+                state["dropped"] = _global_counts(dropped, reduce)
                 _save_and_report(model, optimizer, scheduler, state, metrics, rank)
         if state["step"] < total_steps:
             if not stepped and state["windows_done"] == 0:
@@ -172,11 +178,10 @@ def _finish(cfg: Config, model, optimizer, state: dict, rank: int, lineage: dict
     from r2d.train.register import export_and_register
 
     model_state, _ = checkpoint.gather(model, optimizer)  # collective under FSDP
-    reasons = (DROP_MALFORMED, DROP_TOO_LONG, DROP_NO_LABELS)
-    totals = reduce(torch.tensor([float(dropped[r]) for r in reasons], dtype=torch.float64)).tolist()
+    totals = _global_counts(dropped, reduce)  # collective
     if rank != 0:
         return
-    tracking.log_metrics({f"dropped_{r}": n for r, n in zip(reasons, totals)}, step=state["step"])
+    tracking.log_metrics({f"dropped_{r}": n for r, n in totals.items()}, step=state["step"])
     run = mlflow.get_run(state["mlflow_run_id"])
     # A resubmitted, already finished run must not register a second version.
     if cfg.train.register and REGISTERED_TAG not in run.data.tags:

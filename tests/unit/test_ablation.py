@@ -1,0 +1,39 @@
+"""Ablation aggregation: means, sds and the paired CPO effect, checked by hand."""
+
+import pytest
+
+from r2d.ablation import aggregate, markdown_table, mean_sd, paired_effect, verdict
+
+
+def test_mean_sd_by_hand():
+    """mean(0.2, 0.4, 0.6) = 0.4; sd = sqrt(((-.2)^2 + 0 + .2^2) / 2) = sqrt(0.04) = 0.2."""
+    mean, sd = mean_sd([0.2, 0.4, 0.6, None])
+    assert mean == pytest.approx(0.4) and sd == pytest.approx(0.2)
+    assert mean_sd([]) == (None, None)
+    assert mean_sd([0.5]) == (0.5, 0.0)
+
+
+def test_paired_effect_by_hand():
+    """Diffs 0.1, 0.2, 0.3 → mean 0.2, sd 0.1; half-width = t(2) 4.303 × 0.1 / sqrt(3) = 0.2484."""
+    sft = [{"discrimination": 0.1}, {"discrimination": 0.2}, {"discrimination": 0.3}]
+    cpo = [{"discrimination": 0.2}, {"discrimination": 0.4}, {"discrimination": 0.6}]
+    eff = paired_effect(sft, cpo, "discrimination")
+    assert eff["mean"] == pytest.approx(0.2)
+    assert eff["ci"][0] == pytest.approx(0.2 - 0.24844, abs=1e-4)
+    assert eff["ci"][1] == pytest.approx(0.2 + 0.24844, abs=1e-4)
+
+
+def test_aggregate_table_and_verdict():
+    runs = {
+        "base": [{"asr": 0.9, "over_refusal": 0.0, "discrimination": 0.05, "asr_by_attack": {"none": 0.9}}],
+        "SFT only": [{"asr": 0.3, "over_refusal": 0.5, "discrimination": 0.2, "asr_by_attack": {"none": 0.3}}] * 3,
+        "SFT + CPO": [{"asr": 0.1, "over_refusal": 0.2, "discrimination": 0.7, "asr_by_attack": {"none": 0.1}}] * 3,
+    }
+    table = aggregate(runs)
+    assert table["SFT + CPO"]["discrimination"] == (pytest.approx(0.7), 0.0)
+    assert table["base"]["asr_by_attack"]["none"] == (0.9, 0.0)
+    text = markdown_table(table)
+    assert "| SFT + CPO | 3 | 0.10 ± 0.00 |" in text
+    said = verdict(runs)
+    assert "discrimination: CPO − SFT = +0.500" in said and "CPO helps" in said
+    assert "asr: CPO − SFT = -0.200" in said
