@@ -297,9 +297,9 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 def _distill_overrides(tiny: Path, out: Path) -> list[str]:
     return [f"model.source={tiny}", f"distill.teacher.source={tiny}", f"distill.output_dir={out}",
-            "distill.max_prompts=48", "distill.chunk_size=8", "distill.max_regenerations=0",
+            "distill.max_prompts=32", "distill.chunk_size=8", "distill.max_regenerations=0",
             "distill.engine.batch_size=4", "distill.engine.concurrency=2", "distill.engine.num_cpus=1",
-            "distill.sampling.max_tokens=24", "resources.train_workers=2", "resources.cpus_per_worker=2"]
+            "distill.sampling.max_tokens=16", "resources.train_workers=2", "resources.cpus_per_worker=2"]
 
 
 def _engine_actors(address: str) -> list:
@@ -320,34 +320,39 @@ def test_distillation_survives_a_killed_engine_actor(cluster, tiny_dir):
 
     out = work / "traces"
     overrides = _distill_overrides(tiny_dir, out)
-    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", overrides)
-    expected = {p["prompt_id"] for p in select_balanced(training_prompts(cfg), cfg.distill.max_prompts)}
-    killed: dict = {}
-
-    def kill_one_actor() -> None:
-        # Mid-run: the first chunk is committed and the engine still has prompts to go.
-        if killed or not traces.data_dir(out).exists() or not list(traces.data_dir(out).glob("chunk-*")):
-            return
-        actors = _engine_actors(cl.address)
-        if not actors:
-            return
-        victim = actors[0]
-        written = len(traces.written_ids(out))
-        os.kill(victim.pid, signal.SIGKILL)
-        killed.update(pid=victim.pid, name=victim.repr_name, node=victim.node_id[:8], written=written)
-        cl.timeline.note(f"KILLED distill engine actor {victim.repr_name} pid {victim.pid} on node "
-                         f"{victim.node_id[:8]} with {written}/{len(expected)} prompt_ids committed")
-
     argv = ["jobs/distill.py", "--config", "jobs/configs/tiny.yaml", *overrides]
     cl.submit("distill-1", argv)
-    status = cl.wait_job("distill-1", 240, tick=kill_one_actor)
+    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", overrides)
+    expected = {p["prompt_id"] for p in select_balanced(training_prompts(cfg), cfg.distill.max_prompts)}
+    seen: dict[int, float] = {}  # engine actor pid -> when first seen alive
+    killed: dict = {}
+
+    def watch_and_kill() -> None:
+        now = time.monotonic()
+        for actor in _engine_actors(cl.address):
+            if actor.pid not in seen:
+                seen[actor.pid] = now
+                cl.timeline.note(f"engine actor alive: pid {actor.pid} on node {actor.node_id[:8]}"
+                                 + (" (a replacement)" if killed else ""))
+            # Mid-run: the actor has had 2 s to take its first batches, and prompts remain.
+            elif not killed and now - seen[actor.pid] >= 2:
+                written = len(traces.written_ids(out)) if out.exists() else 0
+                if written >= len(expected):
+                    return
+                os.kill(actor.pid, signal.SIGKILL)
+                killed.update(pid=actor.pid, written=written)
+                cl.timeline.note(f"KILLED engine actor {actor.repr_name} pid {actor.pid} on node "
+                                 f"{actor.node_id[:8]} (SIGKILL) with {written}/{len(expected)} prompt_ids committed")
+
+    status = cl.wait_job("distill-1", 420, tick=watch_and_kill)
     logs = cl.logs("distill-1")
     assert status == "SUCCEEDED", logs[-4000:]
     assert killed, f"the run ended before an engine actor could be killed:\n{logs[-2000:]}"
     rows = traces.read_table(out, ["prompt_id"]).column("prompt_id").to_pylist()
     drops = [d["prompt_id"] for d in traces.read_drops(out)]
-    cl.timeline.note(f"distill finished after the kill: {len(rows)} rows + {len(drops)} drops "
-                     f"for {len(expected)} prompts; errors.jsonl lines: {traces.read_manifest(out).get('errors')}")
+    cl.timeline.note(f"distill finished after the kill: {len(rows)} rows + {len(drops)} drops for "
+                     f"{len(expected)} prompts, {len(seen)} engine actors over the run, "
+                     f"errors.jsonl lines: {traces.read_manifest(out).get('errors')}")
     assert len(rows) == len(set(rows)), "duplicate prompt_ids in the traces"
     assert not set(rows) & set(drops), "a prompt both written and dropped"
     assert set(rows) | set(drops) == expected, f"lost: {sorted(expected - set(rows) - set(drops))[:5]}"

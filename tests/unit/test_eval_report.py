@@ -140,3 +140,15 @@ def test_general_ability_skips_with_a_reason_or_scores(tmp_path):
     assert got == {"status": "ok", "ability": 0.6, "tasks": {"arc_easy": {"metric": "acc_norm", "value": 0.6}}}
     got = general_ability(str(tmp_path), cfg, run=offline_lm_eval)
     assert got["status"] == "skipped" and "ConnectionError" in got["reason"]
+
+
+def test_all_or_nothing_rates_sit_inside_their_intervals_and_chart(tmp_path):
+    """k = 0 and k = n: Wilson's bounds are exactly 0 and 1 (float noise once put p outside them,
+    which made matplotlib reject the error bars)."""
+    from r2d.eval.metrics import wilson_interval
+
+    for n in (6, 11, 21, 44):
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+    results = {"all-comply": _entry(_records(0, 6, 0, 11)), "all-refuse": _entry(_records(21, 21, 11, 11))}
+    paths = write_report(results, tmp_path, META)
+    assert paths["asr_by_attack"].is_file() and paths["safety"].is_file()

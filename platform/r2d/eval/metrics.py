@@ -64,8 +64,11 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> Interval:
     denom = 1 + z2 / n
     centre = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    # Clamp only float noise: the exact interval is always inside [0, 1].
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # Clamp only float noise: the exact interval is always inside [0, 1], and at k = 0 (k = n)
+    # its lower (upper) end is exactly 0 (1); float error would otherwise leave p outside it.
+    lo = 0.0 if k == 0 else max(0.0, centre - half)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return (lo, hi)
 
 
 def discrimination(

@@ -76,8 +76,9 @@ def side_by_side(results: dict[str, dict[str, Any]]) -> str:
 
 def _errors(values: list[float | None], cis: list) -> list[list[float]]:
     """Matplotlib yerr rows (below, above) from intervals; a missing value gets no bar."""
-    lo = [(v - c[0]) if v is not None and c else 0.0 for v, c in zip(values, cis)]
-    hi = [(c[1] - v) if v is not None and c else 0.0 for v, c in zip(values, cis)]
+    # max(0, ·): float noise can put a rate of exactly 0 or 1 a hair outside its own interval.
+    lo = [max(0.0, v - c[0]) if v is not None and c else 0.0 for v, c in zip(values, cis)]
+    hi = [max(0.0, c[1] - v) if v is not None and c else 0.0 for v, c in zip(values, cis)]
     return [lo, hi]
 
 
@@ -231,10 +232,7 @@ def write_report(results: dict[str, dict[str, Any]], out_dir: str | Path, meta: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    for key, plot in (("asr_by_attack", plot_asr_by_attack), ("safety", plot_safety)):
-        written = plot(results, out / f"{key}.png")
-        if written:
-            paths[key] = written
+    # Numbers and records first: they are what an expensive run must never lose.
     paths["json"] = out / "results.json"
     paths["json"].write_text(json.dumps(output_json(results), indent=2) + "\n")
     for name, entry in results.items():
@@ -242,6 +240,10 @@ def write_report(results: dict[str, dict[str, Any]], out_dir: str | Path, meta: 
         path.parent.mkdir(exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in entry.get("records", [])))
         paths[f"records:{name}"] = path
+    for key, plot in (("asr_by_attack", plot_asr_by_attack), ("safety", plot_safety)):
+        written = plot(results, out / f"{key}.png")
+        if written:
+            paths[key] = written
     charts = {k: p.name for k, p in paths.items() if p.suffix == ".png"}
     paths["report"] = out / "report.md"
     paths["report"].write_text(render_markdown(results, meta, charts))
