@@ -77,8 +77,10 @@ def test_killed_job_resumes_without_losing_or_duplicating(state_dir, tiny_model_
     deadline = time.time() + 240
     while not list((out / "data").glob("chunk-*")) and job.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    ended = job.poll() is not None
     os.killpg(job.pid, signal.SIGKILL)
-    job.wait(timeout=30)
+    log, _ = job.communicate(timeout=30)
+    assert not ended or job.returncode == 0, f"the first run failed:\n{log[-3000:]}"
     first = traces.read_table(out, ["prompt_id"]).column("prompt_id").to_pylist()
     assert 1 <= len(first) < len(expected), "the kill came too late to test a resume"
 

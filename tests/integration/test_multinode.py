@@ -233,6 +233,7 @@ class LoopbackCluster:
                 tick()
             time.sleep(0.5)
         client.stop_job(job_id)
+        (self.timeline.path.parent / f"{job_id}.log").write_text(client.get_job_logs(job_id))
         raise TimeoutError(f"{job_id} still running after {timeout:.0f}s:\n{self.logs(job_id)[-3000:]}")
 
     def logs(self, job_id: str) -> str:
@@ -344,7 +345,7 @@ def test_distillation_survives_a_killed_engine_actor(cluster, tiny_dir):
                 cl.timeline.note(f"KILLED engine actor {actor.repr_name} pid {actor.pid} on node "
                                  f"{actor.node_id[:8]} (SIGKILL) with {written}/{len(expected)} prompt_ids committed")
 
-    status = cl.wait_job("distill-1", 420, tick=watch_and_kill)
+    status = cl.wait_job("distill-1", 600, tick=watch_and_kill)
     logs = cl.logs("distill-1")
     assert status == "SUCCEEDED", logs[-4000:]
     assert killed, f"the run ended before an engine actor could be killed:\n{logs[-2000:]}"
@@ -374,7 +375,7 @@ def test_training_survives_a_killed_worker_node(cluster, tiny_dir):
     traces_dir = work / "traces"
     if not (traces_dir / "data").exists():
         pytest.skip("needs the traces written by the distillation test")
-    planned, every = 24, 4
+    planned, every = 12, 3
     storage = work / "checkpoints"
     run_name = "mn-train"
     overrides = [*_distill_overrides(tiny_dir, traces_dir), f"train.traces={traces_dir}",
@@ -397,7 +398,7 @@ def test_training_survives_a_killed_worker_node(cluster, tiny_dir):
 
     argv = ["jobs/train_cpo.py", "--config", "jobs/configs/tiny.yaml", *overrides]
     cl.submit("train-1", argv)
-    status = cl.wait_job("train-1", 300, tick=kill_worker_node)
+    status = cl.wait_job("train-1", 900, tick=kill_worker_node)
     logs = cl.logs("train-1")
     assert killed, f"training ended before the first checkpoint could be observed:\n{logs[-2000:]}"
     assert status == "SUCCEEDED", logs[-4000:]

@@ -40,12 +40,23 @@ def _wait_for_dashboard(address: str, head: subprocess.Popen, log_path: Path, ti
         if head.poll() is not None:
             raise RuntimeError(f"ray start exited with {head.returncode}: {log_path.read_text()[-2000:]}")
         try:
-            if httpx.get(f"{address}/api/version", timeout=2).status_code == 200:
+            # /api/jobs/ answers only once the job manager is up, later than /api/version
+            if httpx.get(f"{address}/api/jobs/", timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(2)
     raise TimeoutError(f"no Ray dashboard at {address} after {timeout} s")
+
+
+def _submit(argv: list[str], env: dict, tries: int = 3) -> subprocess.CompletedProcess:
+    # A freshly started head can drop the first upload while its agents come up: retry.
+    for attempt in range(tries):
+        proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0 or "ConnectionError" not in proc.stderr or attempt == tries - 1:
+            return proc
+        time.sleep(15)
+    return proc
 
 
 def test_ray_job_submit_trains_on_a_ray_start_cluster(state_dir, tiny_model_dir, tmp_path):
@@ -55,6 +66,7 @@ def test_ray_job_submit_trains_on_a_ray_start_cluster(state_dir, tiny_model_dir,
     bin_dir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "disabled"  # a throwaway loopback cluster; token auth would 401 the probes
     temp_dir = tempfile.mkdtemp(prefix="r2dray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dash = _free_port(), _free_port()
     log = open(tmp_path / "ray-start.log", "w")
@@ -69,14 +81,14 @@ def test_ray_job_submit_trains_on_a_ray_start_cluster(state_dir, tiny_model_dir,
                        "env_vars": {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
                                     "R2D_WORKDIR": str(tmp_path), "HF_HUB_OFFLINE": "1",
                                     "MLFLOW_DISABLE_TELEMETRY": "true"}}
-        submit = subprocess.run(
+        submit = _submit(
             [str(bin_dir / "ray"), "job", "submit", "--address", address, "--no-wait", "--working-dir", ".",
              "--runtime-env-json", json.dumps(runtime_env), "--",
              "python", "jobs/train_cpo.py", "--config", "jobs/configs/tiny.yaml",
              f"model.source={tiny_model_dir}", f"train.traces={traces}", "train.max_steps=2",
              "train.batch_size=4", "train.checkpoint_every=1", "train.register=false",
              f"train.storage_path={tmp_path / 'ckpt'}", "train.run_name=submitted"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+            env)
         assert submit.returncode == 0, submit.stderr[-2000:]
         job_id = next(w.strip("'") for line in submit.stdout.splitlines() for w in line.split()
                       if w.strip("'").startswith("raysubmit_"))

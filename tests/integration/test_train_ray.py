@@ -86,7 +86,7 @@ def test_killed_worker_resumes_and_the_registered_model_reloads_by_alias(ray_ses
 
     # 3. the version under alias challenger carries the lineage
     version = client.get_model_version_by_alias(name, "challenger")
-    assert version.version == outcome.model_version
+    assert str(version.version) == outcome.model_version
     assert version.tags[tags.TRACES_DIGEST] == manifest["digest"]
     assert version.tags[tags.TRAIN_RUN_ID] == outcome.mlflow_run_id
     assert json.loads(version.tags[tags.PIVOT_IDS])["[UNSAFE]"] > 0
@@ -103,5 +103,5 @@ def test_killed_worker_resumes_and_the_registered_model_reloads_by_alias(ray_ses
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["tokens"] == expected
-    assert got["vocab"] % 64 == 0 and got["vocab"] >= len(tok)
+    assert got["vocab"] == model.get_input_embeddings().weight.shape[0] >= len(tok)  # resized vocabulary kept
     assert not list(Path(got["folder"]).glob("adapter_*"))  # merged weights, no adapter
