@@ -57,6 +57,9 @@ def init_ray(num_cpus: int = 0, extra_env: dict[str, str] | None = None):
     env = {**worker_env(), **(extra_env or {})}
     runtime_env: dict = {"env_vars": env}
     if os.environ.get("RAY_ADDRESS"):
+        # Under `ray job submit` the job's own env_vars are already in this process's environment and
+        # reach the workers; repeating a key makes Ray refuse to merge the two runtime envs.
+        runtime_env["env_vars"] = {k: v for k, v in env.items() if k not in os.environ}
         runtime_env["py_modules"] = [str(package_dir())]
         ray.init(runtime_env=runtime_env, log_to_driver=True)
     else:

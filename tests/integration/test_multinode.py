@@ -354,6 +354,8 @@ def test_distillation_survives_a_killed_engine_actor(cluster, tiny_dir):
     cl.timeline.note(f"distill finished after the kill: {len(rows)} rows + {len(drops)} drops for "
                      f"{len(expected)} prompts, {len(seen)} engine actors over the run, "
                      f"errors.jsonl lines: {traces.read_manifest(out).get('errors')}")
+    for line in _story(logs, ("will be retried", "Actor died", "restarted")):
+        cl.timeline.note(f"  driver log: {line}")
     assert len(rows) == len(set(rows)), "duplicate prompt_ids in the traces"
     assert not set(rows) & set(drops), "a prompt both written and dropped"
     assert set(rows) | set(drops) == expected, f"lost: {sorted(expected - set(rows) - set(drops))[:5]}"
@@ -406,10 +408,26 @@ def test_training_survives_a_killed_worker_node(cluster, tiny_dir):
     resumed = _resumed_from(work, report["mlflow_run_id"])
     cl.timeline.note(f"train finished: {report['steps']}/{report['planned_steps']} steps, resumed from "
                      f"checkpoint step {resumed}, model version {report['model_version']}")
+    story = _story(logs, ("[FailurePolicy]", "health check failed", "training worker group"))
+    for line in story:
+        cl.timeline.note(f"  driver log: {line}")
+    assert any("[FailurePolicy] RETRY" in line for line in story), "Ray Train did not retry the worker group"
     assert report["steps"] == report["planned_steps"] == planned
     assert resumed is not None, "the run restarted from scratch instead of the last checkpoint"
     assert killed["at_step"] <= resumed < planned
     assert _checkpoint_steps(storage / run_name)[-1] == planned
+
+
+def _story(logs: str, markers: tuple[str, ...], limit: int = 8) -> list[str]:
+    """The driver-log lines that say how the run reacted to the failure, in order (repeats folded)."""
+    import re
+
+    out: list[str] = []
+    for line in logs.splitlines():
+        text = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()[:160]
+        if any(m in text for m in markers) and (not out or out[-1] != text):
+            out.append(text)
+    return out[:limit]
 
 
 def _last_json(logs: str) -> dict:

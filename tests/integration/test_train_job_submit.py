@@ -69,10 +69,14 @@ def test_ray_job_submit_trains_on_a_ray_start_cluster(state_dir, tiny_model_dir,
     env["RAY_AUTH_MODE"] = "disabled"  # a throwaway loopback cluster; token auth would 401 the probes
     temp_dir = tempfile.mkdtemp(prefix="r2dray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dash = _free_port(), _free_port()
+    # Every fixed default port (agent 52365, client 10001, ...) may belong to another Ray here.
+    ports = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "metrics-export-port", "runtime-env-agent-port",
+                                                     "ray-client-server-port")]
     log = open(tmp_path / "ray-start.log", "w")
     head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
                              f"--temp-dir={temp_dir}", "--include-dashboard=true",
-                             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1"],
+                             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", *ports],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
