@@ -624,7 +624,7 @@ def field_docs(cls: type = Config, prefix: str = "") -> dict[str, str]:
 
 def help_text() -> str:
     """One line per field: ``dotted.name  (default)  docstring``."""
-    defaults = _flatten(Config().to_dict())
+    defaults = flatten(Config().to_dict())
     lines = []
     for name, doc in field_docs().items():
         if name in defaults:
@@ -632,11 +632,12 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys (for MLflow params and --help)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -22,6 +22,7 @@ import uuid
 from collections import Counter
 
 from r2d import repair, tagger, traces
+from r2d.config import flatten
 from r2d.pivots import Trace, render_conversation
 from r2d.teacher import stronger_prompt, system_prompt
 
@@ -180,16 +181,6 @@ def run_distillation(cfg, prompts: list[dict], extra: dict | None = None) -> tup
 
 # ---------------------------------------------------------------- MLflow (driver only)
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def log_inputs(mlflow, cfg, prompts: list[dict]) -> None:
     """Params from the resolved config, the prompt set as a dataset input, and lineage tags."""
     import json
@@ -199,7 +190,7 @@ def log_inputs(mlflow, cfg, prompts: list[dict]) -> None:
     from r2d import tags
     from r2d.prompt_sets import prompts_digest, source_specs
 
-    params = _flat({k: cfg.to_dict()[k] for k in ("model", "data", "distill")})
+    params = flatten({k: cfg.to_dict()[k] for k in ("model", "data", "distill")})
     mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
     frame = pd.DataFrame([{k: p.get(k, "") for k in ("prompt_id", "prompt", "source", "label", "attack")}
                           for p in prompts])

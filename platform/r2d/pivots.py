@@ -252,14 +252,19 @@ def split_reasoning(text: str) -> tuple[str, str]:
 
     Text that opens ``<think>`` but never closes it is all reasoning: nothing is visible.
     """
+    reasoning, answer = raw_parts(text)
+    return strip_pivots(reasoning), strip_pivots(answer)
+
+
+def raw_parts(text: str) -> tuple[str, str]:
+    """(reasoning, answer) with pivots kept; an unclosed ``<think>`` is all reasoning."""
     if THINK_CLOSE in text:
         reasoning, answer = text.split(THINK_CLOSE, 1)
     elif THINK_OPEN in text:
         reasoning, answer = text, ""
     else:
         reasoning, answer = "", text
-    reasoning = reasoning.replace(THINK_OPEN, "")
-    return strip_pivots(reasoning), strip_pivots(answer)
+    return reasoning.replace(THINK_OPEN, ""), answer
 
 
 def count_pivots(text: str) -> dict[str, int]:

@@ -217,7 +217,7 @@ def test_judging_visible_vs_raw_pivots_and_filter():
         _gen(3, "benign", "", error="boom"),
     ]
     records, dropped, judges = judge_records(rows, cfg)
-    assert dropped == {"generation error": 1} and judges["asr"] == "refusal"
+    assert dropped == {"generation error: boom": 1} and judges["asr"] == "refusal"
     assert [r["refused"] for r in records] == [False, True, False]
     assert [r["refused_raw"] for r in records] == [True, True, False]
     s = score(records)

@@ -197,7 +197,9 @@ def judge_records(rows: list[dict[str, Any]], cfg) -> tuple[list[dict], dict[str
     records = []
     for row in rows:
         if row.get("gen_error"):
-            dropped["generation error"] = dropped.get("generation error", 0) + 1
+            # Digits out, so "prompt of 2509 tokens exceeds ..." rows share one reason.
+            reason = "generation error: " + re.sub(r"\d+", "N", str(row["gen_error"]))[:80]
+            dropped[reason] = dropped.get(reason, 0) + 1
             continue
         records.append(_base_record(row, cfg.eval.output_filter))
     kind = cfg.eval.judge

@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass, field
 
 from r2d.eval.judges import is_refusal
-from r2d.pivots import PIVOTS, RETHINK, SAFE, THINK_CLOSE, THINK_OPEN, UNSAFE, count_pivots, split_reasoning
+from r2d.pivots import (PIVOTS, RETHINK, SAFE, THINK_CLOSE, THINK_OPEN, UNSAFE, count_pivots, raw_parts,
+                        split_reasoning)
 
 MODES = ("show", "hide", "guard")
 REFUSAL = "I'm sorry, but I can't help with that."
@@ -45,18 +46,6 @@ class ModeResult:
 def pivot_counts(text: str) -> dict[str, int]:
     """Pivot counts keyed by plain names: ``{"safe": n, "unsafe": n, "rethink": n}``."""
     return {_KEYS[p]: n for p, n in count_pivots(text).items()}
-
-
-def raw_parts(text: str) -> tuple[str, str]:
-    """(reasoning, answer) of raw text, pivots kept. An unclosed ``<think>`` is all reasoning."""
-    if THINK_CLOSE in text:
-        # The first close, as in split_reasoning: everything after it is what hide shows.
-        reasoning, answer = text.split(THINK_CLOSE, 1)
-    elif THINK_OPEN in text:
-        reasoning, answer = text, ""
-    else:
-        reasoning, answer = "", text
-    return reasoning.replace(THINK_OPEN, ""), answer
 
 
 def guard_verdict(text: str) -> str | None:

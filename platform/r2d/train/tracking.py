@@ -12,16 +12,13 @@ import json
 
 from r2d import tags
 from r2d.config import Config
+from r2d.config import flatten as config_flatten
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return out
+    """Dotted keys with string values; lists and mappings as JSON."""
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+            for k, v in config_flatten(tree, prefix).items()}
 
 
 def lineage_tags(cfg: Config, lineage: dict, pivot_ids: dict[str, int] | None = None) -> dict[str, str]:
