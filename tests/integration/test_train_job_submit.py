@@ -90,7 +90,7 @@ def test_ray_job_submit_trains_on_a_ray_start_cluster(state_dir, tiny_model_dir,
              "--runtime-env-json", json.dumps(runtime_env), "--",
              "python", "jobs/train_cpo.py", "--config", "jobs/configs/tiny.yaml",
              f"model.source={tiny_model_dir}", f"train.traces={traces}", "train.max_steps=2",
-             "train.batch_size=4", "train.checkpoint_every=1", "train.register=false",
+             "train.batch_size=4", "train.grad_accum=1", "train.checkpoint_every=1", "train.register=false",
              f"train.storage_path={tmp_path / 'ckpt'}", "train.run_name=submitted"],
             env)
         assert submit.returncode == 0, submit.stderr[-2000:]

@@ -58,7 +58,7 @@ def test_killed_worker_resumes_and_the_registered_model_reloads_by_alias(ray_ses
     name = f"r2d-test-{uuid.uuid4().hex[:6]}"
     cfg = load_config(ROOT / "jobs/configs/tiny.yaml", [
         f"model.source={tiny_model_dir}", f"train.traces={traces}", "train.max_steps=5",
-        "train.checkpoint_every=2", "train.batch_size=4", f"train.storage_path={tmp_path / 'ckpt'}",
+        "train.checkpoint_every=2", "train.batch_size=4", "train.grad_accum=1", f"train.storage_path={tmp_path / 'ckpt'}",
         f"train.run_name={name}", "train.max_failures=1", "resources.train_workers=2",
         "resources.cpus_per_worker=0.5", f"tracking.registered_model={name}"])
     marker = tmp_path / "killed"
