@@ -139,7 +139,13 @@ def _outcome(cfg: Config, result, total: int) -> TrainOutcome:
     from r2d.runtime import init_mlflow
     from r2d.train.loop import REGISTERED_TAG
 
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {cfg.train.run_name!r} reported no checkpoint: {result.error}")
     with result.checkpoint.as_directory() as folder:
+        if not Path(folder, "state.json").exists():
+            # Ray Train's in-process mode (train_workers=0) does not persist reported checkpoints.
+            raise RuntimeError(f"checkpoint {result.checkpoint.path} has no state.json; "
+                               "use resources.train_workers >= 1 to persist checkpoints")
         state = json.loads(Path(folder, "state.json").read_text())
     init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
     tags = mlflow.get_run(state["mlflow_run_id"]).data.tags
