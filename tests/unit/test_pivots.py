@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from r2d.pivots import (PIVOTS, RETHINK, SAFE, THINK_CLOSE, THINK_OPEN, UNSAFE, PivotVocabularyError, Trace,
@@ -36,24 +36,23 @@ def _roundtrip(tokenizer, trace):
     return parse_trace(completion)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(trace=_TRACES)
-def test_roundtrip_smollm2(smol_tokenizer, trace):
-    parsed = _roundtrip(smol_tokenizer, trace)
-    assert parsed.ok, parsed.errors
-    assert parsed.trace == trace
+@pytest.mark.parametrize("tokenizer_fixture", ["smol_tokenizer", "think_tokenizer_with_think"])
+def test_roundtrip(request, tokenizer_fixture):
+    """render → tokenize → decode → parse gives the trace back, with and without a native <think>."""
+    tokenizer = request.getfixturevalue(tokenizer_fixture)
 
+    @settings(max_examples=45, deadline=None)
+    @given(trace=_TRACES)
+    def check(trace):
+        parsed = _roundtrip(tokenizer, trace)
+        assert parsed.ok, parsed.errors
+        assert parsed.trace == trace
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(trace=_TRACES)
-def test_roundtrip_tokenizer_with_think(think_tokenizer_with_think, trace):
-    parsed = _roundtrip(think_tokenizer_with_think, trace)
-    assert parsed.ok, parsed.errors
-    assert parsed.trace == trace
+    check()
 
 
 @pytest.fixture(scope="module")
-def think_tokenizer_with_think(tiny_model_dir, tmp_path_factory):
+def think_tokenizer_with_think(tiny_model_dir):
     """Start from the base SmolLM2 tokenizer, give it <think> first (as Qwen/R1 tokenizers have), then pivots."""
     from transformers import AutoTokenizer
 
