@@ -95,13 +95,23 @@ def _drop(row: dict, reason: str, detail: str = "") -> dict:
 
 
 def _chunks(ds, size: int):
-    """Rows of a streaming dataset, ``size`` at a time (the engine actors stay up throughout)."""
+    """Rows of a streaming dataset, ``size`` at a time, as soon as their blocks are done.
+
+    ``iter_rows`` is not used: its prefetch window holds each block back until the next ones
+    exist, so with a few slow engine blocks in flight nothing would be committed until the
+    end. Reading the output blocks as they arrive keeps the crash window at one chunk.
+    """
+    import ray
+    from ray.data.block import BlockAccessor
+
     chunk: list[dict] = []
-    for row in ds.iter_rows():
-        chunk.append(dict(row))
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
+    for bundle in ds.iter_internal_ref_bundles():
+        for entry in bundle.blocks:
+            for row in BlockAccessor.for_block(ray.get(entry.ref)).iter_rows(public_row_format=True):
+                chunk.append(dict(row))
+                if len(chunk) == size:
+                    yield chunk
+                    chunk = []
     if chunk:
         yield chunk
 

@@ -85,8 +85,10 @@ def write_chunk(rows: list[dict], drops: list[dict], out: str | Path, chunk: str
     if rows:
         tmp = out / "_tmp" / f"chunk-{chunk}"
         shutil.rmtree(tmp, ignore_errors=True)
-        # One table is one block, so one file; no CPU asked, so it never waits behind engine actors.
-        ray.data.from_arrow(to_table(rows)).write_parquet(str(tmp), ray_remote_args={"num_cpus": 0})
+        # One table is one block, so one file. Nothing here may ask for a CPU, or the commit
+        # waits behind the engine actors that hold them all: from_blocks computes the block
+        # metadata locally (from_arrow runs a 1-CPU task for it), and the write asks for none.
+        ray.data.from_blocks([to_table(rows)]).write_parquet(str(tmp), ray_remote_args={"num_cpus": 0})
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
     if drops:
