@@ -46,7 +46,7 @@ def test_evaluate_tiny_models_end_to_end(ray_session, tiny_model_dir, state_dir,
     suite.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     version = _register(tiny_model_dir, "r2d-evaltest")
     cfg = load_config("jobs/configs/tiny.yaml", [
-        f"model.source={tiny_model_dir}", "eval.sampling.max_tokens=8", "eval.engine.concurrency=1",
+        f"model.source={tiny_model_dir}", "eval.sampling.max_tokens=8", "eval.engine.kind=transformers", "eval.engine.concurrency=1",
         f"distill.output_dir={tmp_path / 'no-traces-here'}", "tracking.experiment=r2d-test-eval"])
     uri = "models:/r2d-evaltest@challenger"
     # The registered version and R2D-p (the tiny folder as base, plus the safety system prompt):

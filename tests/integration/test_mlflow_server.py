@@ -232,12 +232,12 @@ def test_tiny_distill_train_evaluate_promote_against_the_server(server, tiny_mod
     common = ["--config", "jobs/configs/tiny.yaml", f"model.source={tiny}", f"distill.teacher.source={tiny}",
               f"data.sources=[{{name: file, path: {harmful}, label: harmful}}, {{name: benign, limit: 8}}]",
               "data.eval_fraction=0.25", f"distill.output_dir={tmp_path / 'traces'}",
-              "distill.sampling.max_tokens=24", "distill.engine.concurrency=1", "distill.engine.batch_size=8",
+              "distill.sampling.max_tokens=24", "distill.engine.kind=transformers", "distill.engine.concurrency=1", "distill.engine.batch_size=8",
               "train.max_steps=2", "train.batch_size=2", "train.max_length=128", "train.checkpoint_every=2",
               f"train.storage_path={tmp_path / 'ckpt'}", "train.run_name=e2e", "resources.train_workers=1",
               "resources.cpus_per_worker=0.5",
               "eval.suites=[harmful, over_refusal]", "eval.max_per_suite=4", "eval.sampling.max_tokens=16",
-              "eval.engine.concurrency=1", f"eval.output_dir={tmp_path / 'eval'}", "resources.num_cpus=2",
+              "eval.engine.kind=transformers", "eval.engine.concurrency=1", f"eval.output_dir={tmp_path / 'eval'}", "resources.num_cpus=2",
               "tracking.registered_model=r2d-e2e",
               # A random tiny model cannot discriminate: loosen the absolute gates, this checks the plumbing.
               "gates.min_discrimination=-1", "gates.max_over_refusal=1"]

@@ -299,7 +299,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 def _distill_overrides(tiny: Path, out: Path) -> list[str]:
     return [f"model.source={tiny}", f"distill.teacher.source={tiny}", f"distill.output_dir={out}",
             "distill.max_prompts=32", "distill.chunk_size=8", "distill.max_regenerations=0",
-            "distill.engine.batch_size=4", "distill.engine.concurrency=2", "distill.engine.num_cpus=1",
+            "distill.engine.kind=transformers", "distill.engine.batch_size=4", "distill.engine.concurrency=2", "distill.engine.num_cpus=1",
             "distill.sampling.max_tokens=16", "resources.train_workers=2", "resources.cpus_per_worker=2"]
 
 
