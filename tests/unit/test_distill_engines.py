@@ -153,3 +153,21 @@ def test_parse_completion_rejects_a_reply_without_choices():
     assert parse_completion({"choices": [{"message": {"content": "hi"}}]}) == ("hi", 0)
     with pytest.raises(EndpointError, match="choices"):
         parse_completion({"error": "x"})
+
+
+def test_vllm_refuses_a_penalty_on_a_model_with_pivots(tmp_path):
+    from r2d.engines.vllm_engine import check_penalty
+    from transformers import AutoTokenizer
+
+    from r2d.models import resolve_source
+    from r2d.pivots import PIVOTS, add_pivot_tokens
+
+    tok = AutoTokenizer.from_pretrained(resolve_source("bundled:smollm2-135m"))
+    assert not any(p in tok.get_vocab() for p in PIVOTS)
+    tok.save_pretrained(tmp_path / "base")
+    check_penalty(str(tmp_path / "base"), SamplingConfig(repetition_penalty=1.2))  # no pivots: fine
+    add_pivot_tokens(tok)
+    tok.save_pretrained(tmp_path / "trained")
+    check_penalty(str(tmp_path / "trained"), SamplingConfig(repetition_penalty=1.0))
+    with pytest.raises(ValueError, match=r"sampling.repetition_penalty: got 1.2 .*use 1.0"):
+        check_penalty(str(tmp_path / "trained"), SamplingConfig(repetition_penalty=1.2))

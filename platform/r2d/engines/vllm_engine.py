@@ -129,6 +129,27 @@ def _internal(key: str) -> bool:
         "params", "request_id", "batch_uuid"}
 
 
+def check_penalty(local_model: str, sampling) -> None:
+    """Refuse a repetition penalty on a model that writes pivots.
+
+    Pivots recur after every step, so a penalty on them breaks the trained format. The
+    transformers engine exempts the pivot ids; vLLM's sampler has no per-token exemption.
+    """
+    if sampling.repetition_penalty == 1.0:
+        return
+    from transformers import AutoTokenizer
+
+    from r2d.pivots import PIVOTS
+
+    # The folder's own tokenizer: vLLM serves the weights as saved (load_tokenizer adds pivots to any model).
+    vocab = AutoTokenizer.from_pretrained(local_model).get_vocab()
+    if any(p in vocab for p in PIVOTS):
+        raise ValueError(
+            f"sampling.repetition_penalty: got {sampling.repetition_penalty} for a model with pivot tokens "
+            f"({local_model}); the vllm engine cannot exempt pivots from the penalty, which breaks the "
+            "trained format: use 1.0, or the transformers engine (it exempts them)")
+
+
 def generate_vllm(ds, model, engine, sampling, system_prompt=None, prompt_column="prompt"):
     """Add the output columns with vLLM through ``ray.data.llm.build_processor``."""
     import ray
@@ -137,6 +158,7 @@ def generate_vllm(ds, model, engine, sampling, system_prompt=None, prompt_column
     from r2d.models import resolve_source
 
     local = resolve_source(model.source, model.cache_dir, model.offline)
+    check_penalty(local, sampling)
     params = sampling_dict(sampling)
     # Keep pivots and think tags even where a tokenizer registered them as special tokens.
     params["skip_special_tokens"] = False

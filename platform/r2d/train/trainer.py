@@ -55,11 +55,40 @@ def read_manifest(uri: str) -> dict:
         return json.loads(f.read().decode())
 
 
+def parquet_files(uri: str) -> tuple[list[str], object]:
+    """The traces' Parquet files under ``uri`` (local or any pyarrow filesystem URI) and that filesystem.
+
+    Only ``*.parquet`` files count: the manifest, ``drops/*.jsonl``, ``errors.jsonl`` and
+    unfinished chunks under ``_tmp/`` (any folder starting with ``_`` or ``.``) are skipped.
+
+    Raises:
+        FileNotFoundError: ``uri`` does not exist or holds no Parquet file.
+    """
+    import os
+
+    import pyarrow.fs as pafs
+
+    if "://" in uri:
+        fs, root = pafs.FileSystem.from_uri(uri)
+    else:
+        fs, root = pafs.LocalFileSystem(), os.path.abspath(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except (FileNotFoundError, OSError) as err:
+        raise FileNotFoundError(f"train.traces {uri!r}: cannot read Parquet traces: {err}") from err
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                   and not any(part[:1] in "._" for part in i.path[len(root):].split("/") if part))
+    if not files:
+        raise FileNotFoundError(f"train.traces {uri!r}: no Parquet files (run jobs/distill.py first)")
+    return files, fs
+
+
 def read_traces(uri: str):
-    """The traces as a lazy Ray Dataset (manifest.json and other non-Parquet files are ignored)."""
+    """The traces as a lazy Ray Dataset over :func:`parquet_files` only."""
     import ray.data
 
-    return ray.data.read_parquet(uri, file_extensions=["parquet"])
+    files, fs = parquet_files(uri)
+    return ray.data.read_parquet(files, filesystem=fs)
 
 
 def count_rows(uri: str) -> int:
@@ -70,15 +99,8 @@ def count_rows(uri: str) -> int:
     """
     import pyarrow.dataset as pads
 
-    try:
-        dataset = pads.dataset(uri, format="parquet", exclude_invalid_files=False,
-                               ignore_prefixes=[".", "_", "manifest"])
-        n = dataset.count_rows()
-    except (FileNotFoundError, OSError) as err:
-        raise FileNotFoundError(f"train.traces {uri!r}: cannot read Parquet traces: {err}") from err
-    if not dataset.files:
-        raise FileNotFoundError(f"train.traces {uri!r}: no Parquet files (run jobs/distill.py first)")
-    return n
+    files, fs = parquet_files(uri)
+    return pads.dataset(files, format="parquet", filesystem=fs).count_rows()
 
 
 def planned_steps(cfg: Config, n_rows: int) -> int:
