@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
 from r2d.data.prompts import LoadReport, load_source, mix, split
+
+log = logging.getLogger(__name__)
 
 
 def source_specs(cfg) -> list[dict]:
@@ -51,11 +54,30 @@ def all_prompts(cfg, reports: list | None = None) -> list[dict]:
 
 
 def split_prompts(cfg, reports: list | None = None) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) prompt rows; the train side capped at ``data.max_prompts``."""
+    """(train, held-out) prompt rows; the train side capped at ``data.max_prompts``.
+
+    A held-out prompt that duplicates or nearly duplicates any training-side prompt (the
+    contamination check's own measure and ``eval.contamination_threshold``) is left out of
+    the held-out side, so that evaluation measures generalisation, not recall, and the
+    check at evaluation time only ever fires on a real leak.
+    """
     train, heldout = split(all_prompts(cfg, reports), cfg.data.eval_fraction, seed=cfg.data.seed)
+    heldout = without_near_duplicates(heldout, train, cfg.eval.contamination_threshold)
     if cfg.data.max_prompts:
         train = train[: cfg.data.max_prompts]
     return train, heldout
+
+
+def without_near_duplicates(heldout: list[dict], train: list[dict], threshold: float) -> list[dict]:
+    """``heldout`` less the rows whose prompt duplicates or nearly duplicates a ``train`` prompt."""
+    from r2d.eval.contamination import check_contamination
+
+    report = check_contamination([r["prompt"] for r in heldout], [r["prompt"] for r in train], threshold)
+    leaked = set(report["exact"]["indices"]) | set(report["near"]["indices"])
+    if leaked:
+        log.info("held-out side: %d of %d prompts left out as near duplicates of training prompts",
+                 len(leaked), len(heldout))
+    return [r for i, r in enumerate(heldout) if i not in leaked]
 
 
 def training_prompts(cfg, reports: list | None = None) -> list[dict]:
