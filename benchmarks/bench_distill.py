@@ -41,6 +41,10 @@ def tiny_config(overrides: list[str] | None = None):
     return load_config(str(Path(__file__).resolve().parent.parent / "jobs/configs/tiny.yaml"), overrides or [])
 
 
+TRANSFORMERS = ["distill.engine={kind: transformers, batch_size: 16, concurrency: 2, num_cpus: 1}"]
+"""The transformers actor pool measured here (tiny.yaml's own engine is vLLM, the faster one)."""
+
+
 def bench_prompts(n: int) -> list[dict]:
     """``n`` distillation prompts (half harmful, half benign) from the tiny config's training split."""
     from r2d.prompt_sets import select_balanced, training_prompts
@@ -177,7 +181,7 @@ def run_transformers(size: dict, log=print) -> list[Row]:
     """Our transformers pipeline against the plain loop at batch 1 and at its best batch."""
     from r2d.models import resolve_source
 
-    cfg = tiny_config()
+    cfg = tiny_config(TRANSFORMERS)
     prompts = bench_prompts(size["prompts"])
     loop = PlainLoop(resolve_source(cfg.distill.teacher.source), threads=os.cpu_count() or 1)
     base = _loop_figures(loop, prompts, size)
@@ -261,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child_vllm_pipeline(args.n, args.max_tokens, args.batch)), flush=True)
     elif args.child == "ours-transformers":  # for profiling: the pipeline alone
         start_ray(num_cpus=3)
-        result = pipeline_run(bench_prompts(args.n), tiny_config().distill.engine, args.max_tokens, system_text())
+        result = pipeline_run(bench_prompts(args.n), tiny_config(TRANSFORMERS).distill.engine, args.max_tokens,
+                              system_text())
         print(json.dumps(result), flush=True)
     else:
         emit(run(args.quick), args.rows_json)

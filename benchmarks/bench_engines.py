@@ -26,7 +26,9 @@ from common import Row, run_child, start_ray  # noqa: E402
 SECTION = "engine choice"
 SIZES = {"full": {"prompts": 16, "max_tokens": 64}, "quick": {"prompts": 8, "max_tokens": 32}}
 ENGINES = {
-    "transformers": [],  # the tiny config's own engine settings
+    # Two 1-CPU actors, one torch thread each.
+    "transformers": [f"{stage}.engine={{kind: transformers, batch_size: 16, concurrency: 2, num_cpus: 1}}"
+                     for stage in ("distill", "eval")],
     # One engine on both cores; Ray gets 3 logical CPUs so the light stages fit beside it.
     "vllm": [f"{stage}.engine.{key}" for stage in ("distill", "eval") for key in
              ("kind=vllm", "concurrency=1", "num_cpus=2", "max_model_len=1024")],

@@ -225,6 +225,12 @@ class TrainConfig:
     """Adapter settings."""
     learning_rate: float = 2e-4
     """Peak AdamW learning rate."""
+    pivot_lr_multiplier: float = 1.0
+    """Learning rate of the new pivot/think embedding rows (LoRA runs), as a multiple of learning_rate.
+
+    The rows start at the mean embedding, whose logit is thousands of ranks below the
+    vocabulary's top; at the LoRA rate they stay there, and a model that classifies pivots
+    correctly under teacher forcing still never writes one."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_ratio: float = 0.02
@@ -272,6 +278,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, "learning_rate", self.learning_rate, "a number > 0")
+        _require(self.pivot_lr_multiplier > 0, "pivot_lr_multiplier", self.pivot_lr_multiplier, "a number > 0")
         _require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "a fraction in [0, 1)")
         _require(self.epochs > 0, "epochs", self.epochs, "a number > 0")
         for name in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):

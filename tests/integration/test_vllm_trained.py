@@ -2,8 +2,8 @@
 
 A tiny Llama (head_dim 64, which vLLM's CPU attention needs) is trained with the project's
 own Ray Train path (LoRA + trainable pivot rows, merged, resized vocabulary, registered in
-MLflow) until it writes pivots; then both engines generate greedily for the same 8 prompts
-through ``r2d.engines.generate``. The outputs must be identical, pivots included.
+MLflow) until it writes its added tokens; then both engines generate greedily for the same 8 prompts
+through ``r2d.engines.generate``. The outputs must be identical, pivots and think tags included.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from r2d.config import EngineConfig, ModelConfig, SamplingConfig, load_config
-from r2d.pivots import PIVOTS
+from r2d.pivots import PIVOTS, THINK_CLOSE, THINK_OPEN
 from r2d.train.synthetic import write_synthetic_traces
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
@@ -49,8 +49,10 @@ def test_trained_model_decodes_the_same_in_vllm_and_transformers(ray_session, tm
 
     assert set(vllm_rows) == set(hf_rows) == {f"p{i}" for i in range(len(PROMPTS))}
     assert all(not r["gen_error"] for r in [*vllm_rows.values(), *hf_rows.values()])
-    with_pivots = [pid for pid, r in hf_rows.items() if any(p in r["generated_text"] for p in PIVOTS)]
-    assert len(with_pivots) >= len(PROMPTS) // 2, f"the trained model writes too few pivots: {hf_rows}"
+    # The added tokens (pivots, think tags) are what a decoder can silently drop: they must be there.
+    added = (*PIVOTS, THINK_OPEN, THINK_CLOSE)
+    with_added = [pid for pid, r in hf_rows.items() if any(t in r["generated_text"] for t in added)]
+    assert len(with_added) >= len(PROMPTS) // 2, f"the trained model writes too few pivot/think tokens: {hf_rows}"
     mismatches = {pid: (vllm_rows[pid]["generated_text"], hf_rows[pid]["generated_text"]) for pid in hf_rows
                   if vllm_rows[pid]["generated_text"] != hf_rows[pid]["generated_text"]
                   or vllm_rows[pid]["num_generated_tokens"] != hf_rows[pid]["num_generated_tokens"]}

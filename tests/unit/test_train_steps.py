@@ -120,3 +120,21 @@ def test_full_fine_tuning_trains_everything(tiny_model_dir):
     optimizer_step(model, optimizer, scheduler, _windows(tok, pivots, synthetic_rows(4), 4, 1)[0],
                    loss_settings(cfg, pivots))
     assert not torch.equal(before, model.get_input_embeddings().weight)
+
+
+def test_pivot_rows_get_their_own_learning_rate(tiny_model_dir):
+    cfg = _cfg(tiny_model_dir, "train.weight_decay=0.1")
+    model, _, _ = build_model(cfg)
+    optimizer, scheduler = make_optimizer(model, 1e-3, 0.1, "cosine", 0.0, 10, token_lr_multiplier=20.0)
+    rows = {id(p) for n, p in model.named_parameters() if "trainable_tokens_delta" in n}
+    by_kind = {("rows" if id(g["params"][0]) in rows else "rest"): g for g in optimizer.param_groups}
+    assert rows and set(by_kind) == {"rows", "rest"}
+    assert all(id(p) in rows for p in by_kind["rows"]["params"])
+    assert by_kind["rest"]["lr"] == pytest.approx(1e-3) and by_kind["rest"]["weight_decay"] == 0.1
+    assert by_kind["rows"]["lr"] == pytest.approx(2e-2) and by_kind["rows"]["weight_decay"] == 0.0
+    for _ in range(5):  # the schedule scales both groups alike
+        optimizer.step()
+        scheduler.step()
+    assert by_kind["rows"]["lr"] / by_kind["rest"]["lr"] == pytest.approx(20.0)
+    assert len(optimizer.param_groups) == 2 and sum(len(g["params"]) for g in optimizer.param_groups) == \
+        sum(1 for p in model.parameters() if p.requires_grad)

@@ -108,7 +108,7 @@ def train_func_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model, parallel_strategy=tc.strategy,  # [1]
                                           parallel_strategy_kwargs=strategy_kwargs)
     optimizer, scheduler = make_optimizer(model, tc.learning_rate, tc.weight_decay, tc.scheduler,
-                                          tc.warmup_ratio, total_steps)
+                                          tc.warmup_ratio, total_steps, tc.pivot_lr_multiplier)
 
     # 3. resume from the latest checkpoint, if this run has one
     state = {"step": 0, "epoch": 0, "windows_done": 0, "mlflow_run_id": None, "dropped": {}}

@@ -26,13 +26,26 @@ def no_reduce(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+TOKEN_ROWS = "trainable_tokens_delta"
+"""Name part of peft's trainable embedding rows (the pivot and think tokens)."""
+
+
 def make_optimizer(model, learning_rate: float, weight_decay: float, scheduler: str,
-                   warmup_ratio: float, total_steps: int):
-    """AdamW over the trainable parameters, and a warmup + decay schedule over ``total_steps``."""
+                   warmup_ratio: float, total_steps: int, token_lr_multiplier: float = 1.0):
+    """AdamW over the trainable parameters, and a warmup + decay schedule over ``total_steps``.
+
+    The new token rows get ``learning_rate * token_lr_multiplier`` (no weight decay: decay
+    would pull them back toward zero, not toward the vocabulary), everything else ``learning_rate``.
+    """
     from transformers import get_scheduler
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    rows = [p for n, p in named if TOKEN_ROWS in n]
+    rest = [p for n, p in named if TOKEN_ROWS not in n]
+    groups = [{"params": rest, "lr": learning_rate, "weight_decay": weight_decay}]
+    if rows:
+        groups.append({"params": rows, "lr": learning_rate * token_lr_multiplier, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
     name = "constant_with_warmup" if scheduler == "constant" else scheduler
     warmup = int(round(warmup_ratio * total_steps))
     return optimizer, get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
