@@ -241,8 +241,23 @@ class TransformersEngine:
                 "logits_processor": [_row_sampler(temps, [r.top_p for r in reqs])]}
 
 
+class EngineCalls:
+    """What the ingress asks of a backend replica besides generation, passed to ``self.engine``."""
+
+    engine: object
+
+    async def info(self) -> dict:
+        return self.engine.info()
+
+    async def warmup(self) -> bool:
+        return await self.engine.warmup()
+
+    async def reload(self, force: bool = False) -> dict:
+        return await self.engine.reload(force)
+
+
 @serve.deployment(name="r2d-transformers")
-class TransformersServer:
+class TransformersServer(EngineCalls):
     """Serve deployment around :class:`TransformersEngine` with dynamic batching from config."""
 
     async def __init__(self, source: str, dtype: str = "float32", cache_dir: str | None = None,
@@ -263,14 +278,6 @@ class TransformersServer:
         async for step in self.engine.stream_batch(reqs):
             yield step
 
-    async def info(self) -> dict:
-        return self.engine.info()
-
-    async def warmup(self) -> bool:
-        return await self.engine.warmup()
-
-    async def reload(self, force: bool = False) -> dict:
-        return await self.engine.reload(force)
 
 
 async def poll_reload(engine, every_s: float) -> None:

@@ -20,7 +20,7 @@ from ray import serve
 
 from r2d.serve.model_source import source_version
 from r2d.serve.schemas import Delta, GenRequest
-from r2d.serve.transformers_backend import poll_reload
+from r2d.serve.transformers_backend import EngineCalls, poll_reload
 
 log = logging.getLogger("r2d.serve")
 
@@ -111,7 +111,7 @@ async def _retire(engine, grace_s: float = 600.0) -> None:
 
 
 @serve.deployment(name="r2d-vllm")
-class VLLMServer:
+class VLLMServer(EngineCalls):
     """Serve deployment around :class:`VLLMEngine`."""
 
     async def __init__(self, source: str, dtype: str = "float32", cache_dir: str | None = None,
@@ -124,11 +124,3 @@ class VLLMServer:
         async for delta in self.engine.stream_one(req):
             yield delta
 
-    async def info(self) -> dict:
-        return self.engine.info()
-
-    async def warmup(self) -> bool:
-        return await self.engine.warmup()
-
-    async def reload(self, force: bool = False) -> dict:
-        return await self.engine.reload(force)
