@@ -171,3 +171,14 @@ def test_vllm_refuses_a_penalty_on_a_model_with_pivots(tmp_path):
     check_penalty(str(tmp_path / "trained"), SamplingConfig(repetition_penalty=1.0))
     with pytest.raises(ValueError, match=r"sampling.repetition_penalty: got 1.2 .*use 1.0"):
         check_penalty(str(tmp_path / "trained"), SamplingConfig(repetition_penalty=1.2))
+
+
+def test_vllm_cpu_engines_are_not_stacked_on_the_same_cores():
+    from r2d.engines.vllm_engine import vllm_runtime_env
+
+    one = vllm_runtime_env(EngineConfig(kind="vllm", num_cpus=2, concurrency=1))["env_vars"]
+    assert one["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    many = vllm_runtime_env(EngineConfig(kind="vllm", num_cpus=2, concurrency=3))["env_vars"]
+    assert many["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and many["OMP_NUM_THREADS"] == "2"
+    gpu = vllm_runtime_env(EngineConfig(kind="vllm", num_gpus=1, concurrency=2))["env_vars"]
+    assert gpu.get("VLLM_CPU_OMP_THREADS_BIND") != "nobind"

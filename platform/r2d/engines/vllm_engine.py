@@ -94,7 +94,13 @@ def vllm_runtime_env(engine) -> dict:
     env = {**worker_env(), **VLLM_CPU_ENV, "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gb)}
     if engine.num_gpus == 0:
         cores = max(1, int(engine.num_cpus))
-        env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{cores - 1}"
+        if engine.concurrency > 1:
+            # An engine cannot tell which cores Ray gave its bundle: binding every engine to
+            # 0..n-1 would stack them all on the same cores. Let the OS place their threads.
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+            env["OMP_NUM_THREADS"] = str(cores)
+        else:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{cores - 1}"
     return {"env_vars": env}
 
 
