@@ -9,6 +9,7 @@ same held-out prompts. Writes ``ablation/ablation.md`` and ``ablation/ablation.j
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -36,30 +37,43 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(cfg.resources.num_cpus)
     init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
     started = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Every finished evaluation is saved at once: re-running the same command after a crash
+    # skips them, and its training runs resume from their checkpoints (same run names).
+    key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    partial = out / f"runs-{key}.json"
+    runs: dict[str, list[dict]] = json.loads(partial.read_text()) if partial.exists() else {}
+
+    def save(variant: str, rows: list[dict]) -> None:
+        runs[variant] = rows
+        partial.write_text(json.dumps(runs, indent=1, default=str))
 
     # 2. the untrained rows: base and R2D-p (the safety system prompt, no training)
-    untrained = evaluate_models(cfg, [cfg.model.source], prompt_only_baseline=True)
-    runs: dict[str, list[dict]] = {"base": [untrained[cfg.model.source]],
-                                   "R2D-p": [r for m, r in untrained.items() if m != cfg.model.source]}
+    if "base" not in runs or "R2D-p" not in runs:
+        untrained = evaluate_models(cfg, [cfg.model.source], prompt_only_baseline=True)
+        save("base", [untrained[cfg.model.source]])
+        save("R2D-p", [r for m, r in untrained.items() if m != cfg.model.source])
 
     # 3. the trained variants, seed by seed, each evaluated on the same prompts
-    for variant, overrides in VARIANTS.items():
-        runs[variant] = []
-        for seed in args.seeds:
+    for seed in args.seeds:
+        for variant, overrides in VARIANTS.items():
+            done = runs.setdefault(variant, [])
+            if any(r.get("seed") == seed for r in done):
+                continue
             tag = variant.split()[0].lower() + ("-ref" if "reference" in variant else "-cpo" if "CPO" in variant else "")
             vcfg = load_config(args.config, [*base_overrides, *overrides, f"train.seed={seed}",
-                                             f"train.run_name=ablation-{tag}-s{seed}"])
+                                             f"train.run_name=ablation-{key}-{tag}-s{seed}"])
             outcome = run_training(vcfg)
             model = f"models:/{vcfg.tracking.registered_model}/{outcome.model_version}"
             result = evaluate_models(vcfg, [model])[model]
-            runs[variant].append({**result, "seed": seed, "train_run_id": outcome.mlflow_run_id})
+            save(variant, [*done, {**result, "seed": seed, "train_run_id": outcome.mlflow_run_id}])
             print(f"{variant} seed {seed}: ASR {result.get('asr')}, over-refusal {result.get('over_refusal')}, "
                   f"discrimination {result.get('discrimination')}", flush=True)
+    runs = {v: runs[v] for v in ("base", "R2D-p", *VARIANTS)}
 
     # 4. report
     table = aggregate(runs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     text = (f"# Ablation (commit `{git_commit()[:12]}`, seeds {args.seeds}, "
             f"{time.perf_counter() - started:.0f} s)\n\n{markdown_table(table)}\n\n**Does CPO help?** {verdict(runs)}\n")
     (out / "ablation.md").write_text(text)
