@@ -47,7 +47,7 @@ def child(engine: str, n: int, max_tokens: int) -> dict:
         f"eval.sampling.max_tokens={max_tokens}", *ENGINES[engine]])
     start_ray(num_cpus=3)
     t0 = time.perf_counter()
-    stats = run_distillation(cfg, select_balanced(training_prompts(cfg), n))
+    _, stats = run_distillation(cfg, select_balanced(training_prompts(cfg), n))
     t1 = time.perf_counter()
     rows = [{"row": i, "prompt": r["prompt"]} for i, r in enumerate(select_balanced(heldout_prompts(cfg), n))]
     generated, _ = generate_rows(rows, cfg.model, cfg.eval.engine, cfg.eval.sampling)
