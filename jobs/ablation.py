@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             save(variant, [*done, {**result, "seed": seed, "train_run_id": outcome.mlflow_run_id}])
             print(f"{variant} seed {seed}: ASR {result.get('asr')}, over-refusal {result.get('over_refusal')}, "
                   f"discrimination {result.get('discrimination')}", flush=True)
-    runs = {v: runs[v] for v in ("base", "R2D-p", *VARIANTS)}
+    # The report covers the seeds asked for, even when the saved file holds others from an earlier run.
+    runs = {v: [r for r in runs[v] if v in ("base", "R2D-p") or r.get("seed") in args.seeds]
+            for v in ("base", "R2D-p", *VARIANTS)}
 
     # 4. report
     table = aggregate(runs)
