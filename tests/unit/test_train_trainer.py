@@ -17,20 +17,20 @@ def test_planned_steps_from_epochs_or_max_steps():
 
 def test_rows_and_manifest_come_from_files_not_rows(tmp_path):
     folder = write_synthetic_traces(tmp_path / "t", 10, distill_run_id="abc")
-    assert count_rows(str(folder)) == 10  # manifest.json beside the Parquet is not read as data
+    assert count_rows(*parquet_files(str(folder))) == 10  # manifest.json beside the Parquet is not read as data
     # what distillation leaves beside the data: drop records, engine errors, an unfinished chunk
     (folder / "drops").mkdir()
     (folder / "drops" / "chunk-1.jsonl").write_text('{"prompt_id": "x", "reason": "too_long"}\n')
     (folder / "errors.jsonl").write_text('{"prompt_id": "y", "error": "boom"}\n')
     (folder / "_tmp" / "chunk-2").mkdir(parents=True)
     (folder / "_tmp" / "chunk-2" / "part.parquet").write_bytes(b"PAR1 half written")
-    assert count_rows(str(folder)) == 10
+    assert count_rows(*parquet_files(str(folder))) == 10
     assert all(f.endswith(".parquet") and "/_tmp/" not in f for f in parquet_files(str(folder))[0])
     manifest = read_manifest(str(folder))
     assert manifest["mlflow_run_id"] == "abc" and len(manifest["digest"]) == 64
     assert read_manifest(str(tmp_path)) == {}
     with pytest.raises(FileNotFoundError, match="train.traces"):
-        count_rows(str(tmp_path / "missing"))
+        parquet_files(str(tmp_path / "missing"))
 
 
 def test_traces_default_to_the_distillation_output(tmp_path, monkeypatch):

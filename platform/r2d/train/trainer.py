@@ -83,24 +83,19 @@ def parquet_files(uri: str) -> tuple[list[str], object]:
     return files, fs
 
 
+def count_rows(files: list[str], fs) -> int:
+    """Rows of the listed Parquet files (see :func:`parquet_files`), from their footers only."""
+    import pyarrow.dataset as pads
+
+    return pads.dataset(files, format="parquet", filesystem=fs).count_rows()
+
+
 def read_traces(uri: str):
-    """The traces as a lazy Ray Dataset over :func:`parquet_files` only."""
+    """(rows, lazy Ray Dataset) of the traces under ``uri``, listed once (:func:`parquet_files`)."""
     import ray.data
 
     files, fs = parquet_files(uri)
-    return ray.data.read_parquet(files, filesystem=fs)
-
-
-def count_rows(uri: str) -> int:
-    """Rows of the traces, from the Parquet footers only (no row is read).
-
-    Raises:
-        FileNotFoundError: no Parquet file under ``uri``.
-    """
-    import pyarrow.dataset as pads
-
-    files, fs = parquet_files(uri)
-    return pads.dataset(files, format="parquet", filesystem=fs).count_rows()
+    return count_rows(files, fs), ray.data.read_parquet(files, filesystem=fs)
 
 
 def planned_steps(cfg: Config, n_rows: int) -> int:
@@ -149,8 +144,8 @@ def run_training(cfg: Config, hooks: dict | None = None) -> TrainOutcome:
     """
     uri = traces_uri(cfg)
     manifest = read_manifest(uri)
-    total = planned_steps(cfg, count_rows(uri))
-    dataset = read_traces(uri)
+    n_rows, dataset = read_traces(uri)
+    total = planned_steps(cfg, n_rows)
     result = build_trainer(cfg, dataset, total, lineage(cfg, uri, manifest), hooks).fit()
     return _outcome(cfg, result, total)
 
