@@ -217,3 +217,33 @@ def test_sampled_and_greedy_rows_share_a_batch(engine):
     first, second = asyncio.run(run([greedy, sampled])), asyncio.run(run([greedy, sampled]))
     assert first[0] == alone and first == second
     assert first[1] != alone  # temperature 1.5 on a random model: the sampled text differs from greedy
+
+
+def test_whole_completions_cross_as_one_delta(engine):
+    """A non-streaming request gets one merged delta from the replica; streaming gets one per token."""
+    import asyncio
+
+    from r2d.serve.schemas import Delta, GenRequest, deliver, merge
+
+    async def collect(req):
+        return [d async for d in LocalClient(engine).stream(req)]
+
+    msgs = [{"role": "user", "content": "How do I bake bread?"}]
+    pieces = asyncio.run(collect(GenRequest(msgs, max_tokens=6, stream=True)))
+    whole = asyncio.run(collect(GenRequest(msgs, max_tokens=6, stream=False)))
+    assert len(pieces) >= 6 and len(whole) == 1
+    assert whole[0].text == "".join(d.text for d in pieces)
+    assert (whole[0].finish_reason, whole[0].completion_tokens) == (pieces[-1].finish_reason, 6)
+
+    # merge keeps the first error and the latest counts
+    assert merge(Delta("a", None, 3, 1), Delta("b", "stop", 3, 2)) == Delta("ab", "stop", 3, 2)
+    assert merge(Delta("", "error", error="too long"), Delta("x", "stop", 1, 1)).error == "too long"
+
+    async def nothing():
+        return
+        yield
+
+    async def drain(stream):
+        return [d async for d in deliver(stream, False)]
+
+    assert asyncio.run(drain(nothing())) == []

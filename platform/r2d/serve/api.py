@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from r2d.serve.metrics import ServeMetrics
 from r2d.serve.pivot_modes import MODES, HideStream, apply_mode
 from r2d.serve.schemas import (ChatCompletionRequest, GenRequest, chunk_body, completion_body, completion_id,
-                               error_body, usage_body)
+                               deliver, error_body, usage_body)
 
 log = logging.getLogger("r2d.serve")
 
@@ -51,7 +51,7 @@ class LocalClient:
         self.engine = engine
 
     def stream(self, req: GenRequest):
-        return self.engine.stream_one(req)
+        return deliver(self.engine.stream_one(req), req.stream)
 
     async def call(self, name: str, *args):
         result = getattr(self.engine, name)(*args)
@@ -238,7 +238,8 @@ class _State:
         messages = [{"role": roles.get(m.role, m.role), "content": m.text()} for m in body.messages]
         return GenRequest(messages=messages, max_tokens=body.wanted_tokens() or self.cfg.default_max_tokens,
                           temperature=body.temperature if body.temperature is not None else 0.0,
-                          top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed)
+                          top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed,
+                          stream=bool(body.stream))
 
     # ------------------------------------------------------------ responses
 

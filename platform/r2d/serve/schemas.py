@@ -75,6 +75,8 @@ class GenRequest:
     top_p: float = 1.0
     seed: int | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    stream: bool = True
+    """False: the client wants the whole completion, so the replica sends it as one delta."""
 
 
 @dataclass
@@ -87,6 +89,31 @@ class Delta:
     completion_tokens: int = 0
     error: str | None = None
     """Why the engine could not run this request (the client's fault: a 400)."""
+
+
+def merge(a: "Delta", b: "Delta") -> "Delta":
+    """``b`` appended to ``a``: text joined, the latest counts and finish reason, the first error kept."""
+    if a.error:
+        return a
+    return Delta(a.text + b.text, b.finish_reason or a.finish_reason, b.prompt_tokens or a.prompt_tokens,
+                 b.completion_tokens or a.completion_tokens, b.error)
+
+
+async def deliver(deltas, stream: bool):
+    """What a replica sends back for a request: every delta when streaming, else one merged delta.
+
+    Each yielded item is one message between the replica and the ingress; a whole
+    completion needs only one, not one per token.
+    """
+    if stream:
+        async for delta in deltas:
+            yield delta
+        return
+    whole = None
+    async for delta in deltas:
+        whole = delta if whole is None else merge(whole, delta)
+    if whole is not None:
+        yield whole
 
 
 def completion_id() -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ray import serve
 
 from r2d.serve.model_source import source_version
-from r2d.serve.schemas import Delta, GenRequest
+from r2d.serve.schemas import Delta, GenRequest, deliver
 
 log = logging.getLogger("r2d.serve")
 _END = object()
@@ -270,7 +270,7 @@ class TransformersServer(EngineCalls):
 
     async def generate(self, req: GenRequest):
         # A real async generator: Serve's streaming handle rejects the sync function @serve.batch returns.
-        async for delta in self._batched(req):
+        async for delta in deliver(self._batched(req), req.stream):
             yield delta
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)

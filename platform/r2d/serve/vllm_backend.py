@@ -19,7 +19,7 @@ import logging
 from ray import serve
 
 from r2d.serve.model_source import source_version
-from r2d.serve.schemas import Delta, GenRequest
+from r2d.serve.schemas import Delta, GenRequest, deliver
 from r2d.serve.transformers_backend import EngineCalls, poll_reload
 
 log = logging.getLogger("r2d.serve")
@@ -121,6 +121,6 @@ class VLLMServer(EngineCalls):
         self._poller = asyncio.create_task(poll_reload(self.engine, reload_poll_s)) if reload_poll_s > 0 else None
 
     async def generate(self, req: GenRequest):
-        async for delta in self.engine.stream_one(req):
+        async for delta in deliver(self.engine.stream_one(req), req.stream):
             yield delta
 
