@@ -10,6 +10,10 @@ $(VENV)/.installed-cpu: pyproject.toml scripts/install.sh
 
 install: $(VENV)/.installed-cpu
 
+$(VENV)/.installed-bench: $(VENV)/.installed-cpu
+	$(VENV)/bin/uv pip install --python $(PY) --excludes scripts/excludes.txt -e ".[cpu,dev,bench]"
+	touch $@
+
 install-gpu:
 	VENV=$(VENV) scripts/install.sh gpu
 
@@ -25,8 +29,8 @@ demo: install
 demo-fast: install
 	$(PY) jobs/demo.py --config $(CONFIG) --fast $(ARGS)
 
-bench: install
-	$(PY) benchmarks/run_all.py
+bench: $(VENV)/.installed-bench
+	$(PY) benchmarks/run_all.py $(ARGS)
 
 ablation: install
 	$(PY) jobs/ablation.py --config $(CONFIG) $(ARGS)

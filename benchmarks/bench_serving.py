@@ -23,11 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Row, median, per_second, percentile, start_ray  # noqa: E402
+from common import PySpyAttach, Row, median, per_second, percentile, start_ray  # noqa: E402
 
 SECTION = "serve"
-SIZES = {"full": {"max_tokens": 32, "requests": {1: 8, 8: 16, 32: 32}, "bare": 8},
+SIZES = {"full": {"max_tokens": 32, "requests": {1: 8, 8: 24, 32: 64}, "bare": 8},
          "quick": {"max_tokens": 16, "requests": {1: 4, 8: 8, 32: 32}, "bare": 4}}
+"""Requests per level: at 32 clients two waves at least, so batches form in a steady state."""
 MODEL = "bundled:smollm2-135m"
 
 
@@ -102,8 +103,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure_server(size: dict, log=print) -> tuple[dict, float]:
-    """Start the app, wait for a real generation, run each concurrency level; returns (levels, start-up s)."""
+def _serve_pids() -> dict[str, int]:
+    """PIDs of the Serve processes a request passes through: the HTTP proxy and every replica.
+
+    Found by Ray's process titles (``ray::ServeReplica:<app>:<deployment>``,
+    ``ray::ProxyActor``), which needs no dashboard.
+    """
+    import psutil
+
+    pids = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if title.startswith("ray::ServeReplica:") or title.startswith("ray::ProxyActor"):
+            name = title.split()[0].removeprefix("ray::").split(":")[-1].lower()
+            pids[f"serve-{name}"] = proc.info["pid"]
+    return pids
+
+
+def measure_server(size: dict, log=print, profile_dir: str = "") -> tuple[dict, float, dict]:
+    """Start the app, wait for a real generation, run each concurrency level.
+
+    Returns (levels, start-up seconds, profiles): with ``profile_dir``, one more pass at
+    concurrency 1 and at 32 runs under py-spy attached to the proxy and the replicas
+    (after the measured passes, so sampling does not slow them).
+    """
     import httpx
     from ray import serve
 
@@ -130,21 +153,27 @@ def measure_server(size: dict, log=print) -> tuple[dict, float]:
             levels[c] = asyncio.run(_load(url, c, total, size["max_tokens"]))
             log(f"  concurrency {c}: p50 {levels[c]['p50_s']:.2f}s p99 {levels[c]['p99_s']:.2f}s "
                 f"{levels[c]['req_s']:.2f} req/s {levels[c]['tok_s']:.1f} tok/s")
+        profiles = {}
+        for c in (1, 32) if profile_dir else ():
+            with PySpyAttach(_serve_pids(), Path(profile_dir) / f"serve-c{c}") as spy:
+                asyncio.run(_load(url, c, size["requests"][c], size["max_tokens"]))
+            profiles[c] = {k: str(v) for k, v in spy.paths.items()}
     finally:
         serve.shutdown()
-    return levels, startup
+    return levels, startup, profiles
 
 
-def run(quick: bool = False, log=print) -> list[Row]:
+def run(quick: bool = False, log=print, profile_dir: str = "") -> list[Row]:
     size = SIZES["quick" if quick else "full"]
     threads = max(1, int(serve_config(8000).serve.num_cpus))  # what the replica gets
-    levels, startup = measure_server(size, log)
+    levels, startup, profiles = measure_server(size, log, profile_dir)
     bare = bare_latencies(size["bare"], size["max_tokens"], threads)
     log(f"  bare generate: p50 {bare['p50_s']:.2f}s ({threads} thread(s)); server start-up {startup:.0f}s")
     note = f"{size['max_tokens']} tok/request, greedy, replica {threads} thread(s)"
     rows = [Row(SECTION, "latency p50 at concurrency 1 vs bare generate", levels[1]["p50_s"], "s",
                 "bare generate p50", bare["p50_s"], 1.15, higher_is_better=False, note=note,
-                extra={"levels": {str(k): v for k, v in levels.items()}, "bare": bare, "startup_s": startup})]
+                extra={"levels": {str(k): v for k, v in levels.items()}, "bare": bare, "startup_s": startup,
+                       "profiles": profiles})]
     for c in (8, 32):
         rows.append(Row(SECTION, f"requests/s at concurrency {c} vs 1", levels[c]["req_s"], "req/s",
                         "concurrency 1", levels[1]["req_s"], 4.0 if c == 32 else None,
@@ -158,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_section_args(parser)
     args = parser.parse_args(argv)
-    emit(run(args.quick), args.rows_json)
+    emit(run(args.quick, profile_dir=args.profile_dir), args.rows_json)
     return 0
 
 

@@ -220,6 +220,47 @@ def py_spy_record(argv: list[str], out_path: Path, rate: int = 50, timeout_s: fl
     return out_path
 
 
+class PySpyAttach:
+    """``py-spy record`` attached to running processes (Serve replicas, say) while a load runs.
+
+    Use as a context manager around the load; on exit each process's collapsed stacks are
+    summarised into ``<out_dir>/<name>.pyspy.txt``. Without py-spy it does nothing.
+    """
+
+    def __init__(self, pids: dict[str, int], out_dir: Path, rate: int = 100) -> None:
+        self.pids, self.out_dir, self.rate = pids, Path(out_dir), rate
+        self.procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+        self.paths: dict[str, Path] = {}
+
+    def __enter__(self) -> "PySpyAttach":
+        binary = py_spy_binary()
+        if binary is None:
+            return self
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for name, pid in self.pids.items():
+            raw = self.out_dir / f"{name}.raw.txt"
+            raw.unlink(missing_ok=True)
+            cmd = [binary, "record", "--pid", str(pid), "--rate", str(self.rate), "--format", "raw",
+                   "--output", str(raw), "--nonblocking"]
+            self.procs[name] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), raw)
+        time.sleep(1.0)  # let py-spy attach before the load starts
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for name, (proc, raw) in self.procs.items():
+            proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            if raw.exists():
+                path = self.out_dir / f"{name}.pyspy.txt"
+                path.write_text(summarize_collapsed(raw.read_text()))
+                self.paths[name] = path
+
+
 def summarize_collapsed(text: str, top: int = 30) -> str:
     """Top functions by self and inclusive samples from py-spy's collapsed-stack output."""
     own: dict[str, int] = {}

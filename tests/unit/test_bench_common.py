@@ -84,3 +84,27 @@ def test_summarize_collapsed_counts_self_and_inclusive_samples():
     assert "samples: 100" in summary
     assert "  60.0   load" in summary  # self time
     assert "  40.0   step" in summary  # inclusive time
+
+
+def test_py_spy_attach_profiles_a_running_process(tmp_path):
+    """PySpyAttach samples a live process and names its hot function in the summary."""
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    from common import PySpyAttach, py_spy_binary
+
+    if py_spy_binary() is None:
+        pytest.skip("py-spy is in the bench extra")
+    code = "import time\ndef hot_loop_for_the_profile():\n    while True: sum(range(1000))\nhot_loop_for_the_profile()"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        with PySpyAttach({"busy": proc.pid}, tmp_path) as spy:
+            time.sleep(2)
+    finally:
+        proc.kill()
+    if "busy" not in spy.paths:
+        pytest.skip("py-spy could not attach here (no ptrace permission)")
+    assert "hot_loop_for_the_profile" in spy.paths["busy"].read_text()
