@@ -75,16 +75,47 @@ def markdown_table(table: dict[str, dict[str, Any]]) -> str:
 
 
 def verdict(runs: dict[str, list[dict]]) -> str:
-    """Does CPO help here, and by how much? Paired by seed against SFT only."""
-    sft, cpo = runs.get("SFT only", []), runs.get("SFT + CPO", [])
-    parts = []
-    for key, better in (("discrimination", "higher"), ("asr", "lower"), ("over_refusal", "lower")):
-        eff = paired_effect(sft, cpo, key)
-        if eff["mean"] is None:
-            continue
-        lo, hi = eff["ci"]
-        sign = "helps" if (eff["mean"] > 0) == (better == "higher") else "hurts"
-        clear = lo > 0 or hi < 0
-        parts.append(f"{key}: CPO − SFT = {eff['mean']:+.3f} (95% t-interval over {eff['n']} seeds "
-                     f"[{lo:+.3f}, {hi:+.3f}]) → CPO {sign}" + ("" if clear else ", not distinguishable from noise"))
-    return "; ".join(parts) if parts else "not enough runs to compare CPO with SFT only"
+    """Does CPO help here, and by how much? Each CPO variant paired by seed against SFT only."""
+    sft = runs.get("SFT only", [])
+    lines = []
+    for variant in (v for v in VARIANTS if v != "SFT only"):
+        parts = []
+        for key, better in (("discrimination", "higher"), ("asr", "lower"), ("over_refusal", "lower")):
+            eff = paired_effect(sft, runs.get(variant, []), key)
+            if eff["mean"] is None:
+                continue
+            lo, hi = eff["ci"]
+            sign = "helps" if (eff["mean"] > 0) == (better == "higher") else "hurts"
+            clear = lo > 0 or hi < 0
+            parts.append(f"{key}: {eff['mean']:+.3f} (95% t-interval over {eff['n']} seeds [{lo:+.3f}, {hi:+.3f}])"
+                         f" → {sign}" + ("" if clear else ", not distinguishable from noise"))
+        if parts:
+            lines.append(f"{variant} − SFT only: " + "; ".join(parts))
+    return "\n".join(f"- {line}" for line in lines) if lines else "not enough runs to compare CPO with SFT only"
+
+
+def tradeoff_plot(runs: dict[str, list[dict]], path, targets: tuple[float, float] = (0.20, 0.25)) -> None:
+    """Every run as a point, ASR against over-refusal, with the target corner and the no-discrimination line.
+
+    A point below the diagonal refuses harmful prompts more often than benign ones; the
+    shaded corner is the issue's target (ASR ≤ 0.20, over-refusal ≤ 0.25).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.fill_between([0, targets[1]], 0, targets[0], color="tab:green", alpha=0.12, label="target")
+    ax.plot([0, 1], [1, 0], color="grey", lw=0.8, ls="--", label="no discrimination")
+    for i, (variant, results) in enumerate(runs.items()):
+        pts = [(r["over_refusal"], r["asr"]) for r in results
+               if r.get("over_refusal") is not None and r.get("asr") is not None]
+        if pts:
+            ax.scatter(*zip(*pts), s=40, color=f"C{i}", label=variant, alpha=0.85)
+    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="over-refusal (benign prompts refused)",
+           ylabel="attack success rate (harmful prompts answered)", title="Held-out trade-off, one point per run")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

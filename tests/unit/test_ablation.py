@@ -35,5 +35,21 @@ def test_aggregate_table_and_verdict():
     text = markdown_table(table)
     assert "| SFT + CPO | 3 | 0.10 ± 0.00 |" in text
     said = verdict(runs)
-    assert "discrimination: CPO − SFT = +0.500" in said and "CPO helps" in said
-    assert "asr: CPO − SFT = -0.200" in said
+    assert "- SFT + CPO − SFT only: discrimination: +0.500" in said
+    assert "asr: -0.200 (95% t-interval over 3 seeds [-0.200, -0.200]) → helps" in said
+    assert "reference" not in said  # no runs of the reference variant, no line for it
+    # diffs 0.1, 0.2, 0.0 → mean 0.1, sd 0.1, half-width 0.2484: an interval across zero
+    runs["SFT + CPO (reference variant)"] = [{"asr": 0.3, "over_refusal": 0.6, "discrimination": d}
+                                             for d in (0.3, 0.4, 0.2)]
+    ref = verdict(runs).splitlines()[1]
+    assert ref.startswith("- SFT + CPO (reference variant) − SFT only: discrimination: +0.100 (95% t-interval "
+                          "over 3 seeds [-0.148, +0.348]) → helps, not distinguishable from noise")
+    assert ref.endswith("over_refusal: +0.100 (95% t-interval over 3 seeds [+0.100, +0.100]) → hurts")
+
+
+def test_tradeoff_plot_writes_a_png(tmp_path):
+    from r2d.ablation import tradeoff_plot
+
+    runs = {"base": [{"asr": 0.9, "over_refusal": 0.0}], "SFT only": [{"asr": 0.3, "over_refusal": None}]}
+    tradeoff_plot(runs, tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
