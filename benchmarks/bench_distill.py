@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Row, median, per_second, run_child, start_ray, timed  # noqa: E402
 
 SECTION = "distill"
-# Without prefix caching every transformers prompt re-computes the ~1,000-token safety system
-# prompt (~2.5 s of prefill each on 2 cores), so the transformers comparisons run on the first
+# Without prefix caching every transformers prompt re-computes the 278-token safety system
+# prompt (338 tokens a rendered prompt on average), so the transformers comparisons run on the first
 # 32 of the 64 prompts; batch 32 was measured slower than 8 and 16 (12 against 30 and 22 tok/s,
 # benchmarks/results/2026-11-30 first run) and is left out to keep `make bench` under 20 minutes.
 SIZES = {"full": {"prompts": 64, "hf_prompts": 32, "max_tokens": 64, "batch1_prompts": 8, "batches": (8, 16),
