@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="also run training on CUDA in bf16 (skipped without)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per section")
     parser.add_argument("--no-profile", action="store_true", help="do not profile missed targets")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only these sections' rows in today's results file, keep the others")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in SECTIONS]
@@ -103,16 +105,31 @@ def main(argv: list[str] | None = None) -> int:
         profile_missed(rows, args.quick)
 
     # 3. results file and table
+    path = RESULTS / f"{date.today().isoformat()}{'-quick' if args.quick else ''}.json"
+    reruns = {}
+    if args.merge and path.exists():  # earlier sections kept, in their order; these replace their own rows
+        old = json.loads(path.read_text())
+        kept = [Row(**{k: v for k, v in r.items() if k not in ("ratio", "met")}) for r in old["rows"]]
+        order = list(dict.fromkeys(r.section for r in kept))
+        rows = [r for sec in order for r in (rows if sec in names_sections(rows) else kept) if r.section == sec] + \
+            [r for r in rows if r.section not in order]
+        seconds = {**old.get("section_seconds", {}), **seconds}
+        reruns = {**old.get("reruns", {}), **{n: info["commit"] for n in names}}
+        info = {**old["machine"], "rerun_machine": info}
     table = format_table(rows)
     result = {"date": date.today().isoformat(), "quick": args.quick, "machine": info,
               "load_avg_1m_end": _load(), "section_seconds": seconds, "total_seconds": time.perf_counter() - started,
-              "rows": [r.as_dict() for r in rows], "table": table}
-    path = RESULTS / f"{date.today().isoformat()}{'-quick' if args.quick else ''}.json"
+              "reruns": reruns, "rows": [r.as_dict() for r in rows], "table": table}
     path.write_text(json.dumps(result, indent=2, default=str))
     path.with_suffix(".md").write_text(table + "\n")
     print(table)
     print(f"\nwrote {path.relative_to(ROOT)} in {result['total_seconds']:.0f}s")
     return 0
+
+
+def names_sections(rows: list[Row]) -> set[str]:
+    """The result sections these rows belong to."""
+    return {r.section for r in rows}
 
 
 def _load() -> float | None:
