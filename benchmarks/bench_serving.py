@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PySpyAttach, Row, median, per_second, percentile, start_ray  # noqa: E402
+from common import PySpyAttach, Row, repo_path, median, per_second, percentile, start_ray  # noqa: E402
 
 SECTION = "serve"
 SIZES = {"full": {"max_tokens": 32, "requests": {1: 8, 8: 24, 32: 64}, "bare": 8},
@@ -157,7 +157,7 @@ def measure_server(size: dict, log=print, profile_dir: str = "") -> tuple[dict, 
         for c in (1, 32) if profile_dir else ():
             with PySpyAttach(_serve_pids(), Path(profile_dir) / f"serve-c{c}") as spy:
                 asyncio.run(_load(url, c, size["requests"][c], size["max_tokens"]))
-            profiles[c] = {k: str(v) for k, v in spy.paths.items()}
+            profiles[c] = {k: repo_path(v) for k, v in spy.paths.items()}
     finally:
         serve.shutdown()
     return levels, startup, profiles

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Row, cuda_available, per_second, torch_profile  # noqa: E402
+from common import Row, cuda_available, per_second, repo_path, torch_profile  # noqa: E402
 
 SECTION = "train"
 SIZES = {"full": {"rows": 64, "steps": 8}, "quick": {"rows": 32, "steps": 4}}
@@ -248,7 +248,7 @@ def run(quick: bool = False, log=print, profile_dir: Path | None = None, gpu: bo
         window = _windows(rows, ours, cfg, grouping=True)[0]
         path = torch_profile(lambda: ours.step_fn(ours, window), profile_dir / f"{section}-sft_cpo_step.txt")
         for r in missed:
-            r.extra["profile"] = str(path)
+            r.extra["profile"] = repo_path(path)
     return out
 
 

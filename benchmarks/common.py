@@ -24,6 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def repo_path(path) -> str:
+    """A file's path as results record it: relative to the checkout, never this machine's own."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
 def median(values: list[float]) -> float:
     """Median of the repeats; NaN-free input required.
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, Row, format_table, machine_info, py_spy_record  # noqa: E402
+from common import RESULTS, ROOT, Row, format_table, machine_info, py_spy_record, repo_path  # noqa: E402
 
 SECTIONS = {"distill": "bench_distill.py", "train": "bench_train.py", "serve": "bench_serving.py",
             "engines": "bench_engines.py"}
@@ -69,7 +69,7 @@ def profile_missed(rows: list[Row], quick: bool) -> None:
             "--n", "8" if quick else "16", "--max-tokens", "32"]
     path = py_spy_record(argv, RESULTS / "profiles" / "distill-ours-transformers.pyspy.txt")
     for r in missed:
-        r.extra["profile"] = str(path) if path else "py-spy not installed"
+        r.extra["profile"] = repo_path(path) if path else "py-spy not installed"
 
 
 def main(argv: list[str] | None = None) -> int:
