@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge and path.exists():  # earlier sections kept, in their order; these replace their own rows
         old = json.loads(path.read_text())
         kept = [Row(**{k: v for k, v in r.items() if k not in ("ratio", "met")}) for r in old["rows"]]
-        order = list(dict.fromkeys(r.section for r in kept))
-        rows = [r for sec in order for r in (rows if sec in names_sections(rows) else kept) if r.section == sec] + \
-            [r for r in rows if r.section not in order]
+        new = {r.section for r in rows}
+        order = list(dict.fromkeys([*(r.section for r in kept), *(r.section for r in rows)]))
+        rows = [r for sec in order for r in (rows if sec in new else kept) if r.section == sec]
         seconds = {**old.get("section_seconds", {}), **seconds}
         reruns = {**old.get("reruns", {}), **{n: info["commit"] for n in names}}
         info = {**old["machine"], "rerun_machine": info}
@@ -125,11 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"\nwrote {path.relative_to(ROOT)} in {result['total_seconds']:.0f}s")
     return 0
-
-
-def names_sections(rows: list[Row]) -> set[str]:
-    """The result sections these rows belong to."""
-    return {r.section for r in rows}
 
 
 def _load() -> float | None:
