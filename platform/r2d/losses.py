@@ -114,11 +114,13 @@ def _pivot_margins(logits, labels, safe_id, unsafe_id, rethink_id):
     for true_id in ids:
         here = labels == true_id
         mask |= here
-        contrast[here] = opposite[true_id]
-    true_ids, other_ids = labels[mask], contrast[mask]
+        contrast.masked_fill_(here, opposite[true_id])
+    # One nonzero (a wait for the GPU) for the three gathers, not one per boolean index.
+    where = mask.nonzero(as_tuple=True)
+    true_ids, other_ids = labels[where], contrast[where]
     # upcast only the gathered rows: bf16 would round away the small margins
     # CPO works on, and N pivot rows are cheap next to the [B, T, V] logits
-    z = logits[mask].float()
+    z = logits[where].float()
     margin = z.gather(1, true_ids[:, None]) - z.gather(1, other_ids[:, None])
     return margin.squeeze(1), true_ids, z
 
@@ -168,6 +170,30 @@ def cpo_loss(
 
 
 @torch.no_grad()
+def pivot_sums(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    safe_id: int,
+    unsafe_id: int,
+    rethink_id: int | None = None,
+) -> dict:
+    """``pivot_metrics`` as sums left on the logits' device, for a step that sums them over
+    micro-batches and reads them once (each ``.item()`` waits for the GPU).
+
+    Returns:
+        ``pivot_acc_sum`` and ``pivot_margin_sum`` (0-d tensors) and ``n_pivots`` (int).
+    """
+    margin, true_ids, z = _pivot_margins(logits, labels, safe_id, unsafe_id, rethink_id)
+    if margin.numel() == 0:
+        zero = torch.zeros((), device=logits.device)
+        return {"pivot_acc_sum": zero, "pivot_margin_sum": zero, "n_pivots": 0}
+    ids = _pivot_ids(safe_id, unsafe_id, rethink_id, logits.shape[-1])
+    ids = torch.tensor(ids, device=z.device)
+    predicted = ids[z[:, ids].argmax(dim=1)]
+    return {"pivot_acc_sum": (predicted == true_ids).float().sum(), "pivot_margin_sum": margin.sum(),
+            "n_pivots": int(margin.numel())}
+
+
 def pivot_metrics(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -185,17 +211,10 @@ def pivot_metrics(
         margin ``z[t+] - z[t-]`` (both floats, 0.0 without pivots, so that
         logging never meets NaN); ``n_pivots``: int count of pivot positions.
     """
-    margin, true_ids, z = _pivot_margins(logits, labels, safe_id, unsafe_id, rethink_id)
-    if margin.numel() == 0:
-        return {"pivot_acc": 0.0, "pivot_margin": 0.0, "n_pivots": 0}
-    ids = _pivot_ids(safe_id, unsafe_id, rethink_id, logits.shape[-1])
-    ids = torch.tensor(ids, device=z.device)
-    predicted = ids[z[:, ids].argmax(dim=1)]
-    return {
-        "pivot_acc": (predicted == true_ids).float().mean().item(),
-        "pivot_margin": margin.mean().item(),
-        "n_pivots": int(margin.numel()),
-    }
+    sums = pivot_sums(logits, labels, safe_id, unsafe_id, rethink_id)
+    n = max(sums["n_pivots"], 1)
+    return {"pivot_acc": sums["pivot_acc_sum"].item() / n, "pivot_margin": sums["pivot_margin_sum"].item() / n,
+            "n_pivots": sums["n_pivots"]}
 
 
 def total_loss(

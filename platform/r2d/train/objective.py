@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r2d.losses import ANSWER, IGNORE_INDEX, REASONING, cpo_loss, pivot_metrics, total_loss
+from r2d.losses import ANSWER, IGNORE_INDEX, REASONING, cpo_loss, pivot_sums, total_loss
 
 # Positions of the window counts in the tensor that is all-reduced across workers.
 N_TOKENS, N_SEQS, N_SAFE, N_UNSAFE, N_RETHINK = range(5)
@@ -46,14 +46,10 @@ def micro_batch_counts(batch: dict[str, torch.Tensor], s: LossSettings) -> torch
     labels, segment = shifted(batch)
     labelled = labels != IGNORE_INDEX
     in_parts = labelled & ((segment == REASONING) | (segment == ANSWER))
-    counts = torch.zeros(5, dtype=torch.float64)
-    counts[N_TOKENS] = labelled.sum()
-    counts[N_SEQS] = in_parts.any(dim=1).sum()
-    counts[N_SAFE] = (labels == s.safe_id).sum()
-    counts[N_UNSAFE] = (labels == s.unsafe_id).sum()
-    if s.rethink_id is not None:
-        counts[N_RETHINK] = (labels == s.rethink_id).sum()
-    return counts
+    # One stack on the batch's device: no per-count copy to the host (each would wait for the GPU).
+    rethink = (labels == s.rethink_id).sum() if s.rethink_id is not None else torch.zeros_like(labelled.sum())
+    return torch.stack([labelled.sum(), in_parts.any(dim=1).sum(), (labels == s.safe_id).sum(),
+                        (labels == s.unsafe_id).sum(), rethink]).to(torch.float64)
 
 
 def _share(part: torch.Tensor | float, whole: torch.Tensor | float, world: int) -> float:
@@ -77,7 +73,8 @@ def _cpo_term(logits, labels, mean_cpo, mb: torch.Tensor, window: torch.Tensor, 
 
 
 def micro_batch_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], window: torch.Tensor,
-                     world: int, s: LossSettings) -> tuple[torch.Tensor, dict[str, float]]:
+                     world: int, s: LossSettings, mb: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | int]]:
     """This micro-batch's part of the window loss, from the logits of its one forward pass.
 
     Args:
@@ -86,23 +83,24 @@ def micro_batch_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], windo
         window: summed :func:`micro_batch_counts` of the whole window, over all workers.
         world: number of data-parallel workers.
         s: loss settings.
+        mb: this micro-batch's own counts on the host, when the caller has them already.
 
     Returns:
         ``(loss, parts)``: the tensor to call ``backward`` on, and its ``sft_loss``,
         ``cpo_loss``, ``loss`` parts plus ``pivot_acc_sum``/``pivot_margin_sum``/
-        ``n_pivots`` (sums, to be reduced over the window) as floats.
+        ``n_pivots`` (sums, to be reduced over the window), as detached 0-d tensors left
+        on the device (``n_pivots`` an int) so that the step reads them once, at its end.
     """
     logits = logits[:, :-1]
     labels, segment = shifted(batch)
-    mb = micro_batch_counts(batch, s)
+    mb = micro_batch_counts(batch, s).cpu() if mb is None else mb
+    window = window.cpu()
     means = total_loss(logits, labels, safe_id=s.safe_id, unsafe_id=s.unsafe_id, rethink_id=s.rethink_id,
                        cpo_weight=s.cpo_weight, sft_mode=s.sft_mode, cpo_variant="mean", segment=segment)
     index = N_TOKENS if s.sft_mode == "flat" else N_SEQS
     sft = means["sft_loss"] * _share(mb[index], window[index], world)
     cpo = _cpo_term(logits, labels, means["cpo_loss"], mb, window, world, s)
     loss = sft + s.cpo_weight * cpo
-    stats = pivot_metrics(logits, labels, s.safe_id, s.unsafe_id, s.rethink_id)
-    parts = {"loss": loss.item(), "sft_loss": sft.item(), "cpo_loss": cpo.item(),
-             "pivot_acc_sum": stats["pivot_acc"] * stats["n_pivots"],
-             "pivot_margin_sum": stats["pivot_margin"] * stats["n_pivots"], "n_pivots": stats["n_pivots"]}
+    parts = {"loss": loss.detach(), "sft_loss": sft.detach(), "cpo_loss": cpo.detach(),
+             **pivot_sums(logits, labels, s.safe_id, s.unsafe_id, s.rethink_id)}
     return loss, parts

@@ -89,7 +89,9 @@ def optimizer_step(model, optimizer, scheduler, window: list[dict[str, torch.Ten
         ``pivot_acc``, ``pivot_margin``, ``lr``, ``tokens``, ``tokens_per_s``, ``grad_norm``.
     """
     started = time.perf_counter()
-    counts = reduce(sum(micro_batch_counts(b, s) for b in window))
+    # Every micro-batch's counts, read to the host in one copy (not one wait per count).
+    local = torch.stack([micro_batch_counts(b, s) for b in window]).cpu()
+    counts = reduce(local.sum(dim=0))
     totals: Counter = Counter()
     for i, batch in enumerate(window):
         last = i == len(window) - 1
@@ -97,10 +99,10 @@ def optimizer_step(model, optimizer, scheduler, window: list[dict[str, torch.Ten
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, parts = micro_batch_loss(logits, batch, counts, world, s)
+            loss, parts = micro_batch_loss(logits, batch, counts, world, s, mb=local[i])
             loss.backward()
-        totals.update(parts)
-        totals["tokens"] += float(batch["attention_mask"].sum())
+        totals.update(parts)  # device tensors: summed there, read once in _window_metrics
+        totals["tokens"] += batch["attention_mask"].sum()
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
     if hasattr(model, "clip_grad_norm_"):  # FSDP: the norm must be taken over all shards
         grad_norm = model.clip_grad_norm_(limit)
@@ -116,7 +118,10 @@ def optimizer_step(model, optimizer, scheduler, window: list[dict[str, torch.Ten
 def _window_metrics(totals: Counter, reduce: Reduce, world: int, lr: float, grad_norm: float,
                     seconds: float) -> dict[str, float]:
     keys = ["loss", "sft_loss", "cpo_loss", "pivot_acc_sum", "pivot_margin_sum", "n_pivots", "tokens"]
-    summed = reduce(torch.tensor([float(totals[k]) for k in keys], dtype=torch.float64)).tolist()
+    # The sums live on the model's device: stack them there and copy them to the host once.
+    device = next((v.device for v in totals.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    values = torch.stack([torch.as_tensor(totals[k], dtype=torch.float64, device=device) for k in keys])
+    summed = reduce(values.cpu()).tolist()
     got = dict(zip(keys, summed))
     n_pivots = max(got["n_pivots"], 1.0)
     # Each worker's loss part is scaled by world size (see objective._share): undo it.
