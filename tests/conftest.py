@@ -35,7 +35,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, hidden-64 random Llama with the SmolLM2 tokenizer and the pivot vocabulary."""
     from r2d.models import make_tiny_llama
 
-    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+    # R2D_TEST_TOKENIZER: another tokenizer source (a folder) where the bundled package is not installed.
+    tokenizer = os.environ.get("R2D_TEST_TOKENIZER", "bundled:smollm2-135m")
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", tokenizer)
 
 
 @pytest.fixture(scope="session")
