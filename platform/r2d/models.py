@@ -214,9 +214,22 @@ def load_from_config(cfg) -> tuple:
     return load_model(cfg.source, cfg.dtype, cfg.cache_dir, cfg.offline, cfg.trust_remote_code)
 
 
+RANDOM_ARCHS = {
+    "smollm2-135m": {"hidden": 576, "layers": 30, "intermediate_size": 1536, "num_attention_heads": 9,
+                     "num_key_value_heads": 3, "rope_theta": 100000.0},
+    "smollm2-1.7b": {"hidden": 2048, "layers": 24, "intermediate_size": 8192, "num_attention_heads": 32,
+                     "num_key_value_heads": 32, "rope_theta": 130000.0},
+}
+"""Real models' shapes, for random stand-ins of their size (throughput does not depend on the weights)."""
+
+
 def make_tiny_llama(out_dir: str | Path, tokenizer_source: str = "bundled:smollm2-135m", seed: int = 0,
-                    hidden: int = 64, layers: int = 2) -> Path:
-    """Build a tiny random Llama with a real tokenizer, for tests and benchmarks (no download)."""
+                    hidden: int = 64, layers: int = 2, dtype: str = "float32", **arch) -> Path:
+    """Build a random Llama with a real tokenizer, for tests and benchmarks (no download).
+
+    Tiny by default; ``arch`` overrides ``LlamaConfig`` fields (``RANDOM_ARCHS`` holds real
+    models' shapes), and ``dtype`` is the dtype the weights are saved in.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -227,12 +240,12 @@ def make_tiny_llama(out_dir: str | Path, tokenizer_source: str = "bundled:smollm
     torch.manual_seed(seed)
     # head_dim 64: vLLM's CPU attention rejects small head sizes (16 fails at the first generation).
     heads = max(1, hidden // 64)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=2048, tie_word_embeddings=True,
+    fields = {"intermediate_size": hidden * 2, "num_attention_heads": heads, "num_key_value_heads": heads,
+              "max_position_embeddings": 2048, "tie_word_embeddings": True, **arch}
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(config)
+                         pad_token_id=tok.pad_token_id, **fields)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     from r2d.pivots import resize_for_pivots
 
     resize_for_pivots(model, tok)
