@@ -108,3 +108,16 @@ def test_py_spy_attach_profiles_a_running_process(tmp_path):
     if "busy" not in spy.paths:
         pytest.skip("py-spy could not attach here (no ptrace permission)")
     assert "hot_loop_for_the_profile" in spy.paths["busy"].read_text()
+
+
+def test_training_flops_per_token_counts_frozen_weights_as_4_and_trainable_as_6():
+    """Frozen 3->4 linear (12 + 4 = 16 weights) and trainable 4->2 linear (8 + 2 = 10): 4*26 + 2*10 = 124."""
+    import torch
+
+    from bench_train import flops_per_token
+
+    frozen, trainable = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+    frozen.requires_grad_(False)
+    assert flops_per_token(torch.nn.Sequential(frozen, trainable)) == 124.0
+    frozen.requires_grad_(True)  # full fine-tuning: the usual 6N
+    assert flops_per_token(torch.nn.Sequential(frozen, trainable)) == 6.0 * 26
