@@ -194,13 +194,8 @@ def pivot_sums(
             "n_pivots": int(margin.numel())}
 
 
-def pivot_metrics(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    safe_id: int,
-    unsafe_id: int,
-    rethink_id: int | None = None,
-) -> dict:
+def pivot_metrics(logits: torch.Tensor, labels: torch.Tensor, safe_id: int, unsafe_id: int,
+                  rethink_id: int | None = None) -> dict:
     """How well the model picks the pivot at pivot positions (no gradient).
 
     Arguments as in ``cpo_loss``.
