@@ -61,8 +61,6 @@ def train_config(use_gpu: bool, overrides: list[str] = ()):
 
 def random_model(arch: str, tokenizer: str) -> str:
     """A random stand-in with the shape of ``arch`` (``r2d.models.RANDOM_ARCHS``), built once in the cache."""
-    import tempfile as _tempfile
-
     from r2d.models import RANDOM_ARCHS, cache_root, make_tiny_llama
 
     if arch not in RANDOM_ARCHS:
@@ -72,7 +70,7 @@ def random_model(arch: str, tokenizer: str) -> str:
         root = cache_root()
         root.mkdir(parents=True, exist_ok=True)
     except OSError:
-        root = Path(_tempfile.gettempdir())
+        root = Path(tempfile.gettempdir())
     return str(make_tiny_llama(root / f"random-{arch}", tokenizer, dtype="bfloat16", **shape))
 
 
