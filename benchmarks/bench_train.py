@@ -65,13 +65,7 @@ def random_model(arch: str, tokenizer: str) -> str:
 
     if arch not in RANDOM_ARCHS:
         raise SystemExit(f"--arch: unknown {arch!r}, expected one of {sorted(RANDOM_ARCHS)}")
-    shape = dict(RANDOM_ARCHS[arch])
-    try:
-        root = cache_root()
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        root = Path(tempfile.gettempdir())
-    return str(make_tiny_llama(root / f"random-{arch}", tokenizer, dtype="bfloat16", **shape))
+    return str(make_tiny_llama(cache_root() / f"random-{arch}", tokenizer, dtype="bfloat16", **RANDOM_ARCHS[arch]))
 
 
 class Variant:

@@ -73,17 +73,17 @@ def _cpo_term(logits, labels, mean_cpo, mb: torch.Tensor, window: torch.Tensor, 
 
 
 def micro_batch_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], window: torch.Tensor,
-                     world: int, s: LossSettings, mb: torch.Tensor | None = None
+                     world: int, s: LossSettings, mb: torch.Tensor
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor | int]]:
     """This micro-batch's part of the window loss, from the logits of its one forward pass.
 
     Args:
         logits: [B, T, V] model output for ``batch["input_ids"]`` (unshifted).
         batch: the collated micro-batch.
-        window: summed :func:`micro_batch_counts` of the whole window, over all workers.
+        window: summed :func:`micro_batch_counts` of the whole window, over all workers, on the host.
         world: number of data-parallel workers.
         s: loss settings.
-        mb: this micro-batch's own counts on the host, when the caller has them already.
+        mb: this micro-batch's own :func:`micro_batch_counts`, on the host.
 
     Returns:
         ``(loss, parts)``: the tensor to call ``backward`` on, and its ``sft_loss``,
@@ -93,8 +93,6 @@ def micro_batch_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], windo
     """
     logits = logits[:, :-1]
     labels, segment = shifted(batch)
-    mb = micro_batch_counts(batch, s).cpu() if mb is None else mb
-    window = window.cpu()
     means = total_loss(logits, labels, safe_id=s.safe_id, unsafe_id=s.unsafe_id, rethink_id=s.rethink_id,
                        cpo_weight=s.cpo_weight, sft_mode=s.sft_mode, cpo_variant="mean", segment=segment)
     index = N_TOKENS if s.sft_mode == "flat" else N_SEQS
