@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from r2d.ablation import VARIANTS, aggregate, markdown_table, tradeoff_plot, verdict
+    from r2d.ablation import VARIANTS, aggregate, markdown_table, portable_reports, tradeoff_plot, verdict
     from r2d.config import load_config
     from r2d.eval.evaluate import evaluate_models
     from r2d.runtime import init_mlflow, init_ray
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{time.perf_counter() - started:.0f} s)\n\n{markdown_table(table)}\n\n**Does CPO help?** (paired by seed)"
             f"\n{verdict(runs)}\n\n![ASR against over-refusal, every run](tradeoff.png)\n")
     (out / "ablation.md").write_text(text)
-    (out / "ablation.json").write_text(json.dumps({"runs": runs, "table": table}, indent=1, default=str))
+    (out / "ablation.json").write_text(json.dumps({"runs": portable_reports(runs, Path.cwd()), "table": table}, indent=1, default=str))
     print(text)
     return 0
 

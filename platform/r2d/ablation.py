@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 from typing import Any
 
 VARIANTS: dict[str, list[str]] = {
@@ -119,3 +120,15 @@ def tradeoff_plot(runs: dict[str, list[dict]], path, targets: tuple[float, float
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def portable_reports(runs: dict[str, list[dict]], root: Path) -> dict[str, list[dict]]:
+    """The runs with each evaluation report's path made relative to ``root`` where it lies under
+    it: the ablation JSON is kept beside the code, and an absolute path names one machine."""
+    base = Path(root).resolve()
+
+    def rel(path: str) -> str:
+        p = Path(path).resolve()
+        return str(p.relative_to(base)) if p.is_relative_to(base) else path
+
+    return {v: [{**r, "report": rel(r["report"])} if r.get("report") else r for r in rows] for v, rows in runs.items()}

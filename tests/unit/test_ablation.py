@@ -2,7 +2,7 @@
 
 import pytest
 
-from r2d.ablation import aggregate, markdown_table, mean_sd, paired_effect, verdict
+from r2d.ablation import aggregate, markdown_table, mean_sd, paired_effect, portable_reports, verdict
 
 
 def test_mean_sd_by_hand():
@@ -53,3 +53,14 @@ def test_tradeoff_plot_writes_a_png(tmp_path):
     runs = {"base": [{"asr": 0.9, "over_refusal": 0.0}], "SFT only": [{"asr": 0.3, "over_refusal": None}]}
     tradeoff_plot(runs, tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_portable_reports_relative_under_root_only(tmp_path):
+    """Reports under the root become relative; others, and rows without one, stay as they were."""
+    inside = tmp_path / ".r2d/eval/run-1/report.md"
+    runs = {"base": [{"asr": 0.9, "report": str(inside)}],
+            "SFT only": [{"asr": 0.3, "report": "/elsewhere/report.md"}, {"asr": 0.2}]}
+    out = portable_reports(runs, tmp_path)
+    assert out["base"][0] == {"asr": 0.9, "report": ".r2d/eval/run-1/report.md"}
+    assert out["SFT only"] == [{"asr": 0.3, "report": "/elsewhere/report.md"}, {"asr": 0.2}]
+    assert runs["base"][0]["report"] == str(inside)  # the saved runs are not changed
