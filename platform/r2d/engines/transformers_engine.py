@@ -162,7 +162,10 @@ def generate_transformers(ds, model, engine, sampling, system_prompt=None, promp
         TransformersGenerator,
         fn_constructor_kwargs={"model_cfg": model, "engine_cfg": engine, "sampling_cfg": sampling,
                                "system_prompt": system_prompt, "prompt_column": prompt_column},
-        compute=ray.data.ActorPoolStrategy(size=engine.concurrency),
+        # One batch at a time per actor: generate() is synchronous, so a queued second batch only
+        # waits, and the first actor up would take every batch of a small run (measured: 2 batches,
+        # 2 actors, one idle) while the others are still loading the model.
+        compute=ray.data.ActorPoolStrategy(size=engine.concurrency, max_tasks_in_flight_per_actor=1),
         num_cpus=engine.num_cpus,
         num_gpus=engine.num_gpus or None,
         batch_size=engine.batch_size,
