@@ -1,12 +1,14 @@
 """Serving latency and throughput: the Serve application over HTTP against a bare ``generate`` call.
 
 The application is the project's own (ingress with auth, limits and pivot modes in front
-of the batched transformers deployment), started from the tiny config on the bundled
-model. Closed-loop clients keep ``c`` requests in flight (c = 1, 8, 32); every request
-asks for the same ``max_tokens`` with greedy decoding. The baseline is the same model
-loaded in this process, one ``model.generate`` per prompt with the replica's thread count.
+of one engine deployment), started from the tiny config on the bundled model, once per
+engine: the batched transformers deployment and the vLLM one (continuous batching).
+Closed-loop clients keep ``c`` requests in flight (c = 1, 8, 32); every request asks for
+the same ``max_tokens`` with greedy decoding. The baseline is the same engine without
+the server, one prompt at a time: ``model.generate`` in this process with the replica's
+thread count, or ``vllm.LLM.generate`` in a fresh process with the replica's engine settings.
 
-    python benchmarks/bench_serving.py [--quick]
+    python benchmarks/bench_serving.py [--quick] [--engines transformers,vllm]
 
 ``benchmarks/bench_serve.py`` (sequential vs 32 concurrent tokens/s) is the smaller
 smoke check this section grew from.
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import socket
 import sys
 import time
@@ -23,24 +27,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PySpyAttach, Row, repo_path, median, per_second, percentile, start_ray  # noqa: E402
+from common import PySpyAttach, Row, median, per_second, percentile, repo_path, run_child, start_ray  # noqa: E402
 
 SECTION = "serve"
 SIZES = {"full": {"max_tokens": 32, "requests": {1: 8, 8: 24, 32: 64}, "bare": 8},
          "quick": {"max_tokens": 16, "requests": {1: 4, 8: 8, 32: 32}, "bare": 4}}
 """Requests per level: at 32 clients two waves at least, so batches form in a steady state."""
 MODEL = "bundled:smollm2-135m"
+ENGINES = ("transformers", "vllm")
 
 
 def prompt(i: int) -> str:
     return f"Tell me a fact about the number {i}."
 
 
-def serve_config(port: int):
+def serve_config(port: int, engine: str = "transformers"):
     from r2d.config import load_config
 
     return load_config(str(Path(__file__).resolve().parent.parent / "jobs/configs/tiny.yaml"), [
-        f"serve.model={MODEL}", "serve.engine=transformers", "serve.api_key_env=", "serve.batch_max_size=32",
+        f"serve.model={MODEL}", f"serve.engine={engine}", "serve.api_key_env=", "serve.batch_max_size=32",
         f"serve.port={port}", "serve.max_model_len=512", "serve.max_tokens_limit=256",
         "serve.default_max_tokens=64"])
 
@@ -66,6 +71,38 @@ def bare_latencies(n: int, max_tokens: int, threads: int) -> dict:
         if i >= 0:
             seconds.append(time.perf_counter() - start)
             tokens += out.shape[1] - enc["input_ids"].shape[1]
+    return {"p50_s": median(seconds), "p99_s": percentile(seconds, 99), "tokens": tokens,
+            "req_s": per_second(n, sum(seconds))}
+
+
+def bare_vllm_latencies(n: int, max_tokens: int) -> dict:
+    """Latency of ``n`` single-prompt greedy ``LLM.generate`` calls (after one warm-up), with the
+    serving replica's engine settings and the same rendered token ids; run in a fresh process."""
+    from r2d.runtime import worker_env
+
+    for key, value in worker_env().items():
+        os.environ.setdefault(key, value)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from r2d.models import load_tokenizer, resolve_source
+    from r2d.pivots import render_conversation
+
+    cfg = serve_config(8000, "vllm")
+    local = resolve_source(MODEL, cfg.model.cache_dir)
+    tok = load_tokenizer(local, cfg.model.cache_dir)
+    llm = LLM(model=local, tokenizer=local, dtype=cfg.model.dtype, max_model_len=cfg.serve.max_model_len,
+              enforce_eager=True, disable_log_stats=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, skip_special_tokens=False)
+    seconds, tokens = [], 0
+    for i in range(-1, n):
+        ids = tok(render_conversation(tok, [{"role": "user", "content": prompt(max(i, 0))}]),
+                  add_special_tokens=False)["input_ids"]
+        start = time.perf_counter()
+        out = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
+        if i >= 0:
+            seconds.append(time.perf_counter() - start)
+            tokens += len(out[0].outputs[0].token_ids)
     return {"p50_s": median(seconds), "p99_s": percentile(seconds, 99), "tokens": tokens,
             "req_s": per_second(n, sum(seconds))}
 
@@ -120,12 +157,23 @@ def _serve_pids() -> dict[str, int]:
     return pids
 
 
-def measure_server(size: dict, log=print, profile_dir: str = "") -> tuple[dict, float, dict]:
+OVERHEAD_TARGET, BATCHING_TARGET = 1.15, 4.0
+"""Latency at concurrency 1 over bare (at most); requests/s at 32 over concurrency 1 (at least)."""
+
+
+def missed(levels: dict, bare_p50_s: float) -> bool:
+    """Whether either serving target was missed."""
+    return (levels[1]["p50_s"] / bare_p50_s > OVERHEAD_TARGET
+            or levels[32]["req_s"] / levels[1]["req_s"] < BATCHING_TARGET)
+
+
+def measure_server(size: dict, log=print, profile_dir: str = "", engine: str = "transformers",
+                   bare_p50_s: float = 0.0) -> tuple[dict, float, dict]:
     """Start the app, wait for a real generation, run each concurrency level.
 
-    Returns (levels, start-up seconds, profiles): with ``profile_dir``, one more pass at
-    concurrency 1 and at 32 runs under py-spy attached to the proxy and the replicas
-    (after the measured passes, so sampling does not slow them).
+    Returns (levels, start-up seconds, profiles): with ``profile_dir`` and a target missed
+    against ``bare_p50_s``, shorter passes at concurrency 1 and at 32 run under py-spy attached
+    to the proxy and the replicas (after the measured passes, so sampling does not slow them).
     """
     import httpx
     from ray import serve
@@ -133,7 +181,7 @@ def measure_server(size: dict, log=print, profile_dir: str = "") -> tuple[dict, 
     from r2d.serve.app import build_app
 
     port = _free_port()
-    cfg = serve_config(port)
+    cfg = serve_config(port, engine)
     start_ray(num_cpus=3)
     started = time.perf_counter()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -151,32 +199,53 @@ def measure_server(size: dict, log=print, profile_dir: str = "") -> tuple[dict, 
         asyncio.run(_load(url, 1, 1, size["max_tokens"]))  # warm-up request
         for c, total in size["requests"].items():
             levels[c] = asyncio.run(_load(url, c, total, size["max_tokens"]))
-            log(f"  concurrency {c}: p50 {levels[c]['p50_s']:.2f}s p99 {levels[c]['p99_s']:.2f}s "
+            log(f"  {engine} concurrency {c}: p50 {levels[c]['p50_s']:.2f}s p99 {levels[c]['p99_s']:.2f}s "
                 f"{levels[c]['req_s']:.2f} req/s {levels[c]['tok_s']:.1f} tok/s")
         profiles = {}
-        for c in (1, 32) if profile_dir else ():
-            with PySpyAttach(_serve_pids(), Path(profile_dir) / f"serve-c{c}") as spy:
-                asyncio.run(_load(url, c, size["requests"][c], size["max_tokens"]))
+        for c in (1, 32) if profile_dir and bare_p50_s and missed(levels, bare_p50_s) else ():
+            with PySpyAttach(_serve_pids(), Path(profile_dir) / f"serve-{engine}-c{c}") as spy:
+                asyncio.run(_load(url, c, SIZES["quick"]["requests"][c], size["max_tokens"]))
             profiles[c] = {k: repo_path(v) for k, v in spy.paths.items()}
     finally:
         serve.shutdown()
     return levels, startup, profiles
 
 
-def run(quick: bool = False, log=print, profile_dir: str = "") -> list[Row]:
+def run(quick: bool = False, log=print, profile_dir: str = "", engines: tuple[str, ...] = ENGINES) -> list[Row]:
     size = SIZES["quick" if quick else "full"]
-    threads = max(1, int(serve_config(8000).serve.num_cpus))  # what the replica gets
-    levels, startup, profiles = measure_server(size, log, profile_dir)
-    bare = bare_latencies(size["bare"], size["max_tokens"], threads)
-    log(f"  bare generate: p50 {bare['p50_s']:.2f}s ({threads} thread(s)); server start-up {startup:.0f}s")
-    note = f"{size['max_tokens']} tok/request, greedy, replica {threads} thread(s)"
-    rows = [Row(SECTION, "latency p50 at concurrency 1 vs bare generate", levels[1]["p50_s"], "s",
-                "bare generate p50", bare["p50_s"], 1.15, higher_is_better=False, note=note,
+    rows: list[Row] = []
+    for engine in engines:
+        try:
+            rows += run_engine(engine, size, log, profile_dir)
+        except Exception as err:  # one engine failing (vLLM absent, say) still leaves the other's rows
+            rows.append(Row(SECTION, f"{engine}: latency p50 at concurrency 1 vs bare", None, "s",
+                            note=f"failed: {str(err).strip().splitlines()[-1][:200]}"))
+    return rows
+
+
+def run_engine(engine: str, size: dict, log=print, profile_dir: str = "") -> list[Row]:
+    """One engine's rows: the server's levels against the same engine without the server."""
+    if engine == "vllm":
+        import vllm  # noqa: F401  (absent: the caller turns the ImportError into a row)
+    threads = max(1, int(serve_config(8000).serve.num_cpus))  # what a transformers replica gets
+    # The bare baseline first: whether a target was missed decides if the server is profiled.
+    if engine == "vllm":
+        here = str(Path(__file__).resolve())
+        bare = run_child([here, "--child", "vllm-bare", "--n", str(size["bare"]), "--max-tokens",
+                          str(size["max_tokens"])], 900)
+        baseline, note = "bare LLM.generate p50", f"{size['max_tokens']} tok/request, greedy, engine on all cores"
+    else:
+        bare = bare_latencies(size["bare"], size["max_tokens"], threads)
+        baseline, note = "bare generate p50", f"{size['max_tokens']} tok/request, greedy, replica {threads} thread(s)"
+    levels, startup, profiles = measure_server(size, log, profile_dir, engine, bare["p50_s"])
+    log(f"  {engine} bare: p50 {bare['p50_s']:.2f}s; server start-up {startup:.0f}s")
+    rows = [Row(SECTION, f"{engine}: latency p50 at concurrency 1 vs bare", levels[1]["p50_s"], "s",
+                baseline, bare["p50_s"], OVERHEAD_TARGET, higher_is_better=False, note=note,
                 extra={"levels": {str(k): v for k, v in levels.items()}, "bare": bare, "startup_s": startup,
                        "profiles": profiles})]
     for c in (8, 32):
-        rows.append(Row(SECTION, f"requests/s at concurrency {c} vs 1", levels[c]["req_s"], "req/s",
-                        "concurrency 1", levels[1]["req_s"], 4.0 if c == 32 else None,
+        rows.append(Row(SECTION, f"{engine}: requests/s at concurrency {c} vs 1", levels[c]["req_s"], "req/s",
+                        "concurrency 1", levels[1]["req_s"], BATCHING_TARGET if c == 32 else None,
                         note=f"p50 {levels[c]['p50_s']:.2f}s, p99 {levels[c]['p99_s']:.2f}s"))
     return rows
 
@@ -186,8 +255,15 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_section_args(parser)
+    parser.add_argument("--engines", default=",".join(ENGINES), help="comma list of serving engines to measure")
+    parser.add_argument("--child", choices=["vllm-bare"])
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args(argv)
-    emit(run(args.quick, profile_dir=args.profile_dir), args.rows_json)
+    if args.child == "vllm-bare":
+        print(json.dumps(bare_vllm_latencies(args.n, args.max_tokens)), flush=True)
+        return 0
+    emit(run(args.quick, profile_dir=args.profile_dir, engines=tuple(args.engines.split(","))), args.rows_json)
     return 0
 
 

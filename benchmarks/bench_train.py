@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Row, cuda_available, per_second, repo_path, torch_profile  # noqa: E402
 
 SECTION = "train"
-SIZES = {"full": {"rows": 64, "steps": 8}, "quick": {"rows": 32, "steps": 4}}
+SIZES = {"full": {"rows": 64, "steps": 6}, "quick": {"rows": 32, "steps": 4}}
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
 """Dense bf16 peak per GPU, for MFU."""
 
