@@ -121,3 +121,30 @@ def test_training_flops_per_token_counts_frozen_weights_as_4_and_trainable_as_6(
     assert flops_per_token(torch.nn.Sequential(frozen, trainable)) == 124.0
     frozen.requires_grad_(True)  # full fine-tuning: the usual 6N
     assert flops_per_token(torch.nn.Sequential(frozen, trainable)) == 6.0 * 26
+
+
+def test_serving_targets_missed_by_overhead_or_by_batching():
+    """p50 2.3 s over bare 2.0 s is 1.15x (met, at most 1.15x); 2.4 s is 1.2x (missed);
+    4.0 req/s at 32 over 1.0 at 1 is 4x (met); 3.9 is missed."""
+    from bench_serving import missed
+
+    def levels(p50_1: float, req_s_32: float) -> dict:
+        return {1: {"p50_s": p50_1, "req_s": 1.0}, 32: {"req_s": req_s_32}}
+
+    assert not missed(levels(2.3, 4.0), 2.0)
+    assert missed(levels(2.4, 4.0), 2.0)
+    assert missed(levels(2.0, 3.9), 2.0)
+
+
+def test_distillation_projection_is_start_up_plus_recipe_tokens_at_the_steady_rate():
+    """tiny.yaml distils 300 prompts x 128 tokens = 38,400 tokens. vLLM: 90 s wall, 20 s of it
+    generating at 200 tok/s -> 70 + 192 = 262 s. Transformers: 100 s wall, 80 s generating at
+    30 tok/s -> 20 + 1,280 = 1,300 s."""
+    from bench_distill import projection_row
+
+    row = projection_row({"seconds": 100.0, "engine_s": 80.0, "engine_tok_s": 30.0},
+                         {"seconds": 90.0, "engine_s": 20.0, "engine_tok_s": 200.0})
+    assert row.extra["tokens"] == 38_400
+    assert row.value == pytest.approx(262.0)
+    assert row.baseline == pytest.approx(1300.0)
+    assert row.ratio == pytest.approx(262.0 / 1300.0)
