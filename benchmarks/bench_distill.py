@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Row, median, per_second, run_child, start_ray, timed  # noqa: E402
+from common import CpuSampler, Row, median, per_second, repo_path, run_child, start_ray, timed  # noqa: E402
 
 SECTION = "distill"
 # Without prefix caching every transformers prompt re-computes the 278-token safety system
@@ -133,27 +133,29 @@ def pipeline_run(prompts: list[dict], engine, max_tokens: int, system: str) -> d
         rows.append(row)
     seconds = time.perf_counter() - start
     tokens = sum(int(r["num_generated_tokens"]) for r in rows)
-    engine_s = engine_stage_seconds(ds)
+    window = engine_stage_window(ds)
+    engine_s = window[1] - window[0] if window else None
     return {"tokens": tokens, "seconds": seconds, "tok_s": per_second(tokens, seconds), "first_row_s": first,
             "errors": sum(bool(r["gen_error"]) for r in rows), "rows": len(rows), "engine_s": engine_s,
-            "engine_tok_s": per_second(tokens, engine_s) if engine_s else None}
+            "engine_tok_s": per_second(tokens, engine_s) if engine_s else None, "engine_window": window}
 
 
 ENGINE_STAGES = ("vLLMEngineStageUDF", "TransformersGenerator")
 
 
-def engine_stage_seconds(ds) -> float | None:
-    """Seconds from the generation stage's first batch starting to its last batch ending.
+def engine_stage_window(ds) -> tuple[float, float] | None:
+    """``time.perf_counter`` times of the generation stage's first batch start and last batch end.
 
-    Ray Data times every batch inside the actor, so this is the pipeline's steady state:
-    actor start-up and model loading come before the first batch starts.
+    Ray Data times every batch inside the actor, so the window is the pipeline's steady
+    state: actor start-up and model loading come before the first batch starts. (The
+    monotonic clock is shared by every process of the machine.)
     """
     pending = [ds.get_stats_summary()]
     while pending:
         summary = pending.pop()
         for op in summary.operators_stats:
             if any(name in op.operator_name for name in ENGINE_STAGES) and op.earliest_start_time:
-                return op.latest_end_time - op.earliest_start_time
+                return op.earliest_start_time, op.latest_end_time
         pending += summary.parents
     return None
 
@@ -169,7 +171,7 @@ def _vllm_engine(batch_size: int):
                         max_model_len=VLLM_MAX_MODEL_LEN)
 
 
-def child_vllm_bare(n: int, max_tokens: int) -> dict:
+def child_vllm_bare(n: int, max_tokens: int, cpu_profile: str = "") -> dict:
     """Bare ``vllm.LLM.generate`` on the same rendered prompts: start-up and steady state apart."""
     from r2d.runtime import VLLM_CPU_ENV
 
@@ -187,16 +189,30 @@ def child_vllm_bare(n: int, max_tokens: int) -> dict:
     llm, startup = timed(lambda: LLM(model=local, dtype="float32", enforce_eager=True,
                                      max_model_len=VLLM_MAX_MODEL_LEN))
     params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=0, skip_special_tokens=False)
-    outs, seconds = timed(lambda: llm.generate(rendered, params, use_tqdm=False))
+    with CpuSampler() as cpu:
+        t0 = time.perf_counter()
+        outs, seconds = timed(lambda: llm.generate(rendered, params, use_tqdm=False))
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    _write_cpu_profile(cpu, (t0, t0 + seconds), cpu_profile, "bare LLM.generate")
     return {"startup_s": startup, "seconds": seconds, "tokens": tokens, "tok_s": per_second(tokens, seconds)}
 
 
-def child_vllm_pipeline(n: int, max_tokens: int, batch_size: int) -> dict:
+def child_vllm_pipeline(n: int, max_tokens: int, batch_size: int, cpu_profile: str = "") -> dict:
     """Our vLLM pipeline (``ray.data.llm``) end to end, Ray start excluded, engine start included."""
 
     start_ray(num_cpus=3)
-    return pipeline_run(bench_prompts(n), _vllm_engine(batch_size), max_tokens, system_text())
+    with CpuSampler() as cpu:
+        result = pipeline_run(bench_prompts(n), _vllm_engine(batch_size), max_tokens, system_text())
+    if result["engine_window"]:
+        _write_cpu_profile(cpu, result["engine_window"], cpu_profile, "our pipeline's engine stage")
+    return result
+
+
+def _write_cpu_profile(cpu: CpuSampler, window: tuple[float, float], path: str, what: str) -> None:
+    """Save who used the cores during ``window`` (the generation itself) to ``path``, if given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(f"# {what}\n{cpu.report(*window)}")
 
 
 # ---------------------------------------------------------------- the section
@@ -246,27 +262,30 @@ def _engine_text(engine) -> str:
     return f"{engine.concurrency} actors x {engine.num_cpus:g} CPU, batch {engine.batch_size}"
 
 
-def run_vllm(size: dict, base: dict | None, log=print) -> list[Row]:
+def run_vllm(size: dict, base: dict | None, log=print, profile_dir: str = "") -> list[Row]:
     """Our vLLM pipeline against bare vLLM and against the plain transformers loop; a failure becomes a row."""
     try:
         import vllm  # noqa: F401
     except Exception as err:  # vLLM absent or broken: the rows say so instead of failing the run
         return [Row(SECTION, "vllm pipeline vs bare vllm", None, "tok/s", note=f"skipped: {err}")]
     try:
-        return _vllm_rows(size, base, log)
+        return _vllm_rows(size, base, log, profile_dir)
     except Exception as err:
         return [Row(SECTION, "vllm pipeline vs bare vllm", None, "tok/s",
                     note=f"failed: {str(err).strip().splitlines()[-1][:200]}")]
 
 
-def _vllm_rows(size: dict, base: dict | None, log=print) -> list[Row]:
+def _vllm_rows(size: dict, base: dict | None, log=print, profile_dir: str = "") -> list[Row]:
     here = str(Path(__file__).resolve())
     n, max_tokens, batch = size["prompts"], size["max_tokens"], tiny_config().distill.engine.batch_size
-    bare = run_child([here, "--child", "vllm-bare", "--n", str(n), "--max-tokens", str(max_tokens)], 900)
+    # Who used the cores while each generated: the process-level profile of the steady-state row.
+    cpu = {k: str(Path(profile_dir) / f"distill-vllm-{k}.cpu.txt") if profile_dir else "" for k in ("bare", "pipeline")}
+    bare = run_child([here, "--child", "vllm-bare", "--n", str(n), "--max-tokens", str(max_tokens),
+                      "--cpu-profile", cpu["bare"]], 900)
     log(f"  bare vLLM: start {bare['startup_s']:.1f}s, {bare['tok_s']:.1f} tok/s steady "
         f"({bare['tokens']} tokens in {bare['seconds']:.1f}s)")
     ours = run_child([here, "--child", "vllm-pipeline", "--n", str(n), "--max-tokens", str(max_tokens),
-                      "--batch", str(batch)], 900)
+                      "--batch", str(batch), "--cpu-profile", cpu["pipeline"]], 900)
     ours_startup = ours["seconds"] - (ours["engine_s"] or 0.0)
     log(f"  ours (vllm via ray.data.llm): {ours['tokens']} tokens in {ours['seconds']:.1f}s end to end, "
         f"engine stage {ours['engine_s'] or 0:.1f}s, first row {ours['first_row_s']:.1f}s, errors {ours['errors']}")
@@ -274,7 +293,8 @@ def _vllm_rows(size: dict, base: dict | None, log=print) -> list[Row]:
     rows = [
         Row(SECTION, "vllm pipeline vs bare vllm, steady state", ours["engine_tok_s"], "tok/s", "bare generate",
             bare["tok_s"], 0.9, note=f"{n} prompts x {max_tokens} tok; ours: the engine stage's first batch start "
-                                     f"to last batch end (Ray Data stats)", extra={"ours": ours, "bare": bare}),
+                                     f"to last batch end (Ray Data stats)",
+            extra={"ours": ours, "bare": bare, "profile": [repo_path(p) for p in cpu.values() if Path(p).is_file()]}),
         Row(SECTION, "vllm pipeline vs bare vllm, start-up included", per_second(ours["tokens"], ours["seconds"]),
             "tok/s", "bare LLM() + generate", per_second(bare["tokens"], bare_total), None,
             note=f"start-up: bare LLM() {bare['startup_s']:.0f}s; ours (3 actors, engine, rest of the wall) "
@@ -316,10 +336,10 @@ def projection_row(transformers: dict, vllm: dict) -> Row:
                extra={"tokens": tokens})
 
 
-def run(quick: bool = False, log=print) -> list[Row]:
+def run(quick: bool = False, log=print, profile_dir: str = "") -> list[Row]:
     size = SIZES["quick" if quick else "full"]
     rows = run_transformers(size, log)
-    rows += run_vllm(size, rows[0].extra["baseline"], log)
+    rows += run_vllm(size, rows[0].extra["baseline"], log, profile_dir)
     runs = [r.extra.get("ours") for r in rows if r.extra.get("ours")]
     if len(runs) == 2 and all(r.get("engine_tok_s") for r in runs):
         rows.append(projection_row(*runs))
@@ -335,18 +355,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--cpu-profile", default="", help="children: save who used the cores while generating")
     args = parser.parse_args(argv)
     if args.child == "vllm-bare":
-        print(json.dumps(child_vllm_bare(args.n, args.max_tokens)), flush=True)
+        print(json.dumps(child_vllm_bare(args.n, args.max_tokens, args.cpu_profile)), flush=True)
     elif args.child == "vllm-pipeline":
-        print(json.dumps(child_vllm_pipeline(args.n, args.max_tokens, args.batch)), flush=True)
+        print(json.dumps(child_vllm_pipeline(args.n, args.max_tokens, args.batch, args.cpu_profile)), flush=True)
     elif args.child == "ours-transformers":  # for profiling: the pipeline alone
         start_ray(num_cpus=3)
         result = pipeline_run(bench_prompts(args.n), tiny_config(TRANSFORMERS).distill.engine, args.max_tokens,
                               system_text())
         print(json.dumps(result), flush=True)
     else:
-        emit(run(args.quick), args.rows_json)
+        emit(run(args.quick, profile_dir=args.profile_dir), args.rows_json)
     return 0
 
 

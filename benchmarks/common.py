@@ -267,6 +267,85 @@ class PySpyAttach:
                 self.paths[name] = path
 
 
+def process_label(cmdline: list[str]) -> str:
+    """A short name for a process: its Ray or vLLM title, else the script it runs."""
+    title = " ".join(cmdline)
+    if title.startswith(("ray::", "VLLM::")):
+        return title.split()[0]
+    scripts = [Path(a).name for a in cmdline if a.endswith(".py")]
+    return scripts[0] if scripts else Path(cmdline[0]).name if cmdline else "?"
+
+
+def cpu_between(samples: list[tuple[float, dict[int, tuple[str, float]]]], t0: float,
+                t1: float) -> dict[str, float]:
+    """CPU seconds each label used between ``t0`` and ``t1``, from timed per-process snapshots.
+
+    ``samples`` holds ``(time, {pid: (label, cumulative cpu seconds)})`` in time order; a
+    process is charged its last reading at or before ``t1`` minus its last reading at or
+    before ``t0`` (zero if it did not exist then, so a process started inside the window
+    is charged all it used).
+    """
+    before = [snap for t, snap in samples if t <= t0]
+    inside = [snap for t, snap in samples if t <= t1]
+    start = before[-1] if before else {}
+    end = inside[-1] if inside else {}
+    used: dict[str, float] = {}
+    for pid, (label, cpu) in end.items():
+        used[label] = used.get(label, 0.0) + cpu - start.get(pid, (label, 0.0))[1]
+    return used
+
+
+class CpuSampler:
+    """Every process's CPU seconds, sampled every ``interval`` s in a thread (psutil).
+
+    A process-level profile: who used the cores while a stage ran, for the cases where
+    the time goes to other processes (engine workers, Ray's own) rather than to Python code
+    one process could show. Use as a context manager, then :meth:`report`.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        import threading
+
+        self.interval = interval
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _snapshot(self) -> None:
+        import psutil
+
+        snap = {}
+        for proc in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+            times = proc.info["cpu_times"]
+            if times is not None:
+                snap[proc.info["pid"]] = (process_label(proc.info["cmdline"] or []), times.user + times.system)
+        self.samples.append((time.perf_counter(), snap))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._snapshot()
+
+    def __enter__(self) -> "CpuSampler":
+        self._snapshot()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._snapshot()
+
+    def report(self, t0: float, t1: float, top: int = 12) -> str:
+        """The labels that used the most CPU in [t0, t1], as seconds and as a share of the machine."""
+        used = cpu_between(self.samples, t0, t1)
+        capacity = max(t1 - t0, 1e-9) * (os.cpu_count() or 1)
+        lines = [f"window {t1 - t0:.1f} s x {os.cpu_count()} cores; CPU seconds and share of the machine", ""]
+        for label, cpu in sorted(used.items(), key=lambda kv: -kv[1])[:top]:
+            if cpu > 0.05:
+                lines.append(f"{cpu:8.1f} s  {100 * cpu / capacity:5.1f}%   {label}")
+        return "\n".join(lines) + "\n"
+
+
 def summarize_collapsed(text: str, top: int = 30) -> str:
     """Top functions by self and inclusive samples from py-spy's collapsed-stack output."""
     own: dict[str, int] = {}

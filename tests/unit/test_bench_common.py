@@ -148,3 +148,27 @@ def test_distillation_projection_is_start_up_plus_recipe_tokens_at_the_steady_ra
     assert row.value == pytest.approx(262.0)
     assert row.baseline == pytest.approx(1300.0)
     assert row.ratio == pytest.approx(262.0 / 1300.0)
+
+
+def test_cpu_between_charges_each_process_its_use_inside_the_window():
+    """Window [1, 3]: pid 1 (engine) 10 -> 14 s; pid 2 (driver) 5 -> 5.5 s; pid 3 starts inside
+    the window with 2 s used, all charged; pid 4 ended before the window, not charged."""
+    from common import cpu_between
+
+    samples = [(0.0, {1: ("engine", 9.0), 2: ("driver", 5.0), 4: ("old", 3.0)}),
+               (1.0, {1: ("engine", 10.0), 2: ("driver", 5.0)}),
+               (2.0, {1: ("engine", 12.0), 2: ("driver", 5.2), 3: ("driver", 1.0)}),
+               (3.0, {1: ("engine", 14.0), 2: ("driver", 5.5), 3: ("driver", 2.0)}),
+               (4.0, {1: ("engine", 16.0), 2: ("driver", 6.0), 3: ("driver", 3.0)})]
+    assert cpu_between(samples, 1.0, 3.5) == pytest.approx({"engine": 4.0, "driver": 2.5})
+
+
+def test_process_label_names_ray_and_vllm_titles_or_the_script():
+    from common import process_label
+
+    assert process_label(["ray::MapWorker(MapBatches(vLLMEngineStageUDF))", ""]) == \
+        "ray::MapWorker(MapBatches(vLLMEngineStageUDF))"
+    assert process_label(["VLLM::EngineCore"]) == "VLLM::EngineCore"
+    assert process_label(["/usr/bin/python", "benchmarks/bench_distill.py", "--child"]) == "bench_distill.py"
+    assert process_label(["/usr/bin/raylet", "--x"]) == "raylet"
+    assert process_label([]) == "?"
