@@ -27,10 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PySpyAttach, Row, median, per_second, percentile, repo_path, run_child, start_ray  # noqa: E402
+from common import (CpuSampler, PySpyAttach, Row, median, per_second, percentile, repo_path, run_child,  # noqa: E402
+                    start_ray)
 
 SECTION = "serve"
-SIZES = {"full": {"max_tokens": 32, "requests": {1: 8, 8: 24, 32: 64}, "bare": 8},
+SIZES = {"full": {"max_tokens": 24, "requests": {1: 8, 8: 24, 32: 64}, "bare": 6},
          "quick": {"max_tokens": 16, "requests": {1: 4, 8: 8, 32: 32}, "bare": 4}}
 """Requests per level: at 32 clients two waves at least, so batches form in a steady state."""
 MODEL = "bundled:smollm2-135m"
@@ -203,9 +204,15 @@ def measure_server(size: dict, log=print, profile_dir: str = "", engine: str = "
                 f"{levels[c]['req_s']:.2f} req/s {levels[c]['tok_s']:.1f} tok/s")
         profiles = {}
         for c in (1, 32) if profile_dir and bare_p50_s and missed(levels, bare_p50_s) else ():
-            with PySpyAttach(_serve_pids(), Path(profile_dir) / f"serve-{engine}-c{c}") as spy:
+            folder = Path(profile_dir) / f"serve-{engine}-c{c}"
+            # py-spy shows the Python processes; the sampler shows every process, engine workers included.
+            with PySpyAttach(_serve_pids(), folder) as spy, CpuSampler() as cpu:
+                t0 = time.perf_counter()
                 asyncio.run(_load(url, c, SIZES["quick"]["requests"][c], size["max_tokens"]))
-            profiles[c] = {k: repo_path(v) for k, v in spy.paths.items()}
+                t1 = time.perf_counter()
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "cpu.txt").write_text(f"# {engine} server at concurrency {c}\n{cpu.report(t0, t1)}")
+            profiles[c] = {**{k: repo_path(v) for k, v in spy.paths.items()}, "cpu": repo_path(folder / "cpu.txt")}
     finally:
         serve.shutdown()
     return levels, startup, profiles

@@ -66,7 +66,7 @@ def profile_missed(rows: list[Row], quick: bool) -> None:
         return
     # A short run is enough to show where the time goes (the profile is a share, not a rate).
     argv = [sys.executable, str(Path(__file__).resolve().parent / "bench_distill.py"), "--child", "ours-transformers",
-            "--n", "8", "--max-tokens", "32"]
+            "--n", "8", "--max-tokens", "16"]
     path = py_spy_record(argv, RESULTS / "profiles" / "distill-ours-transformers.pyspy.txt")
     for r in missed:
         r.extra["profile"] = repo_path(path) if path else "py-spy not installed"
