@@ -85,8 +85,11 @@ class VLLMEngine:
             yield Delta("", "error", error=f"prompt ({len(ids)} tokens) plus max_tokens ({req.max_tokens}) "
                                            f"exceeds the model's context of {self.max_model_len} tokens")
             return
+        # A non-streaming request needs only the final output: with DELTA the replica's event loop would
+        # wake for every token, taking the cores from the engine's threads on a small machine.
+        kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
         params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                seed=req.seed, skip_special_tokens=False, output_kind=RequestOutputKind.DELTA)
+                                seed=req.seed, skip_special_tokens=False, output_kind=kind)
         n_out = 0
         async for out in cur["engine"].generate(TokensPrompt(prompt_token_ids=ids), params, req.request_id):
             piece = out.outputs[0]
