@@ -283,7 +283,7 @@ def cpu_between(samples: list[tuple[float, dict[int, tuple[str, float]]]], t0: f
     ``samples`` holds ``(time, {pid: (label, cumulative cpu seconds)})`` in time order; a
     process is charged its last reading at or before ``t1`` minus its last reading at or
     before ``t0`` (zero if it did not exist then, so a process started inside the window
-    is charged all it used).
+    is charged all it used). The edges are exact to within one sampling interval.
     """
     before = [snap for t, snap in samples if t <= t0]
     inside = [snap for t, snap in samples if t <= t1]

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{time.perf_counter() - started:.0f} s)\n\n{markdown_table(table)}\n\n**Does CPO help?** (paired by seed)"
             f"\n{verdict(runs)}\n\n![ASR against over-refusal, every run](tradeoff.png)\n")
     (out / "ablation.md").write_text(text)
-    (out / "ablation.json").write_text(json.dumps({"runs": portable_reports(runs, Path.cwd()), "table": table}, indent=1, default=str))
+    saved = {"runs": portable_reports(runs, Path.cwd()), "table": table}
+    (out / "ablation.json").write_text(json.dumps(saved, indent=1, default=str))
     print(text)
     return 0
 
