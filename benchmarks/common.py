@@ -272,8 +272,11 @@ def process_label(cmdline: list[str]) -> str:
     title = " ".join(cmdline)
     if title.startswith(("ray::", "VLLM::")):
         return title.split()[0]
+    exe = Path(cmdline[0]).name if cmdline else "?"
+    if not exe.startswith("python"):  # raylet's own arguments name Python scripts it will start
+        return exe
     scripts = [Path(a).name for a in cmdline if a.endswith(".py")]
-    return scripts[0] if scripts else Path(cmdline[0]).name if cmdline else "?"
+    return scripts[0] if scripts else exe
 
 
 def cpu_between(samples: list[tuple[float, dict[int, tuple[str, float]]]], t0: float,
@@ -346,6 +349,15 @@ class CpuSampler:
         return "\n".join(lines) + "\n"
 
 
+def _frame_name(frame: str) -> str:
+    """A frame as the summary shows it: py-spy's ``process N:"<command line>"`` root frames
+    (``--subprocesses``) become ``process <label>``, without the machine's paths."""
+    if frame.startswith("process ") and ':"' in frame:
+        cmdline = frame.split(':"', 1)[1].rstrip('"').split()
+        return "process " + (process_label(cmdline) if cmdline else "(recorded)")
+    return frame
+
+
 def summarize_collapsed(text: str, top: int = 30) -> str:
     """Top functions by self and inclusive samples from py-spy's collapsed-stack output."""
     own: dict[str, int] = {}
@@ -355,7 +367,7 @@ def summarize_collapsed(text: str, top: int = 30) -> str:
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        n, frames = int(count), stack.split(";")
+        n, frames = int(count), [_frame_name(f) for f in stack.split(";")]
         total += n
         own[frames[-1]] = own.get(frames[-1], 0) + n
         for frame in set(frames):

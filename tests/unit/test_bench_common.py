@@ -170,5 +170,15 @@ def test_process_label_names_ray_and_vllm_titles_or_the_script():
         "ray::MapWorker(MapBatches(vLLMEngineStageUDF))"
     assert process_label(["VLLM::EngineCore"]) == "VLLM::EngineCore"
     assert process_label(["/usr/bin/python", "benchmarks/bench_distill.py", "--child"]) == "bench_distill.py"
-    assert process_label(["/usr/bin/raylet", "--x"]) == "raylet"
+    assert process_label(["/usr/bin/raylet", "--python_worker_command=/v/bin/python", "setup_worker.py"]) == "raylet"
     assert process_label([]) == "?"
+
+
+def test_summaries_name_subprocess_roots_without_their_command_lines():
+    """py-spy's --subprocesses root frames carry whole command lines (the machine's paths): the
+    summary keeps only the process's label. 3 samples in the worker, 1 in the driver."""
+    raw = ('process 11:"/opt/venv/bin/python /opt/venv/ray/default_worker.py --x";work (w.py:1) 3\n'
+           'process 12:"/opt/venv/bin/python jobs/distill.py";main (d.py:2) 1\n')
+    text = summarize_collapsed(raw)
+    assert "/opt/venv" not in text
+    assert " 75.0   process default_worker.py" in text and " 25.0   process distill.py" in text
