@@ -62,16 +62,26 @@ def bare_latencies(n: int, max_tokens: int, threads: int) -> dict:
     set_threads(threads)
     model, tok = load_model(MODEL, "float32")
     model.eval()
-    seconds, tokens = [], 0
-    for i in range(-1, n):
-        enc = tok(render_conversation(tok, prompt(max(i, 0))), return_tensors="pt", add_special_tokens=False)
-        start = time.perf_counter()
+
+    def one(i: int) -> int:
+        enc = tok(render_conversation(tok, prompt(i)), return_tensors="pt", add_special_tokens=False)
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, temperature=None, top_p=None,
                                  top_k=None, pad_token_id=tok.pad_token_id)
-        if i >= 0:
-            seconds.append(time.perf_counter() - start)
-            tokens += out.shape[1] - enc["input_ids"].shape[1]
+        return out.shape[1] - enc["input_ids"].shape[1]
+
+    return one_at_a_time(one, n)
+
+
+def one_at_a_time(one, n: int) -> dict:
+    """Latencies of ``one(i)`` (which returns the tokens it generated) for i = 0..n-1, after one
+    untimed warm-up call: p50, p99 and requests/s of a single client."""
+    one(0)
+    seconds, tokens = [], 0
+    for i in range(n):
+        start = time.perf_counter()
+        tokens += one(i)
+        seconds.append(time.perf_counter() - start)
     return {"p50_s": median(seconds), "p99_s": percentile(seconds, 99), "tokens": tokens,
             "req_s": per_second(n, sum(seconds))}
 
@@ -95,17 +105,13 @@ def bare_vllm_latencies(n: int, max_tokens: int) -> dict:
     llm = LLM(model=local, tokenizer=local, dtype=cfg.model.dtype, max_model_len=cfg.serve.max_model_len,
               enforce_eager=True, disable_log_stats=True)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, skip_special_tokens=False)
-    seconds, tokens = [], 0
-    for i in range(-1, n):
-        ids = tok(render_conversation(tok, [{"role": "user", "content": prompt(max(i, 0))}]),
-                  add_special_tokens=False)["input_ids"]
-        start = time.perf_counter()
+
+    def one(i: int) -> int:
+        ids = tok(render_conversation(tok, prompt(i)), add_special_tokens=False)["input_ids"]
         out = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
-        if i >= 0:
-            seconds.append(time.perf_counter() - start)
-            tokens += len(out[0].outputs[0].token_ids)
-    return {"p50_s": median(seconds), "p99_s": percentile(seconds, 99), "tokens": tokens,
-            "req_s": per_second(n, sum(seconds))}
+        return len(out[0].outputs[0].token_ids)
+
+    return one_at_a_time(one, n)
 
 
 async def _load(url: str, concurrency: int, total: int, max_tokens: int) -> dict:
@@ -162,18 +168,23 @@ OVERHEAD_TARGET, BATCHING_TARGET = 1.15, 4.0
 """Latency at concurrency 1 over bare (at most); requests/s at 32 over concurrency 1 (at least)."""
 
 
-def missed(levels: dict, bare_p50_s: float) -> bool:
-    """Whether either serving target was missed."""
-    return (levels[1]["p50_s"] / bare_p50_s > OVERHEAD_TARGET
-            or levels[32]["req_s"] / levels[1]["req_s"] < BATCHING_TARGET)
+def level_rows(engine: str, levels: dict, bare: dict, baseline: str, note: str) -> list[Row]:
+    """One engine's rows from its concurrency levels and its bare baseline, with their targets."""
+    rows = [Row(SECTION, f"{engine}: latency p50 at concurrency 1 vs bare", levels[1]["p50_s"], "s",
+                baseline, bare["p50_s"], OVERHEAD_TARGET, higher_is_better=False, note=note)]
+    for c in (8, 32):
+        rows.append(Row(SECTION, f"{engine}: requests/s at concurrency {c} vs 1", levels[c]["req_s"], "req/s",
+                        "concurrency 1", levels[1]["req_s"], BATCHING_TARGET if c == 32 else None,
+                        note=f"p50 {levels[c]['p50_s']:.2f}s, p99 {levels[c]['p99_s']:.2f}s"))
+    return rows
 
 
 def measure_server(size: dict, log=print, profile_dir: str = "", engine: str = "transformers",
-                   bare_p50_s: float = 0.0) -> tuple[dict, float, dict]:
+                   profile_if=lambda levels: False) -> tuple[dict, float, dict]:
     """Start the app, wait for a real generation, run each concurrency level.
 
-    Returns (levels, start-up seconds, profiles): with ``profile_dir`` and a target missed
-    against ``bare_p50_s``, shorter passes at concurrency 1 and at 32 run under py-spy attached
+    Returns (levels, start-up seconds, profiles): with ``profile_dir`` and ``profile_if(levels)``
+    true (a target missed), shorter passes at concurrency 1 and at 32 run under py-spy attached
     to the proxy and the replicas (after the measured passes, so sampling does not slow them).
     """
     import httpx
@@ -203,7 +214,7 @@ def measure_server(size: dict, log=print, profile_dir: str = "", engine: str = "
             log(f"  {engine} concurrency {c}: p50 {levels[c]['p50_s']:.2f}s p99 {levels[c]['p99_s']:.2f}s "
                 f"{levels[c]['req_s']:.2f} req/s {levels[c]['tok_s']:.1f} tok/s")
         profiles = {}
-        for c in (1, 32) if profile_dir and bare_p50_s and missed(levels, bare_p50_s) else ():
+        for c in (1, 32) if profile_dir and profile_if(levels) else ():
             folder = Path(profile_dir) / f"serve-{engine}-c{c}"
             # py-spy shows the Python processes; the sampler shows every process, engine workers included.
             with PySpyAttach(_serve_pids(), folder) as spy, CpuSampler() as cpu:
@@ -244,16 +255,13 @@ def run_engine(engine: str, size: dict, log=print, profile_dir: str = "") -> lis
     else:
         bare = bare_latencies(size["bare"], size["max_tokens"], threads)
         baseline, note = "bare generate p50", f"{size['max_tokens']} tok/request, greedy, replica {threads} thread(s)"
-    levels, startup, profiles = measure_server(size, log, profile_dir, engine, bare["p50_s"])
+    levels, startup, profiles = measure_server(
+        size, log, profile_dir, engine,
+        profile_if=lambda lv: any(r.met is False for r in level_rows(engine, lv, bare, baseline, note)))
     log(f"  {engine} bare: p50 {bare['p50_s']:.2f}s; server start-up {startup:.0f}s")
-    rows = [Row(SECTION, f"{engine}: latency p50 at concurrency 1 vs bare", levels[1]["p50_s"], "s",
-                baseline, bare["p50_s"], OVERHEAD_TARGET, higher_is_better=False, note=note,
-                extra={"levels": {str(k): v for k, v in levels.items()}, "bare": bare, "startup_s": startup,
-                       "profiles": profiles})]
-    for c in (8, 32):
-        rows.append(Row(SECTION, f"{engine}: requests/s at concurrency {c} vs 1", levels[c]["req_s"], "req/s",
-                        "concurrency 1", levels[1]["req_s"], BATCHING_TARGET if c == 32 else None,
-                        note=f"p50 {levels[c]['p50_s']:.2f}s, p99 {levels[c]['p99_s']:.2f}s"))
+    rows = level_rows(engine, levels, bare, baseline, note)
+    rows[0].extra = {"levels": {str(k): v for k, v in levels.items()}, "bare": bare, "startup_s": startup,
+                     "profiles": profiles}
     return rows
 
 

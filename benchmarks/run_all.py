@@ -59,7 +59,7 @@ def run_section(name: str, quick: bool, gpu: bool, timeout_s: float) -> tuple[li
     return [Row(name, "section failed", None, "", note=f"{why}; see results/logs/{name}.log")], seconds
 
 
-def profile_missed(rows: list[Row], quick: bool) -> None:
+def profile_missed(rows: list[Row]) -> None:
     """py-spy the distillation pipeline when its target was missed (training profiles itself)."""
     missed = [r for r in rows if r.met is False and r.section == "distill" and "transformers" in r.name]
     if not missed:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         got, seconds[name] = run_section(name, args.quick, args.gpu, args.timeout)
         rows += got
     if not args.no_profile:
-        profile_missed(rows, args.quick)
+        profile_missed(rows)
 
     # 3. results file and table
     path = RESULTS / f"{date.today().isoformat()}{'-quick' if args.quick else ''}.json"
