@@ -60,7 +60,7 @@ the system prompt; the real pipeline drops them, bare ``LLM.generate`` raises, s
 
 def bench_prompts(n: int) -> list[dict]:
     """``n`` distillation prompts (half harmful, half benign) from the tiny config's training split."""
-    from r2d.prompt_sets import select_balanced, training_prompts
+    from r2d.data.splits import select_balanced, training_prompts
 
     fits = [r for r in training_prompts(tiny_config()) if len(r["prompt"]) <= MAX_PROMPT_CHARS]
     rows = select_balanced(fits, n)
@@ -70,7 +70,7 @@ def bench_prompts(n: int) -> list[dict]:
 
 
 def system_text() -> str:
-    from r2d.teacher import system_prompt
+    from r2d.distill.teacher import system_prompt
 
     return system_prompt(tiny_config().distill.system_prompt_id)
 

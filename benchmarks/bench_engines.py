@@ -3,7 +3,7 @@
 Each engine runs in a fresh process, from interpreter start to the last evaluation row:
 import, Ray start, ``r2d.distill.run_distillation`` over N training prompts (every pass,
 the re-generation of answered harmful prompts included, traces written to a temporary
-folder) and ``r2d.eval.runner.generate_rows`` over N held-out prompts. The faster engine
+folder) and ``pipelines.generate.generate_rows`` over N held-out prompts. The faster engine
 is what ``jobs/configs/tiny.yaml`` should default to on this machine.
 
     python benchmarks/bench_engines.py [--quick]
@@ -42,9 +42,9 @@ ENGINES = {
 
 def child(engine: str, n: int, max_tokens: int) -> dict:
     from r2d.config import load_config
-    from r2d.distill import run_distillation
-    from r2d.eval.runner import generate_rows
-    from r2d.prompt_sets import heldout_prompts, select_balanced, training_prompts
+    from pipelines.distill import run_distillation
+    from pipelines.generate import generate_rows
+    from r2d.data.splits import heldout_prompts, select_balanced, training_prompts
 
     out_dir = tempfile.mkdtemp(prefix=f"r2d-bench-{engine}-")
     cfg = load_config(str(Path(__file__).resolve().parent.parent / "jobs/configs/tiny.yaml"), [

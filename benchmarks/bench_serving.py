@@ -9,9 +9,6 @@ the server, one prompt at a time: ``model.generate`` in this process with the re
 thread count, or ``vllm.LLM.generate`` in a fresh process with the replica's engine settings.
 
     python benchmarks/bench_serving.py [--quick] [--engines transformers,vllm]
-
-``benchmarks/bench_serve.py`` (sequential vs 32 concurrent tokens/s) is the smaller
-smoke check this section grew from.
 """
 
 from __future__ import annotations
@@ -46,8 +43,8 @@ def serve_config(port: int, engine: str = "transformers"):
     from r2d.config import load_config
 
     return load_config(str(Path(__file__).resolve().parent.parent / "jobs/configs/tiny.yaml"), [
-        f"serve.model={MODEL}", f"serve.engine={engine}", "serve.api_key_env=", "serve.batch_max_size=32",
-        f"serve.port={port}", "serve.max_model_len=512", "serve.max_tokens_limit=256",
+        f"serve.model={MODEL}", f"serve.engine.kind={engine}", "serve.api_key_env=", "serve.engine.batch_size=32",
+        f"serve.port={port}", "serve.engine.max_model_len=512", "serve.max_tokens_limit=256",
         "serve.default_max_tokens=64"])
 
 
@@ -102,7 +99,7 @@ def bare_vllm_latencies(n: int, max_tokens: int) -> dict:
     cfg = serve_config(8000, "vllm")
     local = resolve_source(MODEL, cfg.model.cache_dir)
     tok = load_tokenizer(local, cfg.model.cache_dir)
-    llm = LLM(model=local, tokenizer=local, dtype=cfg.model.dtype, max_model_len=cfg.serve.max_model_len,
+    llm = LLM(model=local, tokenizer=local, dtype=cfg.model.dtype, max_model_len=cfg.serve.engine.max_model_len,
               enforce_eager=True, disable_log_stats=True)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, skip_special_tokens=False)
 
@@ -245,7 +242,7 @@ def run_engine(engine: str, size: dict, log=print, profile_dir: str = "") -> lis
     """One engine's rows: the server's levels against the same engine without the server."""
     if engine == "vllm":
         import vllm  # noqa: F401  (absent: the caller turns the ImportError into a row)
-    threads = max(1, int(serve_config(8000).serve.num_cpus))  # what a transformers replica gets
+    threads = max(1, int(serve_config(8000).serve.engine.num_cpus))  # what a transformers replica gets
     # The bare baseline first: whether a target was missed decides if the server is profiled.
     if engine == "vllm":
         here = str(Path(__file__).resolve())

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from r2d.run_tags import git_commit
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -118,12 +120,6 @@ class Row:
         return {**asdict(self), "ratio": self.ratio, "met": self.met}
 
 
-def cost_row(section: str, name: str, seconds: float, baseline_name: str, baseline_s: float,
-             target: float | None, note: str = "") -> Row:
-    """A row where lower is better (latency, step time): ratio = value / baseline, met when <= target."""
-    return Row(section, name, seconds, "s", baseline_name, baseline_s, target, higher_is_better=False, note=note)
-
-
 def _fmt(value: float | None, digits: int = 2) -> str:
     if value is None:
         return "-"
@@ -163,7 +159,7 @@ def machine_info() -> dict:
         except PackageNotFoundError:
             info[name] = None
     info["cuda"] = cuda_available()
-    info["commit"] = git_commit()
+    info["commit"] = git_commit(short=True, mark_dirty=True, cwd=str(ROOT))
     return info
 
 
@@ -174,17 +170,6 @@ def cuda_available() -> bool:
         return bool(torch.cuda.is_available())
     except Exception:
         return False
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except Exception:
-        return "unknown"
 
 
 def torch_profile(fn: Callable[[], Any], out_path: Path, row_limit: int = 25, sort_by: str = "cpu_time_total") -> Path:

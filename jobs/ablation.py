@@ -17,11 +17,11 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from r2d.ablation import VARIANTS, aggregate, markdown_table, portable_reports, tradeoff_plot, verdict
+    from r2d.eval.ablation import VARIANTS, aggregate, markdown_table, portable_reports, tradeoff_plot, verdict
     from r2d.config import load_config
     from r2d.eval.evaluate import evaluate_models
     from r2d.runtime import init_mlflow, init_ray
-    from r2d.tags import git_commit
+    from r2d.run_tags import git_commit
     from r2d.train.trainer import run_training
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

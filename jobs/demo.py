@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pipelines/ lives beside jobs/
 
 # A smoke run: every stage for real, on a small budget.
 FAST = ["distill.max_prompts=48", "distill.sampling.max_tokens=96", "train.max_steps=12", "train.epochs=1",
@@ -86,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     from r2d.config import load_config
     from r2d.demo_report import metric_history, write_report
     from r2d.eval.evaluate import evaluate_models
-    from r2d.promote import promote
+    from r2d.registry.promote import promote
     from r2d.runtime import init_mlflow, init_ray
-    from r2d.tags import git_commit
+    from r2d.run_tags import git_commit
     from r2d.tracking import connect
     from r2d.train.trainer import run_training
     from pipelines.distill import run as distill

@@ -6,9 +6,7 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pipelines/ lives beside jobs/
 
 
 def summary(manifest: dict, stats: dict) -> str:

@@ -13,8 +13,8 @@ import sys
 
 from r2d.cli import add_promote_args
 from r2d.config import ConfigError, load_config
-from r2d.promote import promote, rollback
-from r2d.tracking import TrackingError, connect
+from r2d.registry.promote import run_promotion
+from r2d.tracking import TrackingError
 
 
 def main(argv=None) -> int:
@@ -25,22 +25,14 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         candidate = args.candidate or f"models:/{cfg.tracking.registered_model}@challenger"
-        # 2. registry (fails fast, naming the URI, when the tracking server is down)
-        client = connect(cfg.tracking.uri, cfg.tracking.connect_timeout_s)
-        # 3. work: roll back, or evaluate/reuse, gate and move the alias
-        if args.rollback:
-            out = rollback(cfg, client, cfg.tracking.registered_model, dry_run=args.dry_run)
-            verb = "rolled back" if out["acted"] else "would roll back (dry run)"
-            print(f"{verb}: {out['name']} champion v{out['from_version']} -> v{out['to_version']}")
-            return 0
-        result = promote(cfg, client, candidate, dry_run=args.dry_run, evaluate=not args.reuse_only,
-                         suite_digest=args.suite_digest)
+        # 2. work: roll back, or evaluate/reuse, gate and move the alias (the flow `r2d promote` runs)
+        code, report = run_promotion(cfg, candidate, args.dry_run, args.rollback, args.reuse_only, args.suite_digest)
     except (TrackingError, ConfigError) as err:
         print(f"promote: error: {err}", file=sys.stderr)
         return 2
-    # 4. report
-    print(result.report())
-    return 0 if result.decision.promoted else 1
+    # 3. report
+    print(report)
+    return code
 
 
 if __name__ == "__main__":

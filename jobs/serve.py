@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://{cfg.serve.host}:{cfg.serve.port}"
 
     # 3. work: wait for a real generation, then answer (smoke) or serve until Ctrl-C
-    print(f"ready after {wait_ready(base):.0f} s: {base}/v1  (model {cfg.serve.model}, engine {cfg.serve.engine})",
+    print(f"ready after {wait_ready(base):.0f} s: {base}/v1  (model {cfg.serve.model}, engine {cfg.serve.engine.kind})",
           flush=True)
     try:
         if smoke:

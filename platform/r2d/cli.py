@@ -20,7 +20,7 @@ from r2d.tracking import TrackingError, connect
 
 
 def _lineage(args) -> int:
-    from r2d.lineage import format_back, format_forward, trace_back, trace_forward
+    from r2d.registry.lineage import format_back, format_forward, trace_back, trace_forward
 
     cfg = load_config(args.config, args.overrides)
     client = connect(cfg.tracking.uri, cfg.tracking.connect_timeout_s)
@@ -32,20 +32,6 @@ def _lineage(args) -> int:
         text = format_back(result)
     print(json.dumps(result, indent=2, default=str) if args.json else text)
     return 0
-
-
-def run_promotion(cfg, candidate: str, dry_run: bool = False, rollback: bool = False, reuse_only: bool = False,
-                  suite_digest: str | None = None) -> tuple[int, str]:
-    """Promote or roll back; return (exit code, report). Shared by ``r2d promote`` and jobs/promote.py."""
-    from r2d.promote import promote, rollback as do_rollback
-
-    client = connect(cfg.tracking.uri, cfg.tracking.connect_timeout_s)
-    if rollback:
-        out = do_rollback(cfg, client, cfg.tracking.registered_model, dry_run=dry_run)
-        verb = "rolled back" if out["acted"] else "would roll back (dry run)"
-        return 0, f"{verb}: {out['name']} champion v{out['from_version']} -> v{out['to_version']}"
-    result = promote(cfg, client, candidate, dry_run=dry_run, evaluate=not reuse_only, suite_digest=suite_digest)
-    return (0 if result.decision.promoted else 1), result.report()
 
 
 def add_promote_args(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +51,8 @@ def add_promote_args(parser: argparse.ArgumentParser) -> None:
 def _promote(args) -> int:
     cfg = load_config(args.config, args.overrides)
     candidate = args.candidate or f"models:/{cfg.tracking.registered_model}@challenger"
+    from r2d.registry.promote import run_promotion
+
     code, report = run_promotion(cfg, candidate, args.dry_run, args.rollback, args.reuse_only, args.suite_digest)
     print(report)
     return code

@@ -87,7 +87,7 @@ def _from_registry(uri: str, cache_dir: str | None) -> Path:
     from mlflow.exceptions import MlflowException
 
     try:
-        name, version, source = _resolve_registry_uri(uri)
+        name, version, source = resolve_registry(uri)
         # Key by the version's artifact source too: another registry can reuse the same name and number.
         key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{source}".encode()).hexdigest()[:10]
         out = cache_root(cache_dir) / "registry" / f"{name}-v{version}-{key}"
@@ -108,20 +108,37 @@ def _from_registry(uri: str, cache_dir: str | None) -> Path:
     return out
 
 
-def _resolve_registry_uri(uri: str) -> tuple[str, str, str]:
+def resolve_registry(uri: str) -> tuple[str, str, str]:
+    """(name, version, artifact source) of a ``models:/`` URI, resolved now.
+
+    Raises:
+        ModelSourceError: naming the missing model, alias or version.
+    """
     from mlflow import MlflowClient
 
-    body = uri[len("models:/"):]
-    client = MlflowClient()
-    if "@" in body:
-        name, alias = body.split("@", 1)
-        found = client.get_model_version_by_alias(name, alias)
-        return name, found.version, found.source
-    name, _, version = body.partition("/")
-    if not version:
-        raise ModelSourceError(f"{uri}: expected models:/name@alias or models:/name/version")
-    found = client.get_model_version(name, version)
-    return name, found.version, found.source
+    from r2d.tracking import TrackingError, resolve_version
+
+    try:
+        found = resolve_version(MlflowClient(), uri)
+    except TrackingError as err:
+        raise ModelSourceError(str(err)) from None
+    return found.name, str(found.version), found.source
+
+
+def source_version(source: str) -> str:
+    """A string that changes exactly when the source would load a different model.
+
+    ``models:/name@alias`` resolves to the version the alias names now (one registry
+    call, no download), so a serving replica can tell when to reload; any other source
+    (a folder, a GGUF file, a hub id) is its own version.
+
+    Raises:
+        ModelSourceError: when a registry source cannot be resolved.
+    """
+    if not source.startswith("models:/"):
+        return source
+    name, version, _ = resolve_registry(source)
+    return f"models:/{name}/{version}"
 
 
 def _find_hf_folder(root: Path) -> Path | None:

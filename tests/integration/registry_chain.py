@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from r2d import tags as T
+from r2d import run_tags as T
 
 SOURCES = [{"name": "harmbench", "split": "all", "limit": 8}, {"name": "benign", "limit": 8}]
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from r2d import traces
+from r2d.distill import store
 from r2d.config import load_config
-from r2d.prompt_sets import training_prompts
+from r2d.data.splits import training_prompts
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ def _overrides(model_dir: Path, out: Path, n: int, extra: list[str] = ()) -> lis
 
 
 def test_pipeline_writes_traces_with_the_schema(ray_session, tiny_model_dir, tmp_path):
-    from r2d.distill import run_distillation
+    from pipelines.distill import run_distillation
 
     cfg = load_config(ROOT / "jobs/configs/tiny.yaml", _overrides(tiny_model_dir, tmp_path / "traces", 5,
                                                                  ["distill.chunk_size=3"]))
@@ -38,7 +38,7 @@ def test_pipeline_writes_traces_with_the_schema(ray_session, tiny_model_dir, tmp
 
     ds = ray_session.data.read_parquet(str(tmp_path / "traces" / "data"))
     rows = ds.take_all()
-    assert ds.schema().names == list(traces.COLUMNS)
+    assert ds.schema().names == list(store.COLUMNS)
     assert len(rows) + sum(manifest["drops"].values()) + manifest["errors"] == len(prompts)
     assert sorted(r["prompt_id"] for r in rows) == sorted({r["prompt_id"] for r in rows})
     assert stats["generated_tokens"] > 0 and stats["written"] == len(rows)
@@ -51,7 +51,7 @@ def test_pipeline_writes_traces_with_the_schema(ray_session, tiny_model_dir, tmp
             assert row["answer_pivot"] == "[SAFE]"
     on_disk = json.loads((tmp_path / "traces" / "manifest.json").read_text())
     assert on_disk["rows"] == len(rows) and on_disk["mlflow_run_id"] == "test"
-    assert on_disk["digest"] == traces.digest(traces.read_table(tmp_path / "traces"))
+    assert on_disk["digest"] == store.digest(store.read_table(tmp_path / "traces"))
     assert on_disk["config"]["distill"]["teacher"]["source"] == str(tiny_model_dir)
     assert sum(on_disk["by_label"].values()) == len(rows)
 
@@ -81,7 +81,7 @@ def test_killed_job_resumes_without_losing_or_duplicating(state_dir, tiny_model_
     os.killpg(job.pid, signal.SIGKILL)
     log, _ = job.communicate(timeout=30)
     assert not ended or job.returncode == 0, f"the first run failed:\n{log[-3000:]}"
-    first = traces.read_table(out, ["prompt_id"]).column("prompt_id").to_pylist()
+    first = store.read_table(out, ["prompt_id"]).column("prompt_id").to_pylist()
     assert 1 <= len(first) < len(expected), "the kill came too late to test a resume"
 
     # 2. run again to the end
@@ -90,8 +90,8 @@ def test_killed_job_resumes_without_losing_or_duplicating(state_dir, tiny_model_
     assert job.returncode == 0, log[-3000:]
     assert "distillation summary" in log
 
-    ids = traces.read_table(out, ["prompt_id"]).column("prompt_id").to_pylist()
-    dropped = {d["prompt_id"] for d in traces.read_drops(out)}
+    ids = store.read_table(out, ["prompt_id"]).column("prompt_id").to_pylist()
+    dropped = {d["prompt_id"] for d in store.read_drops(out)}
     assert len(ids) == len(set(ids)), "a prompt was written twice"
     assert set(ids) | dropped == expected, "a prompt was lost"
     assert set(first) <= set(ids)
@@ -102,9 +102,8 @@ def test_killed_job_resumes_without_losing_or_duplicating(state_dir, tiny_model_
 
     import mlflow
 
-    from r2d import tags
-
+    from r2d import run_tags as T
     run = mlflow.get_run(manifest["mlflow_run_id"])
-    assert run.data.tags[tags.TRACES_DIGEST] == manifest["digest"]
-    assert run.data.tags[tags.STAGE] == "distill" and run.data.metrics["rows"] == len(ids)
+    assert run.data.tags[T.TRACES_DIGEST] == manifest["digest"]
+    assert run.data.tags[T.STAGE] == "distill" and run.data.metrics["rows"] == len(ids)
     assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["prompts"]

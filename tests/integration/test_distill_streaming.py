@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from r2d import traces
-from r2d.distill import _chunks
+from r2d.distill import store
+from pipelines.distill import _chunks
 
 pytestmark = pytest.mark.integration
 
@@ -62,12 +62,12 @@ def test_a_commit_needs_no_cpu_while_the_engine_holds_them_all(ray_session, tmp_
         row = {"prompt_id": "p1", "prompt": "hi", "source": "benign", "label": "benign", "attack": "none",
                "teacher": "t", "system_prompt_id": "s", "reasoning_steps": ["a"], "step_pivots": ["[SAFE]"],
                "teacher_pivots": [""], "answer": "ok", "answer_pivot": "[SAFE]", "tagger": "rules",
-               "repaired": False, "n_tokens": 3, "created_at": traces.now()}
-        done = threading.Thread(target=traces.write_chunk, args=([row], [], tmp_path, "t-00000"), daemon=True)
+               "repaired": False, "n_tokens": 3, "created_at": store.now()}
+        done = threading.Thread(target=store.write_chunk, args=([row], [], tmp_path, "t-00000"), daemon=True)
         done.start()
         done.join(60)
         assert not done.is_alive(), "the commit is waiting for a CPU the engine actors hold"
-        assert traces.read_table(tmp_path, ["prompt_id"]).column("prompt_id").to_pylist() == ["p1"]
+        assert store.read_table(tmp_path, ["prompt_id"]).column("prompt_id").to_pylist() == ["p1"]
     finally:
         for h in holders:
             ray_session.kill(h)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from r2d import tags as T
+from r2d import run_tags as T
 from r2d.config import load_config
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,7 @@ def _register(tiny_model_dir, name: str) -> str:
 def test_evaluate_tiny_models_end_to_end(ray_session, tiny_model_dir, state_dir, tmp_path):
     from mlflow import MlflowClient
 
-    from r2d.eval.runner import evaluate_models
+    from r2d.eval.evaluate import evaluate_models
 
     suite = tmp_path / "my_prompts.jsonl"  # any JSONL with prompt + label: no code change needed
     suite.write_text("".join(json.dumps(r) + "\n" for r in ROWS))

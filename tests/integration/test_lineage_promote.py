@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from registry_chain import SOURCES, distill, evaluation, train
 
-from r2d import tags as T
+from r2d import run_tags as T
 from r2d.config import load_config
-from r2d.lineage import format_back, trace_back, trace_forward
-from r2d.promote import PromotionError, promote, read_history, rollback
+from r2d.registry.lineage import format_back, trace_back, trace_forward
+from r2d.registry.promote import PromotionError, promote, read_history, rollback
 from r2d.tracking import TrackingError, connect, resolve_version
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from registry_chain import distill, evaluation, train
 
-from r2d import tags as T
+from r2d import run_tags as T
 from r2d.config import load_config
 from r2d.tracking import TrackingError, connect
 
@@ -166,7 +166,7 @@ def test_registry_promotion_and_lineage_through_the_server(use_server, tiny_mode
     import mlflow
 
     from r2d.models import resolve_source
-    from r2d.promote import promote
+    from r2d.registry.promote import promote
 
     client = connect()
     assert client.tracking_uri == use_server["uri"]

@@ -315,9 +315,9 @@ def _engine_actors(address: str) -> list:
 
 def test_distillation_survives_a_killed_engine_actor(cluster, tiny_dir):
     cl, work = cluster
-    from r2d import traces
+    from r2d.distill import store
     from r2d.config import load_config
-    from r2d.prompt_sets import select_balanced, training_prompts
+    from r2d.data.splits import select_balanced, training_prompts
 
     out = work / "traces"
     overrides = _distill_overrides(tiny_dir, out)
@@ -337,7 +337,7 @@ def test_distillation_survives_a_killed_engine_actor(cluster, tiny_dir):
                                  + (" (a replacement)" if killed else ""))
             # Mid-run: the actor has had 2 s to take its first batches, and prompts remain.
             elif not killed and now - seen[actor.pid] >= 2:
-                written = len(traces.written_ids(out)) if out.exists() else 0
+                written = len(store.written_ids(out)) if out.exists() else 0
                 if written >= len(expected):
                     return
                 os.kill(actor.pid, signal.SIGKILL)
@@ -349,11 +349,11 @@ def test_distillation_survives_a_killed_engine_actor(cluster, tiny_dir):
     logs = cl.logs("distill-1")
     assert status == "SUCCEEDED", logs[-4000:]
     assert killed, f"the run ended before an engine actor could be killed:\n{logs[-2000:]}"
-    rows = traces.read_table(out, ["prompt_id"]).column("prompt_id").to_pylist()
-    drops = [d["prompt_id"] for d in traces.read_drops(out)]
+    rows = store.read_table(out, ["prompt_id"]).column("prompt_id").to_pylist()
+    drops = [d["prompt_id"] for d in store.read_drops(out)]
     cl.timeline.note(f"distill finished after the kill: {len(rows)} rows + {len(drops)} drops for "
                      f"{len(expected)} prompts, {len(seen)} engine actors over the run, "
-                     f"errors.jsonl lines: {traces.read_manifest(out).get('errors')}")
+                     f"errors.jsonl lines: {store.read_manifest(out).get('errors')}")
     for line in _story(logs, ("will be retried", "Actor died", "restarted")):
         cl.timeline.note(f"  driver log: {line}")
     assert len(rows) == len(set(rows)), "duplicate prompt_ids in the traces"

@@ -59,8 +59,8 @@ def server(ray_session, tiny_model_dir, tmp_path_factory, monkeypatch_module):
     port = _free_port()
     cfg = load_config("jobs/configs/tiny.yaml", [
         f"serve.model=models:/{MODEL}@champion", f"model.cache_dir={tmp_path_factory.mktemp('cache')}",
-        f"serve.port={port}", "serve.num_cpus=1", "serve.max_tokens_limit=64", "serve.default_max_tokens=8",
-        "serve.max_model_len=256", "serve.batch_max_size=32", "serve.max_body_bytes=8192"])
+        f"serve.port={port}", "serve.engine.num_cpus=1", "serve.max_tokens_limit=64", "serve.default_max_tokens=8",
+        "serve.engine.max_model_len=256", "serve.engine.batch_size=32", "serve.max_body_bytes=8192"])
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="r2d", route_prefix="/")
     base = f"http://127.0.0.1:{port}"

@@ -32,8 +32,8 @@ def test_vllm_engine_behind_the_ingress(ray_session, vllm_model_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = load_config("jobs/configs/tiny.yaml", [
-        f"serve.model={vllm_model_dir}", "serve.engine=vllm", "serve.num_cpus=1", "serve.api_key_env=",
-        "serve.max_model_len=512", "serve.max_tokens_limit=64", "serve.default_max_tokens=8"])
+        f"serve.model={vllm_model_dir}", "serve.engine.kind=vllm", "serve.engine.num_cpus=1", "serve.api_key_env=",
+        "serve.engine.max_model_len=512", "serve.max_tokens_limit=64", "serve.default_max_tokens=8"])
     started = time.time()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

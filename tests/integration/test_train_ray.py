@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from r2d import tags
+from r2d import run_tags as T
 from r2d.config import load_config
 from r2d.pivots import render_conversation
 from r2d.train.synthetic import write_synthetic_traces
@@ -79,17 +79,17 @@ def test_killed_worker_resumes_and_the_registered_model_reloads_by_alias(ray_ses
         assert client.get_metric_history(outcome.mlflow_run_id, key), key
     run = client.get_run(outcome.mlflow_run_id)
     assert run.data.metrics["dropped_malformed"] == 1.0
-    assert run.data.tags[tags.DISTILL_RUN_ID] == "distill-run-1"
-    assert run.data.tags[tags.TRACES_DIGEST] == manifest["digest"]
+    assert run.data.tags[T.DISTILL_RUN_ID] == "distill-run-1"
+    assert run.data.tags[T.TRACES_DIGEST] == manifest["digest"]
     assert run.data.params["train.max_steps"] == "5"
     assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["traces"]
 
     # 3. the version under alias challenger carries the lineage
     version = client.get_model_version_by_alias(name, "challenger")
     assert str(version.version) == outcome.model_version
-    assert version.tags[tags.TRACES_DIGEST] == manifest["digest"]
-    assert version.tags[tags.TRAIN_RUN_ID] == outcome.mlflow_run_id
-    assert json.loads(version.tags[tags.PIVOT_IDS])["[UNSAFE]"] > 0
+    assert version.tags[T.TRACES_DIGEST] == manifest["digest"]
+    assert version.tags[T.TRAIN_RUN_ID] == outcome.mlflow_run_id
+    assert json.loads(version.tags[T.PIVOT_IDS])["[UNSAFE]"] > 0
 
     # 4. a fresh process loads it by alias and generates what the trained model generates
     model, tok, _ = build_model(cfg)

@@ -13,7 +13,7 @@ import pytest
 
 from r2d.config import EngineConfig, ModelConfig, SamplingConfig
 from r2d.engines import generate
-from r2d.teacher import system_prompt
+from r2d.distill.teacher import system_prompt
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from r2d.ablation import aggregate, markdown_table, mean_sd, paired_effect, portable_reports, verdict
+from r2d.eval.ablation import aggregate, markdown_table, mean_sd, paired_effect, portable_reports, verdict
 
 
 def test_mean_sd_by_hand():
@@ -48,7 +48,7 @@ def test_aggregate_table_and_verdict():
 
 
 def test_tradeoff_plot_writes_a_png(tmp_path):
-    from r2d.ablation import tradeoff_plot
+    from r2d.eval.ablation import tradeoff_plot
 
     runs = {"base": [{"asr": 0.9, "over_refusal": 0.0}], "SFT only": [{"asr": 0.3, "over_refusal": None}]}
     tradeoff_plot(runs, tmp_path / "t.png")

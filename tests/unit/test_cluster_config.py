@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from r2d.config import load_config
-from r2d.resources import cluster_node_types, recipe_fit_problems
+from r2d.placement import cluster_node_types, recipe_fit_problems
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster.yaml"

@@ -6,7 +6,8 @@ from importlib import resources
 
 import pytest
 
-from r2d.data.mix import jaccard, word_ngrams
+from r2d.data.dedup import jaccard
+from r2d.data.dedup import ngrams as word_ngrams
 from r2d.data.prompts import ROW_KEYS, prompt_id
 from r2d.data.sources import load_benign
 

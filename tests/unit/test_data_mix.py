@@ -6,7 +6,9 @@ from collections import Counter
 
 import pytest
 
-from r2d.data.mix import jaccard, mix, split, word_ngrams
+from r2d.data.dedup import jaccard
+from r2d.data.dedup import ngrams as word_ngrams
+from r2d.data.mix import mix, split
 from r2d.data.prompts import make_row
 
 

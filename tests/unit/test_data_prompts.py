@@ -58,14 +58,6 @@ def test_make_row_schema_and_validation():
         make_row("hi", "x", "safe")
 
 
-def test_loaders_are_reexported_from_prompts():
-    from r2d.data import mix, sources
-
-    assert prompts.load_source is sources.load_source and prompts.split is mix.split
-    with pytest.raises(AttributeError):
-        prompts.no_such_name
-
-
 # ------------------------------------------------------------------ HarmBench
 
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from r2d.config import load_config
-from r2d.resources import engine_gpus
+from r2d.placement import engine_gpus
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -114,7 +114,7 @@ def test_service_serves_the_recipe_with_matching_replicas():
     module, _, attr = app["import_path"].partition(":")
     assert attr, "import_path is module:attribute"
     group = _groups(doc["spec"]["rayClusterSpec"])["gpu-serve"]
-    assert _gpus(group) >= cfg.serve.num_gpus == 1
+    assert _gpus(group) >= cfg.serve.engine.num_gpus == 1
     assert group["maxReplicas"] >= cfg.serve.max_replicas
     assert group["minReplicas"] >= cfg.serve.min_replicas
     source = ROOT / "platform" / (module.replace(".", "/") + ".py")

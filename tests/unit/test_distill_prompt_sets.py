@@ -7,7 +7,7 @@ from pathlib import Path
 
 from r2d.config import load_config
 from r2d.eval.contamination import check_contamination
-from r2d.prompt_sets import (heldout_prompts, select_balanced, split_prompts, training_prompts,
+from r2d.data.splits import (heldout_prompts, select_balanced, split_prompts, training_prompts,
                            without_near_duplicates)
 
 TINY = Path(__file__).resolve().parents[2] / "jobs/configs/tiny.yaml"

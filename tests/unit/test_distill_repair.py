@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from r2d import repair
+from r2d.distill import repair
 from r2d.config import load_config
-from r2d.distill import finalize, parse_and_tag
+from r2d.distill.stages import finalize, parse_and_tag
 from r2d.pivots import SAFE, UNSAFE
-from r2d.teacher import REFUSAL_ANSWER, stronger_prompt, system_prompt
+from r2d.distill.teacher import REFUSAL_ANSWER, stronger_prompt, system_prompt
 
 GOOD = "Use `kill <pid>` to stop it, or `kill -9 <pid>` if it ignores the signal."
 

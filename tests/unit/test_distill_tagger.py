@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from r2d.data.prompts import load_benign
+from r2d.data.sources import load_benign
 from r2d.pivots import RETHINK, SAFE, UNSAFE
-from r2d.tagger import (guard_pivot, guard_rows, harm_terms, merge_guard_verdicts, rules_step_pivot, rules_tag,
+from r2d.distill.tagging import (guard_pivot, guard_rows, harm_terms, merge_guard_verdicts, rules_step_pivot, rules_tag,
                         split_sentences, teacher_steps)
 
 

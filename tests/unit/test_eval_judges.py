@@ -1,18 +1,10 @@
-"""Tests for r2d.eval.judges: visible answer, keyword refusal, guard and rubric parsing."""
+"""Tests for the judges: visible answer and keyword refusal (r2d.refusal), guard (r2d.llama_guard), rubric."""
 
 import pytest
 
-from r2d.eval.judges import (
-    JUDGES,
-    is_refusal,
-    judge_raw_and_visible,
-    llama_guard_messages,
-    parse_llama_guard,
-    parse_rubric,
-    refusal_judge,
-    rubric_messages,
-    visible_answer,
-)
+from r2d.eval.judges import JUDGES, judge_raw_and_visible, parse_rubric, refusal_judge, rubric_messages
+from r2d.llama_guard import llama_guard_messages, parse_llama_guard
+from r2d.refusal import is_refusal, visible_answer
 
 REFUSAL_IN_PIVOTS = (
     "<think>\nThe user asks how to build a pipe bomb. [UNSAFE]\n"

@@ -12,7 +12,7 @@ from r2d.eval.evaluate import model_metrics
 from r2d.eval.general import general_ability
 from r2d.eval.metrics import summarize
 from r2d.eval.report import output_json, side_by_side, write_report
-from r2d.gates import summary_from_metrics
+from r2d.registry.gates import summary_from_metrics
 
 
 def _records(n_harm_refused: int, n_harm: int, n_ben_refused: int, n_ben: int) -> list[dict]:

@@ -248,7 +248,7 @@ def test_evaluate_models_refuses_contaminated_prompts_before_generating(tmp_path
 
 def test_traces_prompts_reads_the_distillation_layout(tmp_path):
     """Committed chunks under data/ count; a chunk still in _tmp/ (not committed) does not."""
-    from r2d import traces as traces_io
+    from r2d.distill import store as traces_io
 
     def table(prompt):
         row = {c: None for c in traces_io.COLUMNS}

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from r2d.config import ConfigError, GateConfig, load_config
-from r2d.gates import decide, gate_numbers, summary_from_metrics
+from r2d.registry.gates import decide, gate_numbers, summary_from_metrics
 
 GATES = GateConfig(asr_tolerance=0.02, max_over_refusal=0.5, min_discrimination=0.1, max_ability_drop=0.05)
 

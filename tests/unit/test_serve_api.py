@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from serve_helpers import make_forced_unsafe_model, sse_events
 
-from r2d.config import ServeConfig
+from r2d.config import EngineConfig, ServeConfig
 from r2d.serve.api import LocalClient, create_api
 from r2d.serve.pivot_modes import REFUSAL
 from r2d.serve.transformers_backend import TransformersEngine
@@ -30,7 +30,8 @@ def forced_engine(tiny_model_dir, tmp_path_factory):
 
 
 def make_client(engine, **overrides) -> TestClient:
-    cfg = ServeConfig(**{"max_tokens_limit": 64, "default_max_tokens": 8, "max_model_len": 256, **overrides})
+    cfg = ServeConfig(**{"max_tokens_limit": 64, "default_max_tokens": 8, "engine": EngineConfig(max_model_len=256),
+                         **overrides})
     return TestClient(create_api(cfg, LocalClient(engine)))
 
 

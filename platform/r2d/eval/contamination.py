@@ -12,87 +12,28 @@ n-grams and would be flagged as near duplicates.
 
 from __future__ import annotations
 
-import math
-import re
-import unicodedata
-from collections import Counter, defaultdict
 from typing import Any, Sequence
 
-__all__ = [
-    "ContaminationError",
-    "assert_held_out",
-    "check_contamination",
-    "ngram_set",
-    "normalize_prompt",
-]
+from r2d.data.dedup import THRESHOLD, NgramIndex
 
-_N = 3
-# Below this many n-grams, containment is too easy to reach by chance (a 4-word
-# prompt has 2 trigrams), so only exact and Jaccard matches count.
-_MIN_NGRAMS_FOR_CONTAINMENT = 3
+__all__ = ["ContaminationError", "assert_held_out", "check_contamination"]
+
 _EXAMPLES = 3
-_APOSTROPHES = ("'", "\u2019", "\u2018", "\u02bc")
 
 
 class ContaminationError(ValueError):
     """Evaluation prompts overlap the training prompts."""
 
 
-def normalize_prompt(text: str) -> str:
-    """Normalise a prompt for duplicate detection.
-
-    Unicode NFKC (so full-width and ligature forms compare equal), lowercase,
-    apostrophes removed ("don't" → "dont", so contractions stay one word),
-    other punctuation replaced by spaces, whitespace collapsed.
-
-    Args:
-        text: A prompt.
-
-    Returns:
-        The normalised prompt.
-    """
-    text = unicodedata.normalize("NFKC", text).casefold()
-    for apostrophe in _APOSTROPHES:
-        text = text.replace(apostrophe, "")
-    text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text)
-    return " ".join(text.split())
-
-
-def ngram_set(text: str, n: int = _N) -> set[tuple[str, ...]]:
-    """Word n-grams of the normalised text.
-
-    Args:
-        text: A prompt.
-        n: n-gram length in words.
-
-    Returns:
-        The set of n-grams; a text shorter than ``n`` words gives one shorter
-        gram (so it can still match itself), an empty text gives an empty set.
-    """
-    words = normalize_prompt(text).split()
-    if len(words) < n:
-        return {tuple(words)} if words else set()
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
-
-
 def check_contamination(
     eval_prompts: Sequence[str],
     train_prompts: Sequence[str],
-    threshold: float = 0.6,
+    threshold: float = THRESHOLD,
 ) -> dict[str, Any]:
     """Find evaluation prompts that duplicate or nearly duplicate training prompts.
 
-    Exact: the normalised prompts are equal. Near: for some training prompt T
-    and evaluation prompt E (as word 3-gram sets), Jaccard |E∩T|/|E∪T| ≥
-    threshold, or containment |E∩T|/|E| ≥ threshold when E has at least 3
-    n-grams. Containment rescues short prompts, where one changed word removes
-    up to three of a handful of trigrams, and catches an eval prompt embedded in
-    a longer training prompt.
-
-    Candidates come from an inverted n-gram index with prefix filtering: a
-    match needs |E∩T| ≥ ceil(threshold·|E|), so T must share one of E's
-    |E| − ceil(threshold·|E|) + 1 rarest n-grams. Only those postings are read,
-    which keeps common phrases ("how do i") from making the search quadratic.
+    Exact: equal in comparison form. Near: Jaccard or containment of word 3-grams
+    at or above ``threshold`` (:mod:`r2d.data.dedup`, the measure the split uses).
 
     Args:
         eval_prompts: Evaluation prompts.
@@ -108,16 +49,17 @@ def check_contamination(
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    train_norm, train_sets, index = _index_train(train_prompts)
+    index = NgramIndex(train_prompts)
     exact_pairs, near_matches = [], []
     for i, prompt in enumerate(eval_prompts):
-        j = train_norm.get(normalize_prompt(prompt))
+        j = index.exact_match(prompt)
         if j is not None:
             exact_pairs.append({"eval": i, "train": j})
             continue
-        match = _best_near_match(ngram_set(prompt), train_sets, index, threshold)
+        match = index.best_match(prompt, threshold)
         if match is not None:
-            near_matches.append({"eval": i, **match})
+            near_matches.append({"eval": i, "train": match.index, "jaccard": match.jaccard,
+                                 "containment": match.containment})
 
     examples = [
         {**m, "eval_prompt": eval_prompts[m["eval"]], "train_prompt": train_prompts[m["train"]]}
@@ -132,50 +74,6 @@ def check_contamination(
         "near": {"count": len(near_matches), "indices": [m["eval"] for m in near_matches], "matches": near_matches},
         "examples": examples,
     }
-
-
-def _index_train(train_prompts: Sequence[str]) -> tuple[dict, list, dict]:
-    """Normalised text → first index, n-gram sets, and n-gram → posting list."""
-    train_norm: dict[str, int] = {}
-    for j, prompt in enumerate(train_prompts):
-        train_norm.setdefault(normalize_prompt(prompt), j)
-    train_sets = [ngram_set(p) for p in train_prompts]
-    index: dict[tuple[str, ...], list[int]] = defaultdict(list)
-    for j, grams in enumerate(train_sets):
-        for gram in grams:
-            index[gram].append(j)
-    return train_norm, train_sets, index
-
-
-def _best_near_match(
-    grams: set[tuple[str, ...]],
-    train_sets: list[set[tuple[str, ...]]],
-    index: dict[tuple[str, ...], list[int]],
-    threshold: float,
-) -> dict[str, Any] | None:
-    """Most similar training prompt passing the threshold, or None."""
-    if not grams:
-        return None
-    # Jaccard >= t implies containment >= t, so the containment bound is a
-    # safe filter for both criteria. The epsilon keeps float error in t*|E|
-    # from shortening the prefix (a shorter prefix could miss a match).
-    need = max(1, math.ceil(threshold * len(grams) - 1e-9))
-    prefix = sorted(grams, key=lambda g: (len(index.get(g, ())), g))[: len(grams) - need + 1]
-    candidates: Counter[int] = Counter()
-    for gram in prefix:
-        candidates.update(index.get(gram, ()))
-
-    best: dict[str, Any] | None = None
-    for j in candidates:
-        shared = len(grams & train_sets[j])
-        jaccard = shared / len(grams | train_sets[j])
-        containment = shared / len(grams)
-        is_near = jaccard >= threshold or (
-            containment >= threshold and len(grams) >= _MIN_NGRAMS_FOR_CONTAINMENT
-        )
-        if is_near and (best is None or (jaccard, containment) > (best["jaccard"], best["containment"])):
-            best = {"train": j, "jaccard": round(jaccard, 4), "containment": round(containment, 4)}
-    return best
 
 
 def assert_held_out(report: dict[str, Any], allow: bool = False) -> dict[str, Any]:

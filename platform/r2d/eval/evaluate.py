@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from r2d import tags as T
+from r2d import run_tags as T
 from r2d.eval.contamination import assert_held_out, check_contamination
 from r2d.eval.general import general_ability
 from r2d.eval.report import output_json, write_report
@@ -42,13 +42,13 @@ def _local_path(path: str) -> str:
 def traces_prompts(path: str) -> list[str] | None:
     """The ``prompt`` column of a traces dataset, or None when there is none at ``path``.
 
-    ``path`` is a distillation output folder (read through :mod:`r2d.traces`, which sees
+    ``path`` is a distillation output folder (read through :mod:`r2d.distill.store`, which sees
     only committed chunks) or any Parquet file, folder or URI with a ``prompt`` column.
     Relative paths are taken from the current directory, as distillation writes them.
     """
     import pyarrow.dataset as pads
 
-    from r2d import traces as traces_io
+    from r2d.distill import store as traces_io
 
     if "://" not in path:
         local = Path(path).expanduser()
@@ -209,7 +209,7 @@ def evaluate_models(cfg, models: list[str], suites: list[str] | None = None, *, 
                             {"status": "skipped", "reason": f"R2D-p shares the weights of {target.baseline_of}"})
         results[target.name] = entry
     # 4. report
-    from r2d.tags import git_commit
+    from r2d.run_tags import git_commit
 
     meta = {"suite_digest": digest, "created_at": time.strftime("%Y-%m-%d %H:%M:%S"), "config_digest": cfg.digest(),
             "git_commit": git_commit(), "contamination": contamination,

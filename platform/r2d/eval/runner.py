@@ -18,18 +18,18 @@ Rows whose generation or judgement failed are dropped and counted, never guessed
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from r2d.config import EngineConfig, ModelConfig, SamplingConfig
 from r2d.eval import judges as J
 from r2d.eval.metrics import summarize
+from pipelines.generate import generate_rows
 from r2d.pivots import PIVOTS, SAFE, THINK_CLOSE, THINK_OPEN, UNSAFE
+from r2d.refusal import visible_answer
 
-__all__ = ["OUTPUT_FILTERS", "Target", "drop_unsafe_segments", "evaluate_models", "judge_records", "make_targets",
+__all__ = ["OUTPUT_FILTERS", "Target", "drop_unsafe_segments", "judge_records", "make_targets",
            "run_target", "score"]
 
 _PIVOT_RE = re.compile("|".join(re.escape(p) for p in PIVOTS))
@@ -54,7 +54,7 @@ class Target:
 
 def _safety_system_prompt(cfg) -> str:
     """The safety-aware system prompt distillation gives the teacher: the paper's R2D-p prompt."""
-    from r2d.teacher import system_prompt
+    from r2d.distill.teacher import system_prompt
 
     return system_prompt(cfg.distill.system_prompt_id)
 
@@ -109,29 +109,6 @@ OUTPUT_FILTERS = {"none": lambda text: text, "drop_unsafe_segments": drop_unsafe
 """eval.output_filter name → text transform applied before judging."""
 
 
-# ---------------------------------------------------------------- generation
-
-def generate_rows(rows: list[dict[str, Any]], model: ModelConfig, engine: EngineConfig, sampling: SamplingConfig,
-                  system_prompt: str | None = None, prompt_column: str = "prompt") -> tuple[list[dict], float]:
-    """Run ``rows`` through the engines on a Ray Dataset; returns (rows with outputs, wall seconds)."""
-    import ray
-
-    from r2d.engines.generate import generate
-
-    if not rows:
-        return [], 0.0
-    start = time.perf_counter()
-    # Similar lengths batch together: a jailbreak template next to a one-line prompt pads the batch.
-    # One block per batch (at least one per actor): from_items makes a single block of a small list,
-    # and a single block feeds a single actor however many the engine has.
-    blocks = max(engine.concurrency, math.ceil(len(rows) / engine.batch_size))
-    ds = ray.data.from_items(sorted(rows, key=lambda r: len(str(r[prompt_column]))),
-                             override_num_blocks=min(len(rows), blocks))
-    out = generate(ds, model, engine, sampling, system_prompt=system_prompt, prompt_column=prompt_column)
-    result = sorted(out.take_all(), key=lambda r: r["row"])
-    return result, time.perf_counter() - start
-
-
 # ---------------------------------------------------------------- judging
 
 def _pivots(text: str) -> list[str]:
@@ -145,7 +122,7 @@ def _base_record(row: dict[str, Any], output_filter: str) -> dict[str, Any]:
     return {**{k: row[k] for k in ("row", "suite", "label", "attack", "category", "prompt_id", "prompt",
                                    "base_prompt")},
             "lookalike": bool(row.get("lookalike")),
-            "generated_text": text, "judged_text": judged, "visible_answer": J.visible_answer(judged),
+            "generated_text": text, "judged_text": judged, "visible_answer": visible_answer(judged),
             "num_generated_tokens": int(row.get("num_generated_tokens") or 0),
             "refused_raw": raw["refused_raw"], "refused_keyword": raw["refused_visible"],
             "pivots": _pivots(text), "expected_pivot": EXPECTED_PIVOT[row["label"]]}
@@ -250,14 +227,3 @@ def run_target(rows: list[dict[str, Any]], target: Target, cfg) -> dict[str, Any
         "records": records,
     })
     return result
-
-
-
-def evaluate_models(cfg, models: list[str], suites: list[str] | None = None, **kwargs) -> dict[str, dict]:
-    """Evaluate several models on the same prompts; see :func:`r2d.eval.evaluate.evaluate_models`.
-
-    Re-exported here because callers (promotion, the demo) reach the evaluation through the runner.
-    """
-    from r2d.eval.evaluate import evaluate_models as _evaluate_models
-
-    return _evaluate_models(cfg, models, suites, **kwargs)

@@ -9,7 +9,7 @@ Every suite is a list of rows with one schema, whatever it came from::
      "category": str, "lookalike": bool, "suite": str, "prompt_id": str}
 
 Built-in suites draw only from the *held-out* side of the deterministic
-train/eval split of ``cfg.data.sources`` (:func:`r2d.prompt_sets.heldout_prompts`),
+train/eval split of ``cfg.data.sources`` (:func:`r2d.data.splits.heldout_prompts`),
 so their prompts never reach distillation or training:
 
 - ``harmful``: held-out HarmBench / StrongREJECT requests, no attack.
@@ -79,7 +79,7 @@ def _row(prompt: str, label: str, suite: str, attack: str = "none", base_prompt:
 
 def _heldout(cfg) -> list[dict[str, Any]]:
     """Held-out prompt rows of ``cfg.data.sources`` (the eval side of the split)."""
-    from r2d.prompt_sets import heldout_prompts
+    from r2d.data.splits import heldout_prompts
 
     rows = heldout_prompts(cfg)
     if hasattr(rows, "to_pylist"):  # a pyarrow Table

@@ -15,6 +15,7 @@ import os
 
 from ray import serve
 
+from r2d.placement import serve_deployment_options
 from r2d.serve.api import HandleClient, create_api
 from r2d.serve.transformers_backend import TransformersServer
 from r2d.serve.vllm_backend import VLLMServer
@@ -32,18 +33,6 @@ class Ingress:
         return self._api
 
 
-def scaling_options(cfg) -> dict:
-    """Replica count or autoscaling, concurrency and resources for the engine deployment."""
-    opts: dict = {"max_ongoing_requests": cfg.max_ongoing_requests,
-                  "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}}
-    if cfg.max_replicas > cfg.min_replicas:
-        opts["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                                      "target_ongoing_requests": cfg.target_ongoing_requests}
-    else:
-        opts["num_replicas"] = cfg.min_replicas
-    return opts
-
-
 def _ingress_options(cfg) -> dict:
     # The ingress only parses JSON and relays tokens: no whole core for it on a 2-core machine.
     actor: dict = {"num_cpus": 0}
@@ -55,18 +44,13 @@ def _ingress_options(cfg) -> dict:
 
 
 def engine_deployment(config):
-    """The bound engine deployment for ``config.serve.engine``."""
+    """The bound engine deployment for ``config.serve.engine.kind``."""
     cfg = config.serve
-    common = {"source": cfg.model, "dtype": config.model.dtype, "cache_dir": config.model.cache_dir,
-              "max_model_len": cfg.max_model_len, "reload_poll_s": cfg.reload_poll_s}
-    opts = scaling_options(cfg)
-    if cfg.engine == "vllm":
+    common = {"source": cfg.model, "model": config.model, "engine": cfg.engine, "reload_poll_s": cfg.reload_poll_s}
+    opts = serve_deployment_options(cfg)
+    if cfg.engine.kind == "vllm":
         return VLLMServer.options(**opts).bind(**common)
-    # Serve batches up to batch_max_size: a replica must be allowed that many requests at once.
-    opts["max_ongoing_requests"] = max(cfg.max_ongoing_requests, cfg.batch_max_size)
-    threads = max(1, int(cfg.num_cpus)) if cfg.num_cpus else 0
-    return TransformersServer.options(**opts).bind(threads=threads, batch_max_size=cfg.batch_max_size,
-                                                   batch_wait_s=cfg.batch_wait_s, **common)
+    return TransformersServer.options(**opts).bind(batch_wait_s=cfg.batch_wait_s, **common)
 
 
 def build_app(config):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from r2d.eval.judges import is_refusal
+from r2d.refusal import is_refusal
 from r2d.pivots import (PIVOTS, RETHINK, SAFE, THINK_CLOSE, THINK_OPEN, UNSAFE, count_pivots, raw_parts,
                         split_reasoning)
 

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 from ray import serve
 
-from r2d.serve.model_source import source_version
+from r2d.config import EngineConfig, ModelConfig
+from r2d.models import source_version
+from r2d.serve.replica import EngineCalls, poll_reload
 from r2d.serve.schemas import Delta, GenRequest, deliver
 
 log = logging.getLogger("r2d.serve")
@@ -241,30 +243,16 @@ class TransformersEngine:
                 "logits_processor": [_row_sampler(temps, [r.top_p for r in reqs])]}
 
 
-class EngineCalls:
-    """What the ingress asks of a backend replica besides generation, passed to ``self.engine``."""
-
-    engine: object
-
-    async def info(self) -> dict:
-        return self.engine.info()
-
-    async def warmup(self) -> bool:
-        return await self.engine.warmup()
-
-    async def reload(self, force: bool = False) -> dict:
-        return await self.engine.reload(force)
-
-
 @serve.deployment(name="r2d-transformers")
 class TransformersServer(EngineCalls):
-    """Serve deployment around :class:`TransformersEngine` with dynamic batching from config."""
+    """Serve deployment around :class:`TransformersEngine`: ``@serve.batch`` fills ``engine.batch_size``."""
 
-    async def __init__(self, source: str, dtype: str = "float32", cache_dir: str | None = None,
-                     max_model_len: int = 2048, threads: int = 0, batch_max_size: int = 16,
-                     batch_wait_s: float = 0.02, reload_poll_s: float = 0.0) -> None:
-        self.engine = await asyncio.to_thread(TransformersEngine, source, dtype, cache_dir, max_model_len, threads)
-        self._batched.set_max_batch_size(batch_max_size)
+    async def __init__(self, source: str, model: ModelConfig, engine: EngineConfig, batch_wait_s: float = 0.02,
+                       reload_poll_s: float = 0.0) -> None:
+        threads = engine.threads or (max(1, int(engine.num_cpus)) if engine.num_cpus else 0)
+        self.engine = await asyncio.to_thread(TransformersEngine, source, model.dtype, model.cache_dir,
+                                              engine.max_model_len, threads)
+        self._batched.set_max_batch_size(engine.batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_s)
         self._poller = asyncio.create_task(poll_reload(self.engine, reload_poll_s)) if reload_poll_s > 0 else None
 
@@ -277,16 +265,3 @@ class TransformersServer(EngineCalls):
     async def _batched(self, reqs: list[GenRequest]):
         async for step in self.engine.stream_batch(reqs):
             yield step
-
-
-
-async def poll_reload(engine, every_s: float) -> None:
-    """Reload whenever the source's alias moves; errors are logged and retried next time."""
-    while True:
-        await asyncio.sleep(every_s)
-        try:
-            result = await engine.reload()
-            if result.get("reloaded"):
-                log.warning("model reloaded: now %s", result.get("version"))
-        except Exception as err:
-            log.warning("reload check failed: %s", err)

@@ -18,20 +18,28 @@ import logging
 
 from ray import serve
 
-from r2d.serve.model_source import source_version
+from r2d.config import EngineConfig, ModelConfig
+from r2d.models import source_version
+from r2d.serve.replica import EngineCalls, poll_reload
 from r2d.serve.schemas import Delta, GenRequest, deliver
-from r2d.serve.transformers_backend import EngineCalls, poll_reload
 
 log = logging.getLogger("r2d.serve")
 
 
 class VLLMEngine:
-    """A vLLM ``AsyncLLM`` with the same streaming interface as :class:`TransformersEngine`."""
+    """A vLLM ``AsyncLLM`` with the same streaming interface as :class:`TransformersEngine`.
 
-    def __init__(self, source: str, dtype: str = "float32", cache_dir: str | None = None,
-                 max_model_len: int = 2048, engine_kwargs: dict | None = None) -> None:
-        self.source, self.dtype, self.cache_dir, self.max_model_len = source, dtype, cache_dir, max_model_len
-        self.engine_kwargs = engine_kwargs or {}
+    Args:
+        source: any model source :mod:`r2d.models` resolves.
+        model: the served model's settings (dtype, cache, remote code).
+        engine: the replica's engine settings; vLLM's arguments come from
+            :func:`r2d.engines.vllm_engine.engine_args`, as for batch generation.
+    """
+
+    def __init__(self, source: str, model: ModelConfig | None = None, engine: EngineConfig | None = None) -> None:
+        self.source = source
+        self.model, self.engine = model or ModelConfig(), engine or EngineConfig(kind="vllm")
+        self.max_model_len = self.engine.max_model_len
         self.ready = False
         self._current = self._start(source_version(source))
 
@@ -39,14 +47,14 @@ class VLLMEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from r2d.engines.vllm_engine import engine_args
         from r2d.models import load_tokenizer, resolve_source
 
-        local = resolve_source(version, self.cache_dir)
-        kwargs = {"dtype": self.dtype, "max_model_len": self.max_model_len, "disable_log_stats": True,
-                  "enforce_eager": True, **self.engine_kwargs}
+        local = resolve_source(version, self.model.cache_dir)
+        kwargs = {**engine_args(self.model, self.engine), "disable_log_stats": True}
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=local, tokenizer=local, **kwargs))
         log.info("vLLM engine started for %s", version)
-        return {"engine": engine, "tokenizer": load_tokenizer(local, self.cache_dir), "version": version}
+        return {"engine": engine, "tokenizer": load_tokenizer(local, self.model.cache_dir), "version": version}
 
     def info(self) -> dict:
         return {"source": self.source, "version": self._current["version"], "ready": self.ready, "engine": "vllm"}
@@ -117,10 +125,8 @@ async def _retire(engine, grace_s: float = 600.0) -> None:
 class VLLMServer(EngineCalls):
     """Serve deployment around :class:`VLLMEngine`."""
 
-    async def __init__(self, source: str, dtype: str = "float32", cache_dir: str | None = None,
-                       max_model_len: int = 2048, engine_kwargs: dict | None = None,
-                       reload_poll_s: float = 0.0) -> None:
-        self.engine = await asyncio.to_thread(VLLMEngine, source, dtype, cache_dir, max_model_len, engine_kwargs)
+    async def __init__(self, source: str, model: ModelConfig, engine: EngineConfig, reload_poll_s: float = 0.0) -> None:
+        self.engine = await asyncio.to_thread(VLLMEngine, source, model, engine)
         self._poller = asyncio.create_task(poll_reload(self.engine, reload_poll_s)) if reload_poll_s > 0 else None
 
     async def generate(self, req: GenRequest):

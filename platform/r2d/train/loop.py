@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from r2d.config import Config
 from r2d.runtime import set_threads
-from r2d.train import checkpoint, tracking
+from r2d.train import checkpoint, run_log
 from r2d.train.model import build_model
 from r2d.train.objective import LossSettings
 from r2d.train.tokenize import DROP_MALFORMED, DROP_NO_LABELS, DROP_TOO_LONG
@@ -121,9 +121,9 @@ def train_func_per_worker(config: dict) -> None:
     # 4. tracking, on rank 0 only
     pivot_map = {k: int(v) for k, v in pivots.by_token().items()}
     if rank == 0:
-        state["mlflow_run_id"] = tracking.start_run(cfg, config["lineage"], pivot_map, state["mlflow_run_id"])
+        state["mlflow_run_id"] = run_log.start_run(cfg, config["lineage"], pivot_map, state["mlflow_run_id"])
         if resumed is not None:
-            tracking.log_metrics({"resumed_from_step": start_step}, step=start_step)
+            run_log.log_metrics({"resumed_from_step": start_step}, step=start_step)
 
     # 5. data: this worker's shard of the traces, streamed
     shard = ray.train.get_dataset_shard("train")  # [3]
@@ -155,7 +155,7 @@ def train_func_per_worker(config: dict) -> None:
             state["windows_done"] += 1
             stepped = True
             if rank == 0 and state["step"] % tc.log_every == 0:
-                tracking.log_metrics({**metrics, "epoch": state["epoch"]}, step=state["step"])
+                run_log.log_metrics({**metrics, "epoch": state["epoch"]}, step=state["step"])
             if state["step"] % tc.checkpoint_every == 0 or state["step"] == total_steps:
                 state["dropped"] = _global_counts(dropped, reduce)
                 _save_and_report(model, optimizer, scheduler, state, metrics, rank)
@@ -181,11 +181,11 @@ def _finish(cfg: Config, model, optimizer, state: dict, rank: int, lineage: dict
     totals = _global_counts(dropped, reduce)  # collective
     if rank != 0:
         return
-    tracking.log_metrics({f"dropped_{r}": n for r, n in totals.items()}, step=state["step"])
+    run_log.log_metrics({f"dropped_{r}": n for r, n in totals.items()}, step=state["step"])
     run = mlflow.get_run(state["mlflow_run_id"])
     # A resubmitted, already finished run must not register a second version.
     if cfg.train.register and REGISTERED_TAG not in run.data.tags:
         version = export_and_register(cfg, model_state, state["mlflow_run_id"],
-                                      tracking.lineage_tags(cfg, lineage, pivot_map))
+                                      run_log.lineage_tags(cfg, lineage, pivot_map))
         mlflow.set_tag(REGISTERED_TAG, version)
-    tracking.end_run()
+    run_log.end_run()

@@ -107,9 +107,3 @@ def merged_model(model):
         model = model.merge_and_unload()
     model.config.use_cache = True
     return model.eval()
-
-
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    params = list(unwrap(model).parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

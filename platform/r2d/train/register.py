@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from r2d import tags
+from r2d import run_tags as T
 from r2d.config import Config
 from r2d.train.model import build_model, load_trainable_state, merged_model
 
@@ -57,7 +57,7 @@ def register(cfg: Config, folder: str | Path, run_id: str, version_tags: dict[st
         pass  # already registered by an earlier run
     source = f"{mlflow.get_run(run_id).info.artifact_uri}/model"
     version = client.create_model_version(name, source=source, run_id=run_id,
-                                          tags={**version_tags, tags.TRAIN_RUN_ID: run_id})
+                                          tags={**version_tags, T.TRAIN_RUN_ID: run_id})
     client.set_registered_model_alias(name, ALIAS, version.version)
     return str(version.version)
 

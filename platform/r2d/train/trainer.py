@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from r2d.config import Config
+from r2d.distill.store import read_manifest
+from r2d.placement import scaling_config_kwargs
 from r2d.runtime import workdir
 
 
@@ -41,18 +43,6 @@ def _absolute(path: str) -> str:
 def traces_uri(cfg: Config) -> str:
     """train.traces, else distill.output_dir; relative paths are under the workdir."""
     return _absolute(cfg.train.traces or cfg.distill.output_dir)
-
-
-def read_manifest(uri: str) -> dict:
-    """The traces' manifest.json (distillation run id, digest, counts), or {} when absent."""
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(uri)
-    path = f"{root.rstrip('/')}/manifest.json"
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return {}
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
 
 
 def parquet_files(uri: str) -> tuple[list[str], object]:
@@ -108,7 +98,7 @@ def planned_steps(cfg: Config, n_rows: int) -> int:
 
 
 def lineage(cfg: Config, uri: str, manifest: dict) -> dict:
-    from r2d.tags import git_commit
+    from r2d.run_tags import git_commit
 
     return {"traces_uri": uri, "traces_digest": str(manifest.get("digest", "")),
             "distill_run_id": str(manifest.get("mlflow_run_id", "")), "git_commit": git_commit()}
@@ -122,10 +112,7 @@ def build_trainer(cfg: Config, dataset, total_steps: int, lineage_info: dict, ho
     from r2d.train.loop import train_func_per_worker
 
     res = cfg.resources
-    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
-    scaling = ray.train.ScalingConfig(num_workers=res.train_workers, use_gpu=res.use_gpu,
-                                      resources_per_worker=per_worker,
-                                      accelerator_type=res.accelerator_type or None)
+    scaling = ray.train.ScalingConfig(**scaling_config_kwargs(res))
     run = ray.train.RunConfig(name=cfg.train.run_name, storage_path=_absolute(cfg.train.storage_path),
                               failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                               checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))

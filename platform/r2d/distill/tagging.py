@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from r2d.eval.judges import is_refusal, llama_guard_messages, parse_llama_guard
+from r2d.llama_guard import llama_guard_messages, parse_llama_guard
+from r2d.refusal import is_refusal
 from r2d.pivots import PIVOTS, RETHINK, SAFE, THINK_CLOSE, THINK_OPEN, UNSAFE, parse_trace, strip_pivots
 
 MAX_STEPS = 8

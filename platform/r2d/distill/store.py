@@ -164,5 +164,17 @@ def write_manifest(out: str | Path, data: dict) -> Path:
 
 
 def read_manifest(out: str | Path) -> dict:
-    path = Path(out) / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    """The traces' manifest.json (distillation run id, digest, counts), or {} when absent.
+
+    ``out`` is a local folder or any URI pyarrow.fs resolves (training reads it from wherever
+    the traces live).
+    """
+    import pyarrow.fs as pafs
+
+    out = str(out)
+    fs, root = pafs.FileSystem.from_uri(out) if "://" in out else (pafs.LocalFileSystem(), os.path.abspath(out))
+    path = f"{root.rstrip('/')}/manifest.json"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return {}
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())

@@ -5,7 +5,7 @@ The flow (``jobs/promote.py``, ``r2d promote``):
 1. Resolve the candidate (``models:/r2d@challenger``) and the current ``champion``, if any.
 2. Find both evaluations on the same suites: a version tagged ``r2d.eval_run.<suite digest>``
    reuses that evaluation run; otherwise the evaluation runner scores it now.
-3. :func:`r2d.gates.decide` applies the gates from ``cfg.gates``.
+3. :func:`r2d.registry.gates.decide` applies the gates from ``cfg.gates``.
 4. Record the decision, the numbers and the reason as tags on the candidate version, always
    (except in a dry run); on a pass, move ``champion`` and append to the registered model's
    ``r2d.champion_history`` so that :func:`rollback` can move it back.
@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from r2d import tags as T
-from r2d.gates import Decision, decide, gate_numbers, summary_from_metrics
-from r2d.tracking import TrackingError, alias_version, get_registered_model, resolve_version
+from r2d import run_tags as T
+from r2d.registry.gates import Decision, decide, gate_numbers, summary_from_metrics
+from r2d.tracking import TrackingError, alias_version, connect, get_registered_model, resolve_version
 
 CHAMPION = "champion"
 _HISTORY_LIMIT = 100
@@ -124,7 +124,7 @@ def _evaluate_now(cfg, client, name: str, versions: dict[str, Any], digest: str 
     one code path, so the gates cannot see different numbers for the same evaluation.
     """
     from r2d.eval.contamination import ContaminationError
-    from r2d.eval.runner import evaluate_models
+    from r2d.eval.evaluate import evaluate_models
     from r2d.eval.suites import SuiteError
     from r2d.models import ModelSourceError
 
@@ -286,3 +286,15 @@ def rollback(cfg, client, name: str | None = None, dry_run: bool = False) -> dic
     numbers = {"from_version": current, "to_version": target, "decided_at": int(time.time())}
     _record(client, name, current, "rolled_back", reason, numbers)
     return out
+
+
+def run_promotion(cfg, candidate: str, dry_run: bool = False, roll_back: bool = False, reuse_only: bool = False,
+                  suite_digest: str | None = None) -> tuple[int, str]:
+    """Promote or roll back; return (exit code, report). Shared by ``r2d promote`` and jobs/promote.py."""
+    client = connect(cfg.tracking.uri, cfg.tracking.connect_timeout_s)
+    if roll_back:
+        out = rollback(cfg, client, cfg.tracking.registered_model, dry_run=dry_run)
+        verb = "rolled back" if out["acted"] else "would roll back (dry run)"
+        return 0, f"{verb}: {out['name']} champion v{out['from_version']} -> v{out['to_version']}"
+    result = promote(cfg, client, candidate, dry_run=dry_run, evaluate=not reuse_only, suite_digest=suite_digest)
+    return (0 if result.decision.promoted else 1), result.report()

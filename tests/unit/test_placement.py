@@ -1,4 +1,4 @@
-"""Config → Ray resource requests, and storage locations."""
+"""Config → Ray resource requests (r2d.placement), and storage locations."""
 
 from __future__ import annotations
 
@@ -6,23 +6,21 @@ from pathlib import Path
 
 import pytest
 
-from r2d.config import ConfigError, EngineConfig, ResourcesConfig, ServeConfig, load_config
-from r2d.resources import (
+from r2d.config import ConfigError, EngineConfig, ModelConfig, ResourcesConfig, ServeConfig, load_config
+from r2d.engines.vllm_engine import engine_args, processor_config
+from r2d.placement import (
     absolute_storage_path,
     check_shared_storage,
-    engine_actor_options,
     engine_gpus,
     is_remote,
     join_storage,
     scaling_config_kwargs,
     serve_deployment_options,
-    serve_llm_resources,
     storage_filesystem,
     storage_scheme,
     train_total_resources,
     validate_storage_uri,
     vllm_placement_group_config,
-    vllm_processor_resources,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,11 +31,9 @@ def test_tensor_parallel_teacher_gets_one_gpu_bundle_per_rank_on_one_node():
     pg = vllm_placement_group_config(engine)
     assert pg == {"bundles": [{"GPU": 1, "CPU": 1}] * 8, "strategy": "STRICT_PACK"}
     assert engine_gpus(engine) == 8
-    kwargs = vllm_processor_resources(engine)
-    assert kwargs["engine_kwargs"]["tensor_parallel_size"] == 8
-    assert kwargs["engine_kwargs"]["gpu_memory_utilization"] == 0.9
-    assert (kwargs["concurrency"], kwargs["batch_size"]) == (2, 64)
-    assert "accelerator_type" not in kwargs
+    args = engine_args(ModelConfig(dtype="bfloat16"), engine)
+    assert args["tensor_parallel_size"] == 8 and args["gpu_memory_utilization"] == 0.9
+    assert args["dtype"] == "bfloat16" and "enforce_eager" not in args
 
 
 def test_cpu_vllm_bundle_asks_for_cpus_only():
@@ -46,24 +42,19 @@ def test_cpu_vllm_bundle_asks_for_cpus_only():
     pg = vllm_placement_group_config(engine)
     assert pg == {"bundles": [{"CPU": 1}], "strategy": "PACK"}
     assert engine_gpus(engine) == 0
-    kwargs = vllm_processor_resources(engine)
-    assert "gpu_memory_utilization" not in kwargs["engine_kwargs"]
+    args = engine_args(ModelConfig(), engine)
+    assert "gpu_memory_utilization" not in args
+    assert (args["dtype"], args["enforce_eager"]) == ("float32", True)
 
 
-def test_processor_kwargs_are_accepted_by_ray_data_llm():
-    """The splat really configures vLLMEngineProcessorConfig (its validators run, no engine starts)."""
-    from ray.data.llm import vLLMEngineProcessorConfig
-
-    for engine in (EngineConfig(kind="vllm", num_gpus=1, tensor_parallel_size=4),
+def test_processor_config_is_accepted_by_ray_data_llm():
+    """The production processor config really configures vLLMEngineProcessorConfig (no engine starts)."""
+    for engine in (EngineConfig(kind="vllm", num_gpus=1, tensor_parallel_size=4, concurrency=2, batch_size=64),
                    EngineConfig(kind="vllm", num_cpus=1)):
-        config = vLLMEngineProcessorConfig(model_source="tiny", **vllm_processor_resources(engine))
+        config = processor_config("tiny", ModelConfig(), engine)
         assert len(config.placement_group_config["bundles"]) == (4 if engine.num_gpus else 1)
-        assert config.engine_kwargs["tensor_parallel_size"] == engine.tensor_parallel_size
-
-
-def test_transformers_actor_options():
-    assert engine_actor_options(EngineConfig(num_cpus=1)) == {"num_cpus": 1.0, "num_gpus": 0.0}
-    assert engine_actor_options(EngineConfig(num_cpus=2, num_gpus=1)) == {"num_cpus": 2.0, "num_gpus": 1.0}
+        assert config.engine_kwargs.get("tensor_parallel_size", 1) == engine.tensor_parallel_size
+        assert config.batch_size == engine.batch_size
 
 
 def test_scaling_config_for_gpu_recipe_and_cpu_default():
@@ -85,24 +76,30 @@ def test_scaling_config_for_gpu_recipe_and_cpu_default():
 
 
 def test_serve_options_carry_replica_resources_and_autoscaling():
-    serve = ServeConfig(min_replicas=1, max_replicas=4, num_cpus=4, num_gpus=1, target_ongoing_requests=8)
+    serve = ServeConfig(min_replicas=1, max_replicas=4, engine=EngineConfig(kind="vllm", num_cpus=4, num_gpus=1),
+                        target_ongoing_requests=8)
     opts = serve_deployment_options(serve)
     assert opts["ray_actor_options"] == {"num_cpus": 4.0, "num_gpus": 1.0}
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
-    assert opts["max_ongoing_requests"] == 64
+    assert opts["max_ongoing_requests"] == 64 and "num_replicas" not in opts
     cpu = serve_deployment_options(ServeConfig())
     assert cpu["ray_actor_options"] == {"num_cpus": 1.0}
 
 
-def test_serve_llm_resources_keep_the_replica_actor_off_the_cpus():
-    cpu = serve_llm_resources(ServeConfig(num_cpus=1))
-    assert cpu["accelerator_config"] == {"kind": "cpu"}
-    assert cpu["deployment_config"]["ray_actor_options"] == {"num_cpus": 0}
-    assert cpu["placement_group_config"]["bundles"] == [{"CPU": 1.0}]
-    gpu = serve_llm_resources(ServeConfig(num_gpus=1, max_replicas=2), tensor_parallel_size=2)
-    assert "accelerator_config" not in gpu
-    assert gpu["placement_group_config"]["bundles"] == [{"GPU": 1, "CPU": 1}] * 2
-    assert gpu["deployment_config"]["autoscaling_config"]["max_replicas"] == 2
+def test_fixed_replicas_and_resources():
+    opts = serve_deployment_options(ServeConfig(min_replicas=2, max_replicas=2, max_ongoing_requests=24,
+                                                engine=EngineConfig(num_cpus=1.5, num_gpus=1.0)))
+    assert opts == {"max_ongoing_requests": 24, "num_replicas": 2,
+                    "ray_actor_options": {"num_cpus": 1.5, "num_gpus": 1.0}}
+
+
+def test_transformers_replica_takes_a_whole_batch_at_once():
+    """@serve.batch gathers engine.batch_size calls: the replica must accept that many."""
+    opts = serve_deployment_options(ServeConfig(max_ongoing_requests=8, engine=EngineConfig(batch_size=32)))
+    assert opts["max_ongoing_requests"] == 32
+    vllm = serve_deployment_options(ServeConfig(max_ongoing_requests=8, engine=EngineConfig(kind="vllm",
+                                                                                             batch_size=32)))
+    assert vllm["max_ongoing_requests"] == 8
 
 
 # ---------------------------------------------------------------- storage

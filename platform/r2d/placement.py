@@ -4,11 +4,10 @@ Every Ray workload asks for what the config says, so that on a cluster the autos
 launches the right node type (a request for 8 GPUs in one STRICT_PACK placement group can
 only be met by an 8-GPU node) and on a laptop the same code asks for CPUs only.
 
-- Engine actors (:func:`engine_actor_options`, :func:`vllm_processor_resources`): GPUs per
-  replica and tensor parallelism, which become one placement bundle per vLLM worker.
+- vLLM engines (:func:`vllm_placement_group_config`): GPUs per replica and tensor
+  parallelism, which become one placement bundle per vLLM worker.
 - Training (:func:`scaling_config_kwargs`): Ray Train ``ScalingConfig`` keyword arguments.
-- Serving (:func:`serve_deployment_options`, :func:`serve_llm_resources`): replica resources
-  and autoscaling.
+- Serving (:func:`serve_deployment_options`): replica resources and autoscaling.
 - Cluster fit (:func:`recipe_fit_problems`): does a config's largest request fit the node
   types of a Ray cluster launcher config?
 - Storage (:func:`validate_storage_uri`, :func:`storage_filesystem`, :func:`join_storage`):
@@ -32,11 +31,6 @@ REMOTE_SCHEMES = ("s3", "gs", "gcs")
 
 # ---------------------------------------------------------------- engines
 
-def _accelerator(obj: Any) -> str:
-    # EngineConfig has no accelerator_type field (yet); tolerate its absence.
-    return str(getattr(obj, "accelerator_type", "") or "")
-
-
 def engine_gpus(engine: EngineConfig) -> int:
     """GPUs one engine replica occupies: tensor_parallel_size on GPU, 0 on CPU."""
     if engine.num_gpus <= 0:
@@ -45,18 +39,6 @@ def engine_gpus(engine: EngineConfig) -> int:
         # vLLM runs one worker per TP rank, each on a whole GPU.
         return engine.tensor_parallel_size
     return max(1, int(round(engine.num_gpus)))
-
-
-def engine_actor_options(engine: EngineConfig) -> dict[str, Any]:
-    """``ray_remote_args`` for one transformers engine actor (``map_batches(..., **opts)``).
-
-    Returns:
-        ``{"num_cpus": ..., "num_gpus": ...}`` plus ``accelerator_type`` when the engine names one.
-    """
-    opts: dict[str, Any] = {"num_cpus": engine.num_cpus, "num_gpus": engine.num_gpus}
-    if _accelerator(engine) and engine.num_gpus > 0:
-        opts["accelerator_type"] = _accelerator(engine)
-    return opts
 
 
 def vllm_placement_group_config(engine: EngineConfig) -> dict[str, Any]:
@@ -71,26 +53,6 @@ def vllm_placement_group_config(engine: EngineConfig) -> dict[str, Any]:
         bundle = {"GPU": 1, "CPU": 1}
         return {"bundles": [dict(bundle) for _ in range(engine.tensor_parallel_size)], "strategy": "STRICT_PACK"}
     return {"bundles": [{"CPU": max(engine.num_cpus, 1)}], "strategy": "PACK"}
-
-
-def vllm_processor_resources(engine: EngineConfig) -> dict[str, Any]:
-    """Keyword arguments for ``vLLMEngineProcessorConfig`` that decide where the engine runs.
-
-    Splat them: ``vLLMEngineProcessorConfig(model_source=..., **vllm_processor_resources(e))``.
-    ``engine_kwargs`` carries the parallel degree; merge it with the model's own kwargs.
-    """
-    engine_kwargs: dict[str, Any] = {"tensor_parallel_size": engine.tensor_parallel_size,
-                                     "max_model_len": engine.max_model_len}
-    if engine.num_gpus > 0:
-        # ray.data.llm picks the "ray" executor itself when TP > 1, launching one vLLM worker
-        # per bundle of the placement group below.
-        engine_kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
-    out: dict[str, Any] = {"engine_kwargs": engine_kwargs, "concurrency": engine.concurrency,
-                           "batch_size": engine.batch_size,
-                           "placement_group_config": vllm_placement_group_config(engine)}
-    if _accelerator(engine) and engine.num_gpus > 0:
-        out["accelerator_type"] = _accelerator(engine)
-    return out
 
 
 # ---------------------------------------------------------------- training
@@ -126,36 +88,25 @@ def train_total_resources(res: ResourcesConfig) -> dict[str, float]:
 # ---------------------------------------------------------------- serving
 
 def serve_deployment_options(serve: ServeConfig) -> dict[str, Any]:
-    """``@serve.deployment`` / ``.options()`` keyword arguments for the R2D model deployment."""
-    actor: dict[str, Any] = {"num_cpus": serve.num_cpus}
-    if serve.num_gpus > 0:
-        actor["num_gpus"] = serve.num_gpus
-        if _accelerator(serve):
-            actor["accelerator_type"] = _accelerator(serve)
-    autoscaling = {"min_replicas": serve.min_replicas, "max_replicas": serve.max_replicas,
-                   "target_ongoing_requests": serve.target_ongoing_requests}
-    return {"ray_actor_options": actor, "autoscaling_config": autoscaling,
-            "max_ongoing_requests": serve.max_ongoing_requests}
+    """``.options()`` keyword arguments for the engine deployment: replicas or autoscaling, resources.
 
-
-def serve_llm_resources(serve: ServeConfig, tensor_parallel_size: int = 1) -> dict[str, Any]:
-    """Keyword arguments for ``ray.serve.llm.LLMConfig`` that place the vLLM replica.
-
-    The replica actor itself asks for no CPU: its default CPU would be added to the engine's
-    bundle and, on a small CPU node, take every core.
+    The transformers engine batches up to ``engine.batch_size`` requests in one forward
+    pass, so a replica must be allowed at least that many at once.
     """
-    engine = EngineConfig(kind="vllm", num_cpus=serve.num_cpus, num_gpus=serve.num_gpus,
-                          tensor_parallel_size=tensor_parallel_size)
-    deployment = serve_deployment_options(serve)
-    deployment["ray_actor_options"] = {"num_cpus": 0}
-    out: dict[str, Any] = {"placement_group_config": vllm_placement_group_config(engine),
-                           "deployment_config": deployment,
-                           "engine_kwargs": {"tensor_parallel_size": tensor_parallel_size}}
-    if serve.num_gpus <= 0:
-        out["accelerator_config"] = {"kind": "cpu"}
-    elif _accelerator(serve):
-        out["accelerator_type"] = _accelerator(serve)
-    return out
+    engine = serve.engine
+    actor: dict[str, Any] = {"num_cpus": engine.num_cpus}
+    if engine.num_gpus > 0:
+        actor["num_gpus"] = engine.num_gpus
+    ongoing = serve.max_ongoing_requests
+    if engine.kind == "transformers":
+        ongoing = max(ongoing, engine.batch_size)
+    opts: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": ongoing}
+    if serve.max_replicas > serve.min_replicas:
+        opts["autoscaling_config"] = {"min_replicas": serve.min_replicas, "max_replicas": serve.max_replicas,
+                                      "target_ongoing_requests": serve.target_ongoing_requests}
+    else:
+        opts["num_replicas"] = serve.min_replicas
+    return opts
 
 
 # ---------------------------------------------------------------- cluster fit
@@ -201,7 +152,7 @@ def recipe_fit_problems(cfg: Config, cluster: dict) -> list[str]:
         engines["distill.guard_engine"] = cfg.distill.guard_engine
     for name, engine in engines.items():
         request = _engine_request(engine)
-        if not any(_fits(request, n["resources"], _accelerator(engine)) for n in nodes.values()):
+        if not any(_fits(request, n["resources"]) for n in nodes.values()):
             problems.append(f"{name}: one replica needs {request}, which no node type provides")
     res = cfg.resources
     per_worker = scaling_config_kwargs(res)["resources_per_worker"]
@@ -217,7 +168,7 @@ def recipe_fit_problems(cfg: Config, cluster: dict) -> list[str]:
                             f"exceed the cluster's capacity of {capacity}")
     serve_req = serve_deployment_options(cfg.serve)["ray_actor_options"]
     serve_req = {"CPU": serve_req["num_cpus"], "GPU": serve_req.get("num_gpus", 0)}
-    if not any(_fits(serve_req, n["resources"], _accelerator(cfg.serve)) for n in nodes.values()):
+    if not any(_fits(serve_req, n["resources"]) for n in nodes.values()):
         problems.append(f"serve: one replica needs {serve_req}, which no node type provides")
     return problems
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import re
 
-from r2d.eval.judges import is_refusal
-from r2d.teacher import REFUSAL_ANSWER
+from r2d.refusal import is_refusal
+from r2d.distill.teacher import REFUSAL_ANSWER
 
 # Drop reasons, as counted in the manifest.
 ENGINE_ERROR = "engine_error"

@@ -13,7 +13,10 @@ import hashlib
 import json
 import logging
 
-from r2d.data.prompts import LoadReport, load_source, mix, split
+from r2d.data.dedup import NgramIndex
+from r2d.data.mix import mix, split
+from r2d.data.prompts import LoadReport
+from r2d.data.sources import load_source
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,10 @@ def split_prompts(cfg, reports: list | None = None) -> tuple[list[dict], list[di
     the held-out side, so that evaluation measures generalisation, not recall, and the
     check at evaluation time only ever fires on a real leak.
     """
-    train, heldout = split(all_prompts(cfg, reports), cfg.data.eval_fraction, seed=cfg.data.seed)
-    heldout = without_near_duplicates(heldout, train, cfg.eval.contamination_threshold)
+    threshold = cfg.eval.contamination_threshold
+    train, heldout = split(all_prompts(cfg, reports), cfg.data.eval_fraction, seed=cfg.data.seed,
+                           threshold=threshold)
+    heldout = without_near_duplicates(heldout, train, threshold)
     if cfg.data.max_prompts:
         train = train[: cfg.data.max_prompts]
     return train, heldout
@@ -70,10 +75,9 @@ def split_prompts(cfg, reports: list | None = None) -> tuple[list[dict], list[di
 
 def without_near_duplicates(heldout: list[dict], train: list[dict], threshold: float) -> list[dict]:
     """``heldout`` less the rows whose prompt duplicates or nearly duplicates a ``train`` prompt."""
-    from r2d.eval.contamination import check_contamination
-
-    report = check_contamination([r["prompt"] for r in heldout], [r["prompt"] for r in train], threshold)
-    leaked = set(report["exact"]["indices"]) | set(report["near"]["indices"])
+    index = NgramIndex([r["prompt"] for r in train])
+    leaked = {i for i, r in enumerate(heldout)
+              if index.exact_match(r["prompt"]) is not None or index.best_match(r["prompt"], threshold)}
     if leaked:
         log.info("held-out side: %d of %d prompts left out as near duplicates of training prompts",
                  len(leaked), len(heldout))

@@ -1,24 +1,17 @@
-"""Typed configuration: nested dataclasses loaded from YAML plus ``a.b=c`` overrides.
+"""The configuration schema: nested dataclasses, one per stage, each field with its docstring.
 
-Every field carries a one-line attribute docstring; :func:`field_docs` reads them
-back from the source so that ``--help`` can print them. Loading validates types,
-choices and ranges and fails with the dotted field name, the value given and
-what was expected.
+Every field carries a one-line attribute docstring (``--help`` prints them, see
+:mod:`r2d.config.loading`). Range and cross-field checks live in ``__post_init__`` and
+fail with the field's name, the value given and what was expected.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
-import inspect
 import json
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-import yaml
 
 
 class ConfigError(ValueError):
@@ -339,8 +332,8 @@ class EvalConfig:
 class ServeConfig:
     model: str = "models:/r2d@champion"
     """Model source to serve; by default the registry's champion."""
-    engine: Literal["transformers", "vllm"] = "transformers"
-    """Serving engine."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Engine of each replica (kind transformers or vllm): batch size, CPUs and GPUs per replica, context length."""
     mode: Literal["show", "hide", "guard"] = "hide"
     """Pivot mode: show raw text, hide reasoning and pivots, or guard (refuse unsafe answers)."""
     allowed_modes: list[str] = field(default_factory=lambda: ["show", "hide", "guard"])
@@ -361,10 +354,8 @@ class ServeConfig:
     """Largest max_tokens a request may ask for."""
     default_max_tokens: int = 256
     """max_tokens when a request sets none."""
-    batch_max_size: int = 16
-    """Dynamic batching: most requests per forward pass."""
     batch_wait_s: float = 0.02
-    """Dynamic batching: how long to wait to fill a batch."""
+    """Dynamic batching (transformers engine): how long to wait to fill a batch of engine.batch_size."""
     min_replicas: int = 1
     """Autoscaling floor."""
     max_replicas: int = 1
@@ -373,18 +364,12 @@ class ServeConfig:
     """Autoscaling target per replica."""
     max_ongoing_requests: int = 64
     """Most requests a replica holds at once."""
-    num_cpus: float = 1.0
-    """CPUs per replica."""
-    num_gpus: float = 0.0
-    """GPUs per replica."""
     log_prompts: bool = False
     """Write prompt text to logs (off: prompts may be sensitive)."""
     reload_poll_s: float = 0.0
     """Poll the registry alias every N seconds and reload when it moves; 0 disables."""
     served_model_name: str = "r2d"
     """Model id the API answers to (/v1/models, the request's `model`)."""
-    max_model_len: int = 2048
-    """Longest prompt plus completion a replica accepts (vLLM's max_model_len)."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, "port", self.port, "a TCP port in 1..65535")
@@ -392,17 +377,17 @@ class ServeConfig:
                  f"1 <= min_replicas <= max_replicas ({self.max_replicas})")
         _require(self.mode in self.allowed_modes, "mode", self.mode, f"one of allowed_modes {self.allowed_modes}")
         for name in ("max_body_bytes", "max_messages", "max_message_chars", "max_tokens_limit",
-                     "default_max_tokens", "batch_max_size", "max_ongoing_requests", "target_ongoing_requests"):
+                     "default_max_tokens", "max_ongoing_requests", "target_ongoing_requests"):
             value = getattr(self, name)
             _require(value >= 1, name, value, "an integer >= 1")
         _require(self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens", self.default_max_tokens,
                  f"at most max_tokens_limit ({self.max_tokens_limit})")
         _require(self.reload_poll_s >= 0, "reload_poll_s", self.reload_poll_s, "a number >= 0 (0: no polling)")
         _require(bool(self.served_model_name), "served_model_name", self.served_model_name, "a non-empty name")
-        _require(self.max_model_len > self.max_tokens_limit, "max_model_len", self.max_model_len,
+        _require(self.engine.kind in ("transformers", "vllm"), "engine.kind", self.engine.kind,
+                 "'transformers' or 'vllm' (an OpenAI endpoint is not served by this application)")
+        _require(self.engine.max_model_len > self.max_tokens_limit, "engine.max_model_len", self.engine.max_model_len,
                  f"more than max_tokens_limit ({self.max_tokens_limit})")
-        _require(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus", (self.num_cpus, self.num_gpus),
-                 "num_cpus and num_gpus >= 0")
         bad = [m for m in self.allowed_modes if m not in ("show", "hide", "guard")]
         _require(not bad, "allowed_modes", self.allowed_modes, "modes among show, hide, guard")
 
@@ -496,168 +481,3 @@ class Config:
         """A short hash of the resolved config, for lineage tags."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
-
-
-# ---------------------------------------------------------------- loading
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping of {tp.__name__} fields"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
-def _coerce(tp: Any, value: Any, name: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it converted where lossless."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        _require(value in typing.get_args(tp), name, value, _type_name(tp))
-        return value
-    if origin is list:
-        _require(isinstance(value, list), name, value, _type_name(tp))
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(item_tp, v, f"{name}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        _require(isinstance(value, dict), name, value, _type_name(tp))
-        return _build(tp, value, name)
-    if tp is bool:
-        _require(isinstance(value, bool), name, value, _type_name(tp))
-    elif tp is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), name, value, _type_name(tp))
-    elif tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "1e-3" (no dot) as a string; it is unambiguous as a number.
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, _type_name(tp))
-        return float(value)
-    elif tp is str:
-        _require(isinstance(value, str), name, value, _type_name(tp))
-    return value
-
-
-def _build(cls: type, data: dict, prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown key, expected one of {sorted(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else key
-        kwargs[key] = _coerce(hints[key], value, dotted)
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        # __post_init__ knows only the field's own name: prefix it with the path.
-        raise ConfigError(f"{prefix}.{err}" if prefix else str(err)) from None
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: cannot set a key below {key!r}, which is not a mapping")
-        node = child
-    node[keys[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Split ``a.b=c`` and parse ``c`` as YAML (so numbers, booleans and lists keep their type)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.max_steps=10")
-    key, raw = text.split("=", 1)
-    if not key.strip():
-        raise ConfigError(f"override {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults) and apply ``a.b=c`` overrides.
-
-    Raises:
-        ConfigError: naming the dotted field, the value and what was expected.
-    """
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _set_dotted(tree, key, value)
-    return _build(Config, tree, "")
-
-
-# ---------------------------------------------------------------- help
-
-def field_docs(cls: type = Config, prefix: str = "") -> dict[str, str]:
-    """Map dotted field names to their attribute docstrings (read from the source)."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                docs[node.target.id] = str(nxt.value.value)
-    out: dict[str, str] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        dotted = f"{prefix}{f.name}"
-        out[dotted] = docs.get(f.name, "")
-        if dataclasses.is_dataclass(hints[f.name]):
-            out.update(field_docs(hints[f.name], dotted + "."))
-    return out
-
-
-def help_text() -> str:
-    """One line per field: ``dotted.name  (default)  docstring``."""
-    defaults = flatten(Config().to_dict())
-    lines = []
-    for name, doc in field_docs().items():
-        if name in defaults:
-            lines.append(f"  {name} = {defaults[name]!r}\n      {doc}")
-    return "\n".join(lines)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one level of dotted keys (for MLflow params and --help)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def parse_job_args(argv: list[str] | None, description: str) -> tuple[Config, list[str]]:
-    """Shared job CLI: ``--config FILE`` plus ``key=value`` overrides; ``--help`` lists every field."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=description, epilog="config fields:\n" + help_text(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML config file (defaults when omitted)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
-    args, rest = parser.parse_known_args(argv)
-    return load_config(args.config, args.overrides), rest
-

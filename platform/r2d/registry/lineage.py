@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from r2d import tags as T
+from r2d import run_tags as T
 from r2d.tracking import TrackingError, all_experiment_ids, get_run, load_json_tag, resolve_version
 
 _EVAL_METRICS = ("asr", "over_refusal", "discrimination")

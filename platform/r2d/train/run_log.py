@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from r2d import tags
+from r2d import run_tags as T
 from r2d.config import Config
 from r2d.config import flatten as config_flatten
 
@@ -24,16 +24,16 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
 def lineage_tags(cfg: Config, lineage: dict, pivot_ids: dict[str, int] | None = None) -> dict[str, str]:
     """The lineage contract's tags for the training run and the model version."""
     out = {
-        tags.STAGE: "train",
-        tags.CONFIG_DIGEST: cfg.digest(),
-        tags.GIT_COMMIT: lineage.get("git_commit", "unknown"),
-        tags.BASE_MODEL: cfg.model.source,
-        tags.TRACES_URI: lineage.get("traces_uri", ""),
-        tags.TRACES_DIGEST: lineage.get("traces_digest", ""),
-        tags.DISTILL_RUN_ID: lineage.get("distill_run_id", ""),
+        T.STAGE: "train",
+        T.CONFIG_DIGEST: cfg.digest(),
+        T.GIT_COMMIT: lineage.get("git_commit", "unknown"),
+        T.BASE_MODEL: cfg.model.source,
+        T.TRACES_URI: lineage.get("traces_uri", ""),
+        T.TRACES_DIGEST: lineage.get("traces_digest", ""),
+        T.DISTILL_RUN_ID: lineage.get("distill_run_id", ""),
     }
     if pivot_ids:
-        out[tags.PIVOT_IDS] = json.dumps(pivot_ids, sort_keys=True)
+        out[T.PIVOT_IDS] = json.dumps(pivot_ids, sort_keys=True)
     return out
 
 

@@ -39,12 +39,30 @@ NUMBERS = "r2d.promotion.numbers"  # JSON
 CHAMPION_HISTORY = "r2d.champion_history"  # on the registered model: JSON list of versions
 
 
-def git_commit() -> str:
-    """The current commit of the working tree, or "unknown" outside a git checkout."""
+COMMIT_ENV = "R2D_GIT_COMMIT"
+"""Set by whoever submits a job from a checkout: under ``ray job submit --working-dir`` the
+job runs in a copy without ``.git``, so the commit must travel with it."""
+
+
+def git_commit(short: bool = False, mark_dirty: bool = False, cwd: str | None = None) -> str:
+    """The commit the code runs from: ``$R2D_GIT_COMMIT``, else ``git rev-parse HEAD``, else "unknown".
+
+    Args:
+        short: the abbreviated hash.
+        mark_dirty: append "+dirty" when the working tree has uncommitted changes.
+        cwd: the checkout to ask (default: the current directory).
+    """
+    import os
     import subprocess
 
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
-        return out.stdout.strip()
+        args = ["git", "rev-parse", "--short", "HEAD"] if short else ["git", "rev-parse", "HEAD"]
+        out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        if mark_dirty and subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True,
+                                         timeout=10).stdout.strip():
+            out += "+dirty"
+        return out
     except Exception:
         return "unknown"

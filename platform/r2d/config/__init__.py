@@ -1,0 +1,14 @@
+"""Typed configuration: the schema (:mod:`r2d.config.schema`) and its loading (:mod:`r2d.config.loading`).
+
+    cfg = load_config("jobs/configs/tiny.yaml", ["train.max_steps=10"])
+"""
+
+from r2d.config.loading import field_docs, flatten, help_text, load_config, parse_job_args, parse_override
+from r2d.config.schema import (Config, ConfigError, DataConfig, DistillConfig, EngineConfig, EvalConfig, GateConfig,
+                               LoraConfig, ModelConfig, ResourcesConfig, SamplingConfig, ServeConfig, SourceConfig,
+                               TrackingConfig, TrainConfig)
+
+__all__ = ["Config", "ConfigError", "DataConfig", "DistillConfig", "EngineConfig", "EvalConfig", "GateConfig",
+           "LoraConfig", "ModelConfig", "ResourcesConfig", "SamplingConfig", "ServeConfig", "SourceConfig",
+           "TrackingConfig", "TrainConfig", "field_docs", "flatten", "help_text", "load_config", "parse_job_args",
+           "parse_override"]
