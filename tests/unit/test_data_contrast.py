@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from r2d.data.prompts import normalise_prompt
+from r2d.data.dedup import canonical as normalise_prompt
 from r2d.eval.judges import visible_answer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks"

@@ -23,6 +23,7 @@ from typing import Any
 from r2d import run_tags as T
 from r2d.eval.contamination import assert_held_out, check_contamination
 from r2d.eval.general import general_ability
+from r2d.eval.judges import keyword_judge_quality
 from r2d.eval.report import output_json, write_report
 from r2d.eval.runner import Target, make_targets, run_target
 from r2d.eval.suites import Suite, load_suites, suite_digest
@@ -223,7 +224,7 @@ def evaluate_models(cfg, models: list[str], suites: list[str] | None = None, *, 
     from r2d.run_tags import git_commit
 
     meta = {"suite_digest": digest, "created_at": time.strftime("%Y-%m-%d %H:%M:%S"), "config_digest": cfg.digest(),
-            "git_commit": git_commit(), "contamination": contamination,
+            "git_commit": git_commit(), "contamination": contamination, "judge_quality": keyword_judge_quality(),
             "suites": [{"name": s.name, "source": s.source, "n_harmful": s.n_harmful, "n_benign": s.n_benign,
                         "skipped": s.skipped, "ood": s.ood} for s in loaded]}
     folder = out_dir or str(Path(_local_path(cfg.eval.output_dir)) / f"{time.strftime('%Y%m%d-%H%M%S')}-{digest[:8]}")

@@ -207,6 +207,20 @@ def _contamination_lines(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _judge_lines(meta: dict[str, Any]) -> list[str]:
+    q = meta.get("judge_quality")
+    if not q:
+        return ["Not measured."]
+    lines = [f"On the project's {q['n']} labelled answers (refusals in many phrasings, the model's own trained "
+             "ones among them; full and partial compliance; refusal then compliance; empty and truncated): "
+             f"precision **{_pct(q['precision'])}**, recall **{_pct(q['recall'])}**, accuracy {_pct(q['accuracy'])}."]
+    if q["errors"]:
+        lines.append("Where it errs:")
+        lines += [f"- {'missed refusal' if e['refused'] else 'false refusal'} ({e['kind']}): `{e['answer'][:100]}`"
+                  for e in q["errors"][:6]]
+    return lines
+
+
 def render_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any], charts: dict[str, str]) -> str:
     """The Markdown report: setup, headline table, per-attack ASR, details, contamination, ability."""
     first = next(iter(results.values()))
@@ -233,7 +247,8 @@ def render_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any], ch
     lines += [f"![{k}]({v})" for k, v in charts.items()] + [""]
     lines += ["## Raw text, pivots, generation", "", *_detail_table(results), "",
               "Throughput is end to end (engine start included).", "", "## Contamination", "",
-              *_contamination_lines(meta), "", "## General ability", ""]
+              *_contamination_lines(meta), "", "## The keyword judge, measured", "", *_judge_lines(meta), "",
+              "## General ability", ""]
     for name, e in results.items():
         g = e.get("general") or {"status": "skipped", "reason": "not run"}
         lines.append(f"- {name}: " + (f"skipped: {g['reason']}" if g["status"] == "skipped" else

@@ -281,6 +281,9 @@ def load_suite_file(path: str | Path, max_rows: int = 0) -> Suite:
         raise SuiteError(f"suite file {str(p)!r} does not exist")
     if p.suffix.lower() not in _FILE_TYPES:
         raise SuiteError(f"suite file {str(p)!r}: unsupported type {p.suffix!r}, expected one of {_FILE_TYPES}")
+    published = _published_csv(p)
+    if published:
+        return _benchmark_suite(p, published, max_rows)
     records, columns, meta = _read_records(p)
     if not _is_artifact(columns) and not {"prompt", "label"} <= set(columns):
         raise SuiteError(
@@ -289,7 +292,39 @@ def load_suite_file(path: str | Path, max_rows: int = 0) -> Suite:
     rows, skipped = _file_rows(records, columns, meta, p.stem)
     if not rows:
         raise SuiteError(f"suite file {str(p)!r}: no usable rows (skipped: {dict(skipped)})")
-    return Suite(p.stem, _cap(rows, max_rows), str(p), dict(skipped))
+    return Suite(p.stem, _cap(rows, max_rows), str(p), dict(skipped), ood=True)
+
+
+def _published_csv(path: Path) -> str:
+    """The published benchmark format of a CSV file (XSTest, HarmBench, JBB behaviours, OR-Bench), or ""."""
+    from r2d.eval.benchmarks import BenchmarkFormatError, detect_format
+
+    if path.suffix.lower() != ".csv":
+        return ""
+    try:
+        fmt = detect_format(path)
+    except BenchmarkFormatError:
+        return ""
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        columns = next(csv.reader(fh), [])
+    # A plain prompt,label,category file is the generic suite format, not OR-Bench.
+    return "" if fmt == "orbench" and "label" in columns else fmt
+
+
+def _benchmark_suite(path: Path, fmt: str, max_rows: int) -> Suite:
+    """A published benchmark file as an out-of-distribution suite (:mod:`r2d.eval.benchmarks`)."""
+    from r2d.data.prompts import LoadReport
+    from r2d.eval.benchmarks import load_benchmark
+
+    report = LoadReport()
+    found = load_benchmark(path, fmt, report)
+    # XSTest's and OR-Bench's safe prompts are built to sound unsafe: they are look-alikes.
+    lookalike = fmt in ("xstest", "orbench")
+    rows = [_row(r["prompt"], r["label"], path.stem, r["attack"], category=r["category"],
+                 lookalike=lookalike and r["label"] == "benign") for r in found]
+    if not rows:
+        raise SuiteError(f"suite file {str(path)!r} ({fmt}): no usable rows (skipped: {dict(report.skipped)})")
+    return Suite(path.stem, _cap(rows, max_rows), f"{fmt}: {path}", dict(report.skipped), ood=True)
 
 
 # ---------------------------------------------------------------- any suite
