@@ -3,7 +3,8 @@
     python jobs/ablation.py --config jobs/configs/tiny.yaml [--seeds 0 1 2] [key=value ...]
 
 Every variant trains on the same traces with the same budget; all are evaluated on the
-same held-out prompts. Writes ``ablation/ablation.md`` and ``ablation/ablation.json``.
+same held-out prompts. Writes ``ablation.md``, ``ablation.json`` and ``tradeoff.png`` under ``--out``
+(a folder, or an s3:// / gs:// prefix).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import argparse
 import hashlib
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from r2d import storage as st
     from r2d.eval.ablation import VARIANTS, aggregate, markdown_table, portable_reports, tradeoff_plot, verdict
     from r2d.config import load_config
     from r2d.eval.evaluate import evaluate_models
@@ -27,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="jobs/configs/tiny.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default="ablation")
+    parser.add_argument("--out", default="ablation", help="output folder or s3:// / gs:// prefix")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
@@ -37,17 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(cfg.resources.num_cpus)
     init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
     started = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = st.absolute(args.out) if "://" in args.out else args.out
     # Every finished evaluation is saved at once: re-running the same command after a crash
     # skips them, and its training runs resume from their checkpoints (same run names).
     key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
-    partial = out / f"runs-{key}.json"
-    runs: dict[str, list[dict]] = json.loads(partial.read_text()) if partial.exists() else {}
+    partial = st.join(out, f"runs-{key}.json")
+    runs: dict[str, list[dict]] = json.loads(st.read_text(partial)) if st.exists(partial) else {}
 
     def save(variant: str, rows: list[dict]) -> None:
         runs[variant] = rows
-        partial.write_text(json.dumps(runs, indent=1, default=str))
+        st.write_text(partial, json.dumps(runs, indent=1, default=str))
 
     # 2. the untrained rows: base and R2D-p (the safety system prompt, no training)
     if "base" not in runs or "R2D-p" not in runs:
@@ -76,13 +78,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. report
     table = aggregate(runs)
-    tradeoff_plot(runs, out / "tradeoff.png")
+    with tempfile.TemporaryDirectory(prefix="r2d-ablation-") as tmp:
+        tradeoff_plot(runs, Path(tmp) / "tradeoff.png")
+        st.write_bytes(st.join(out, "tradeoff.png"), (Path(tmp) / "tradeoff.png").read_bytes())
     text = (f"# Ablation (commit `{git_commit()[:12]}`, seeds {args.seeds}, "
             f"{time.perf_counter() - started:.0f} s)\n\n{markdown_table(table)}\n\n**Does CPO help?** (paired by seed)"
             f"\n{verdict(runs)}\n\n![ASR against over-refusal, every run](tradeoff.png)\n")
-    (out / "ablation.md").write_text(text)
+    st.write_text(st.join(out, "ablation.md"), text)
     saved = {"runs": portable_reports(runs, Path.cwd()), "table": table}
-    (out / "ablation.json").write_text(json.dumps(saved, indent=1, default=str))
+    st.write_text(st.join(out, "ablation.json"), json.dumps(saved, indent=1, default=str))
     print(text)
     return 0
 

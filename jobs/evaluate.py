@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     # 1. config and arguments
     parser = argparse.ArgumentParser(description=__doc__, epilog="config fields:\n" + help_text(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML config file (defaults when omitted)")
+    parser.add_argument("--config", action="append", default=None,
+                        help="YAML config file (defaults when omitted); repeat to lay an override file over it")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.max_per_suite=16")
     parser.add_argument("--model", action="append", default=[], help="model to evaluate (repeatable)")
     parser.add_argument("--suite", action="append", default=[], help="suite name or file (repeatable; "

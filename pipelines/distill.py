@@ -5,63 +5,85 @@ One pass is a streaming Ray Data graph, consumed by the driver chunk by chunk::
     ray.data.from_items(prompt rows)                      one block per engine batch
     -> r2d.engines.generate(teacher, system prompt)       engine actors live for the pass
     -> map(r2d.distill.stages.parse_and_tag)              num_cpus=0: never waits behind the engines
+    -> map(r2d.distill.stages.Finalize)                   repair, filter, count tokens: one record per row
+    -> [map_batches(r2d.distill.guard.GuardStage)]        tagger guard: the run's guard engines re-tag steps
     -> blocks streamed to the driver, chunk_size rows at a time:
-       r2d.distill.stages.commit                          finalize, [guard re-tag], write (r2d.distill.store)
+       r2d.distill.stages.commit                          keep, drop and error records: one commit
     harmful prompts still answered -> the same again with the stronger instruction
 
-Row schema: :mod:`r2d.distill.stages`. Re-running skips prompt_ids already written; a crash
-costs at most the chunk in flight.
+The driver holds the lease on ``distill.output_dir`` for the whole run (a second driver of the
+same output is refused), and the guard engines live for the whole run (they load once, not
+once per pass or chunk). Row schema: :mod:`r2d.distill.stages`. Re-running skips prompt_ids
+already committed; a crash costs at most the chunk in flight.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections import Counter
 
+from r2d import commits
 from r2d.data.splits import select_balanced, training_prompts
-from r2d.distill import run_log, store
-from r2d.distill.stages import PROMPT_KEYS, commit, parse_and_tag
+from r2d.distill import guard, run_log, store
+from r2d.distill.stages import FIRST_PASS, PROMPT_KEYS, Finalize, commit, parse_and_tag
 from r2d.distill.teacher import stronger_prompt, system_prompt
 from r2d.engines import generate
-from r2d.models import load_tokenizer
 from r2d.runtime import init_mlflow
+
+MANIFEST_EVERY_S = 30.0
+"""Rewrite the manifest at most this often while a run goes on (it reads every committed chunk)."""
 
 
 def run(cfg) -> tuple[dict, dict]:
-    """Distil the training prompts into ``cfg.distill.output_dir``; returns (manifest, run stats)."""
+    """Distil the training prompts into ``cfg.distill.output_dir``; returns (manifest, run stats).
+
+    Raises:
+        r2d.commits.LeaseError: another live driver is writing ``distill.output_dir``.
+    """
     d = cfg.distill
-    # 1. prompts: the training side of the split evaluation also uses; never the held-out side
-    reports: list = []
-    prompts = select_balanced(training_prompts(cfg, reports), d.max_prompts)
+    # 1. the output: this driver alone writes it, until the run ends (a second one is refused here)
+    with commits.HeldLease(store.location(d.output_dir), ttl_s=d.lease_ttl_s) as lease:
+        # 2. prompts: the training side of the split evaluation also uses; never the held-out side
+        reports: list = []
+        prompts = select_balanced(training_prompts(cfg, reports), d.max_prompts)
 
-    # 2. tracking: one MLflow run per distillation, on the driver
-    mlflow = init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
-    with mlflow.start_run(run_name=f"distill-{d.system_prompt_id}") as active:
-        run_log.log_inputs(mlflow, cfg, prompts)
-        history = store.read_manifest(d.output_dir).get("mlflow_run_ids", [])
-        extra = {"mlflow_run_id": active.info.run_id, "mlflow_run_ids": [*history, active.info.run_id],
-                 "prompt_sources": [r.as_dict() for r in reports]}
+        # 3. tracking: one MLflow run per distillation, on the driver
+        mlflow = init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
+        with mlflow.start_run(run_name=f"distill-{d.system_prompt_id}") as active:
+            run_log.log_inputs(mlflow, cfg, prompts)
+            history = store.read_manifest(d.output_dir).get("mlflow_run_ids", [])
+            extra = {"mlflow_run_id": active.info.run_id, "mlflow_run_ids": [*history, active.info.run_id],
+                     "prompt_sources": [r.as_dict() for r in reports]}
 
-        # 3. work: stream chunks to Parquet, skipping prompt_ids already written
-        manifest, stats = run_distillation(cfg, prompts, extra)
+            # 4. work: stream chunks to Parquet, skipping prompt_ids already committed
+            manifest, stats = run_distillation(cfg, prompts, extra, lease)
 
-        # 4. report: metrics, the manifest artifact and the traces' lineage tags
-        run_log.log_outputs(mlflow, cfg, manifest, stats, store.write_manifest(d.output_dir, manifest))
+            # 5. report: metrics, the manifest artifact and the traces' lineage tags
+            run_log.log_outputs(mlflow, cfg, manifest, stats)
     return manifest, stats
 
 
-def generated_rows(prompts: list[dict], cfg, system: str):
-    """Lazy dataset: prompt rows -> teacher generation -> parsed and flagged rows."""
+def generated_rows(prompts: list[dict], cfg, system: str, last_pass: bool = True, guards: list | None = None):
+    """Lazy dataset: prompt rows -> teacher generation -> parsed -> finalized records [-> guard re-tagged]."""
     import ray
 
     d = cfg.distill
     # One block per engine batch: every actor gets work, and finished rows stream out early.
     blocks = max(1, -(-len(prompts) // d.engine.batch_size))
-    ds = ray.data.from_items([{k: p.get(k, "") for k in PROMPT_KEYS} for p in prompts], override_num_blocks=blocks)
+    items = [{**{k: p.get(k, "") for k in PROMPT_KEYS}, FIRST_PASS: p.get(FIRST_PASS, "")} for p in prompts]
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = generate(ds, d.teacher, d.engine, d.sampling, system_prompt=system)
     # Parsing is light: with no CPU reserved it never waits behind the engine actors.
-    return ds.map(parse_and_tag, fn_kwargs={"max_tokens": d.sampling.max_tokens}, num_cpus=0)
+    ds = ds.map(parse_and_tag, fn_kwargs={"max_tokens": d.sampling.max_tokens}, num_cpus=0)
+    ds = ds.map(Finalize, fn_constructor_kwargs={"cfg": cfg, "last_pass": last_pass},
+                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+    if guards:
+        ds = ds.map_batches(guard.GuardStage, fn_constructor_kwargs={"guards": guards},
+                            compute=ray.data.ActorPoolStrategy(size=len(guards)), num_cpus=0,
+                            batch_size=d.guard_engine.batch_size, batch_format="numpy")
+    return ds
 
 
 def _chunks(ds, size: int):
@@ -86,56 +108,72 @@ def _chunks(ds, size: int):
         yield chunk
 
 
-def run_distillation(cfg, prompts: list[dict], extra: dict | None = None) -> tuple[dict, dict]:
-    """Distil every prompt not yet written, streaming chunk by chunk; returns run statistics.
+def run_distillation(cfg, prompts: list[dict], extra: dict | None = None,
+                     lease: commits.HeldLease | None = None) -> tuple[dict, dict]:
+    """Distil every prompt not yet committed, streaming chunk by chunk; returns run statistics.
 
     Pass 0 uses the system prompt; each further pass (``max_regenerations``) re-generates,
     with the stronger instruction, the harmful prompts the previous pass left answered.
-    A row is written as soon as its last pass is done, so a crash costs at most one chunk
+    A row is committed as soon as its last pass is done, so a crash costs at most one chunk
     plus the rows waiting for a re-generation (both are simply redone by the next run).
-
-    The manifest is rewritten after every chunk, over everything in the output folder.
 
     Args:
         cfg: the resolved :class:`r2d.config.Config`.
         prompts: training prompt rows (see :mod:`r2d.data.splits`).
         extra: more manifest fields (the MLflow run id).
+        lease: the lease on ``distill.output_dir`` when the caller holds it; else taken here.
 
     Returns:
         (manifest, statistics of this run).
+
+    Raises:
+        r2d.commits.LeaseError: another live driver is writing ``distill.output_dir``.
     """
+    out = store.location(cfg.distill.output_dir)
+    if lease is not None:
+        return _distil(cfg, prompts, extra or {}, out, lease)
+    with commits.HeldLease(out, ttl_s=cfg.distill.lease_ttl_s) as held:
+        return _distil(cfg, prompts, extra or {}, out, held)
+
+
+def _distil(cfg, prompts: list[dict], extra: dict, out: str, lease) -> tuple[dict, dict]:
     d = cfg.distill
-    pending = store.pending(prompts, d.output_dir)
-    student_tok = load_tokenizer(cfg.model.source, cfg.model.cache_dir, cfg.model.offline)
+    pending = store.pending(prompts, out)
     run_tag, stats = uuid.uuid4().hex[:8], Counter(skipped_existing=len(prompts) - len(pending),
                                                    attempted=len(pending))
-    first_pass: dict[str, dict] = {}
-    number, start, busy = 0, time.perf_counter(), 0.0
-    for attempt in range(d.max_regenerations + 1):
-        if not pending:
-            break
-        system = system_prompt(d.system_prompt_id) if attempt == 0 else stronger_prompt(d.system_prompt_id)
-        last, held = attempt == d.max_regenerations, []
-        stats["regenerated"] += len(pending) if attempt else 0
-        for chunk in _chunks(generated_rows(pending, cfg, system), d.chunk_size):
-            t0 = time.perf_counter()
-            stats["generated_tokens"] += sum(int(r["num_generated_tokens"]) for r in chunk)
-            if attempt == 0:
-                first_pass.update({r["prompt_id"]: r for r in chunk})
-            # A failed re-generation falls back to the first answer (repaired below).
-            chunk = [first_pass[r["prompt_id"]] if attempt and r["gen_error"] else r for r in chunk]
-            ready = [r for r in chunk if last or not r["needs_regeneration"]]
-            held += [r for r in chunk if not (last or not r["needs_regeneration"])]
-            if ready:
-                commit(ready, cfg, student_tok, f"{run_tag}-{number:05d}", stats)
-                number += 1
-                store.write_manifest(d.output_dir, store.manifest(d.output_dir, cfg.to_dict(), extra))
-            busy += time.perf_counter() - t0
-        pending = [{k: r.get(k, "") for k in PROMPT_KEYS} for r in held]
+    guards = guard.start_guards(cfg) if d.tagger == "guard" and pending else []
+    engines: set[str] = set()
+    number, start, busy, written_at = 0, time.perf_counter(), 0.0, time.monotonic()
+    try:
+        for attempt in range(d.max_regenerations + 1):
+            if not pending:
+                break
+            system = system_prompt(d.system_prompt_id) if attempt == 0 else stronger_prompt(d.system_prompt_id)
+            last, held = attempt == d.max_regenerations, []
+            stats["regenerated"] += len(pending) if attempt else 0
+            for chunk in _chunks(generated_rows(pending, cfg, system, last, guards), d.chunk_size):
+                t0 = time.perf_counter()
+                stats["generated_tokens"] += sum(int(r["tokens"]) for r in chunk)
+                engines |= {r["guard_engine"] for r in chunk if r.get("guard_engine")}
+                held += [json.loads(r["record"]) for r in chunk if r["kind"] == "held"]
+                ready = [r for r in chunk if r["kind"] != "held"]
+                if ready:
+                    commit(ready, cfg, f"{run_tag}-{number:05d}", stats, lease)
+                    number += 1
+                    if time.monotonic() - written_at >= MANIFEST_EVERY_S:
+                        store.write_manifest(out, store.manifest(out, cfg.to_dict(), extra))
+                        written_at = time.monotonic()
+                busy += time.perf_counter() - t0
+            pending = held
+    finally:
+        guard.stop_guards(guards)
+    stats["chunks"] = number
+    if guards:
+        stats["guard_engines"] = len(engines)  # engines that answered over the whole run: one each
     stats["wall_s"] = time.perf_counter() - start
-    stats["driver_busy_s"] = busy  # finalize + write, overlapping with the engines' next batches
+    stats["driver_busy_s"] = busy  # commits, overlapping with the engines' next batches
     # End to end, engine start-up included: the figure to compare engines with.
     stats["tokens_per_s"] = stats["generated_tokens"] / stats["wall_s"] if stats["wall_s"] else 0.0
-    manifest = store.manifest(d.output_dir, cfg.to_dict(), {**(extra or {}), "last_run": dict(stats)})
-    store.write_manifest(d.output_dir, manifest)
+    manifest = store.manifest(out, cfg.to_dict(), {**extra, "last_run": dict(stats)})
+    store.write_manifest(out, manifest)
     return manifest, dict(stats)

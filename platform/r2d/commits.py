@@ -22,7 +22,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
+import os
+import socket
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -34,6 +39,7 @@ from r2d.storage import PreconditionFailed, StorageError
 
 COMMITTED = "_committed"
 LEASE = "_lease.json"
+log = logging.getLogger(__name__)
 
 
 class LeaseError(StorageError):
@@ -52,7 +58,7 @@ def _encode(body: bytes | pa.Table | list[dict]) -> tuple[bytes, int | None]:
 
 
 def commit_chunk(out: str, name: str, files: dict[str, bytes | pa.Table | list[dict]],
-                 meta: dict | None = None) -> dict:
+                 meta: dict | None = None, lease: HeldLease | None = None) -> dict:
     """Write a chunk's files, then commit them all at once with a marker written last.
 
     Args:
@@ -61,6 +67,8 @@ def commit_chunk(out: str, name: str, files: dict[str, bytes | pa.Table | list[d
         files: paths relative to ``out`` (``data/chunk-x/part.parquet``, ``drops/chunk-x.jsonl``)
             to bytes, a table (written as Parquet) or a list of dicts (written as JSONL).
         meta: more fields for the marker.
+        lease: the held lease on ``out``; checked just before the marker is written, so a
+            driver that lost it (a paused process whose lease was taken over) commits nothing.
 
     Returns:
         The marker: ``name``, ``files`` (relative path to its row count; None for bytes),
@@ -81,6 +89,8 @@ def commit_chunk(out: str, name: str, files: dict[str, bytes | pa.Table | list[d
         st.write_bytes(st.join(out, rel), blob)
     marker = {"name": name, "files": listed, "rows": rows,
               "committed_at": datetime.now(timezone.utc).isoformat(), **(meta or {})}
+    if lease is not None:
+        lease.check()
     try:
         st.put_if(marker_uri, json.dumps(marker, sort_keys=True).encode(), None)
     except PreconditionFailed:
@@ -199,3 +209,113 @@ def release_lease(lease: Lease) -> None:
     """Give the lease up; one already taken over by another owner is left alone."""
     with contextlib.suppress(PreconditionFailed, st.NotFound):
         st.delete_if(lease.uri, lease.etag)
+
+
+def default_owner() -> str:
+    """A lease owner name unique to this process: host, pid and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def wait_for_lease(out: str, owner: str, ttl_s: float = 120, poll_s: float | None = None) -> Lease:
+    """Take the lease on ``out``, waiting out a holder that has stopped renewing it.
+
+    A live holder renews its lease every ``ttl_s / 4`` (see :class:`HeldLease`): seeing it renewed
+    means a second driver is running, and this one is refused at once. A holder that was killed
+    never renews, so its lease is taken over when it expires: a resubmitted job waits at most
+    the dead driver's remaining time.
+
+    Raises:
+        LeaseError: a live driver holds the lease (the message names it).
+    """
+    uri = st.join(out, LEASE)
+    poll_s = poll_s if poll_s is not None else max(0.5, min(5.0, ttl_s / 8))
+    seen: tuple[str, float] | None = None
+    while True:
+        try:
+            return acquire_lease(out, owner, ttl_s)
+        except LeaseError:
+            pass
+        try:
+            data, etag = st.read_with_etag(uri)
+        except st.NotFound:
+            continue  # released meanwhile: try again at once
+        held = json.loads(data)
+        now = (held["owner"], float(held["expires_at"]))
+        if _dead_here(now[0]):
+            # Its process is gone from this very host: nobody can renew or write, so take it now.
+            body, expires = _body(owner, ttl_s)
+            try:
+                return Lease(uri, owner, expires, st.put_if(uri, body, etag))
+            except (PreconditionFailed, st.NotFound):
+                continue
+        if seen is not None and now[0] == seen[0] and now[1] > seen[1]:
+            raise LeaseError(f"lease {uri}: held by {_holder(uri)}, a live driver (it renewed its lease "
+                             "while this one waited); two drivers must not write one output")
+        if seen is None:
+            log.warning("lease %s is held by %s; waiting to see whether it is renewed or expires",
+                        uri, _holder(uri))
+        seen = now
+        time.sleep(min(poll_s, max(0.05, now[1] - time.time() + 0.05)))
+
+
+def _dead_here(owner: str) -> bool:
+    """Whether ``owner`` (``host:pid:suffix``, see :func:`default_owner`) names a process of this host that is gone."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+class HeldLease:
+    """The lease on an output prefix, held for a ``with`` block and renewed in the background.
+
+    Renewal runs every ``ttl_s / 4`` in a daemon thread; if it fails because another owner
+    took the lease over, :meth:`check` raises from then on and every commit stops.
+    """
+
+    def __init__(self, out: str, owner: str | None = None, ttl_s: float = 120) -> None:
+        self.out, self.owner, self.ttl_s = out, owner or default_owner(), ttl_s
+        self.lease: Lease | None = None
+        self.lost: LeaseError | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> HeldLease:
+        self.lease = wait_for_lease(self.out, self.owner, self.ttl_s)
+        self._thread = threading.Thread(target=self._renew, name="r2d-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            try:
+                self.lease = renew_lease(self.lease, self.ttl_s)
+            except LeaseError as err:
+                self.lost = err
+                return
+            except StorageError as err:  # a transient store error: try again next tick, until expiry
+                if time.time() > self.lease.expires_at:
+                    self.lost = LeaseError(f"lease {self.lease.uri}: not renewed before it expired ({err})")
+                    return
+                log.warning("renewing %s failed (%s); retrying", self.lease.uri, err)
+
+    def check(self) -> None:
+        """Raise if the lease was lost: whatever this driver would write now might race another."""
+        if self.lost is not None:
+            raise self.lost
+        if self.lease is None or time.time() > self.lease.expires_at:
+            raise LeaseError(f"lease on {self.out}: not held (expired before it could be renewed)")
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self.lease is not None and self.lost is None:
+            release_lease(self.lease)

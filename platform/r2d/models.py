@@ -241,11 +241,13 @@ RANDOM_ARCHS = {
 
 
 def make_tiny_llama(out_dir: str | Path, tokenizer_source: str = "bundled:smollm2-135m", seed: int = 0,
-                    hidden: int = 64, layers: int = 2, dtype: str = "float32", **arch) -> Path:
+                    hidden: int = 64, layers: int = 2, dtype: str = "float32", script: str = "", **arch) -> Path:
     """Build a random Llama with a real tokenizer, for tests and benchmarks (no download).
 
     Tiny by default; ``arch`` overrides ``LlamaConfig`` fields (``RANDOM_ARCHS`` holds real
-    models' shapes), and ``dtype`` is the dtype the weights are saved in.
+    models' shapes), and ``dtype`` is the dtype the weights are saved in. With ``script``, the
+    model's greedy answer to any chat prompt is that text (see :func:`_write_script`): a
+    stand-in teacher or guard whose output the tests know.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -258,7 +260,7 @@ def make_tiny_llama(out_dir: str | Path, tokenizer_source: str = "bundled:smollm
     # head_dim 64: vLLM's CPU attention rejects small head sizes (16 fails at the first generation).
     heads = max(1, hidden // 64)
     fields = {"intermediate_size": hidden * 2, "num_attention_heads": heads, "num_key_value_heads": heads,
-              "max_position_embeddings": 2048, "tie_word_embeddings": True, **arch}
+              "max_position_embeddings": 2048, "tie_word_embeddings": not script, **arch}
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, **fields)
@@ -266,7 +268,41 @@ def make_tiny_llama(out_dir: str | Path, tokenizer_source: str = "bundled:smollm
     from r2d.pivots import resize_for_pivots
 
     resize_for_pivots(model, tok)
+    if script:
+        _write_script(model, tok, script)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     out.joinpath(_READY).write_text("tiny")
     return out
+
+
+def _write_script(model, tok, script: str) -> None:
+    """Make greedy decoding of any chat prompt spell ``script``, then end the turn.
+
+    The layers' writes to the residual stream are zeroed, so the last hidden state is the
+    current token's embedding: the next token depends on the current one alone. Each token
+    of the chain (the generation prompt's last token, then the script's) gets its own axis
+    in embedding space, and the (untied) LM-head row of its successor points along it. A
+    token may therefore appear only once in the chain.
+    """
+    import torch
+
+    from r2d.engines.rendering import render_prompt
+
+    last = tok(render_prompt(tok, "?"), add_special_tokens=False).input_ids[-1]
+    chain = [last, *tok(script, add_special_tokens=False).input_ids, tok.eos_token_id]
+    sources = chain[:-1]
+    repeated = sorted({tok.convert_ids_to_tokens(t) for t in sources if sources.count(t) > 1})
+    if repeated or len(sources) > model.config.hidden_size:
+        raise ValueError(f"script: every token may appear once and at most hidden_size "
+                         f"({model.config.hidden_size}) of them; repeated: {repeated}, count: {len(sources)}")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        head.zero_()
+        for axis, (token, successor) in enumerate(zip(sources, chain[1:])):
+            emb[token] = 0.0
+            emb[token, axis] = 1.0
+            head[successor, axis] = 50.0

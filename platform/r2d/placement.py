@@ -10,23 +10,17 @@ only be met by an 8-GPU node) and on a laptop the same code asks for CPUs only.
 - Serving (:func:`serve_deployment_options`): replica resources and autoscaling.
 - Cluster fit (:func:`recipe_fit_problems`): does a config's largest request fit the node
   types of a Ray cluster launcher config?
-- Storage (:func:`validate_storage_uri`, :func:`storage_filesystem`, :func:`join_storage`):
-  local paths, ``s3://`` and ``gs://`` URIs, resolved through ``pyarrow.fs``.
+
+Where jobs read and write (local paths, ``s3://``, ``gs://``) is :mod:`r2d.storage`'s.
 
 All functions are pure (no Ray calls) so they are tested without a cluster.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from r2d.config import Config, ConfigError, EngineConfig, ResourcesConfig, ServeConfig
-
-# URI schemes pyarrow.fs resolves that we support for checkpoints, traces and artifacts.
-REMOTE_SCHEMES = ("s3", "gs", "gcs")
+from r2d.config import Config, EngineConfig, ResourcesConfig, ServeConfig
 
 
 # ---------------------------------------------------------------- engines
@@ -53,6 +47,14 @@ def vllm_placement_group_config(engine: EngineConfig) -> dict[str, Any]:
         bundle = {"GPU": 1, "CPU": 1}
         return {"bundles": [dict(bundle) for _ in range(engine.tensor_parallel_size)], "strategy": "STRICT_PACK"}
     return {"bundles": [{"CPU": max(engine.num_cpus, 1)}], "strategy": "PACK"}
+
+
+def actor_options(engine: EngineConfig) -> dict[str, Any]:
+    """Ray actor options for an engine held in one actor: its CPUs, and its GPUs (all its TP ranks)."""
+    opts: dict[str, Any] = {"num_cpus": engine.num_cpus}
+    if engine.num_gpus > 0:
+        opts["num_gpus"] = float(engine_gpus(engine)) if engine.kind == "vllm" else engine.num_gpus
+    return opts
 
 
 # ---------------------------------------------------------------- training
@@ -94,9 +96,8 @@ def serve_deployment_options(serve: ServeConfig) -> dict[str, Any]:
     pass, so a replica must be allowed at least that many at once.
     """
     engine = serve.engine
-    actor: dict[str, Any] = {"num_cpus": engine.num_cpus}
-    if engine.num_gpus > 0:
-        actor["num_gpus"] = engine.num_gpus
+    # vLLM runs one worker per tensor-parallel rank inside the replica: it needs them all.
+    actor = actor_options(engine)
     ongoing = serve.max_ongoing_requests
     if engine.kind == "transformers":
         ongoing = max(ongoing, engine.batch_size)
@@ -138,121 +139,54 @@ def _engine_request(engine: EngineConfig) -> dict[str, float]:
     return {"GPU": engine_gpus(engine), "CPU": float(engine_gpus(engine))}
 
 
-def recipe_fit_problems(cfg: Config, cluster: dict) -> list[str]:
-    """Requests of ``cfg`` that no node type of ``cluster`` can satisfy; empty means it fits.
+def config_engines(cfg: Config) -> dict[str, EngineConfig]:
+    """Every engine a config runs, by dotted name; endpoints (kind openai) need no cluster resources."""
+    engines = {"distill.engine": cfg.distill.engine, "eval.engine": cfg.eval.engine, "serve.engine": cfg.serve.engine}
+    if cfg.distill.tagger == "guard":
+        engines["distill.guard_engine"] = cfg.distill.guard_engine
+    if cfg.eval.judge != "refusal":
+        engines["eval.judge_engine"] = cfg.eval.judge_engine
+    return {name: e for name, e in engines.items() if e.kind != "openai"}
 
-    Checks: each engine replica (teacher, guard, eval) fits on one node type; the training
-    worker group fits in the cluster's maximum capacity and each worker fits on a node; one
-    serve replica fits on a node type.
+
+def recipe_fit_problems(cfg: Config, cluster: dict) -> list[str]:
+    """Requests of ``cfg`` that no node type of ``cluster`` can satisfy, one line each; empty means it fits.
+
+    Checks: each engine replica (teacher, guard, evaluation, judge, serving) fits on one node
+    type, and a tensor-parallel group fits the GPUs of one node; each training worker fits on
+    a node type; the training worker group fits the cluster's maximum capacity.
     """
     nodes = cluster_node_types(cluster)
     problems: list[str] = []
-    engines = {"distill.engine": cfg.distill.engine, "eval.engine": cfg.eval.engine}
-    if cfg.distill.tagger == "guard":
-        engines["distill.guard_engine"] = cfg.distill.guard_engine
-    for name, engine in engines.items():
+    most_gpus = max((int(n["resources"].get("GPU", 0)) for n in nodes.values()), default=0)
+    for name, engine in config_engines(cfg).items():
+        tp = engine.tensor_parallel_size
+        if engine.num_gpus > 0 and engine.kind == "vllm" and tp > most_gpus:
+            problems.append(f"{name}.tensor_parallel_size: {tp} needs {tp} GPUs on one node; "
+                            f"the largest node type has {most_gpus}")
+            continue
         request = _engine_request(engine)
+        if name == "serve.engine":
+            actor = serve_deployment_options(cfg.serve)["ray_actor_options"]
+            request = {"CPU": actor["num_cpus"], "GPU": actor.get("num_gpus", 0)}
         if not any(_fits(request, n["resources"]) for n in nodes.values()):
             problems.append(f"{name}: one replica needs {request}, which no node type provides")
     res = cfg.resources
     per_worker = scaling_config_kwargs(res)["resources_per_worker"]
     hosts = {k: n for k, n in nodes.items() if _fits(per_worker, n["resources"], res.accelerator_type)}
     if not hosts:
-        problems.append(f"resources: one training worker needs {per_worker}, which no node type provides")
+        what = f" of accelerator type {res.accelerator_type}" if res.accelerator_type else ""
+        problems.append(f"resources: one training worker needs {per_worker}{what}, which no node type provides")
     else:
         # How many workers the cluster can hold at most, node by node.
         capacity = sum(n["max_workers"] * min(int(n["resources"].get(k, 0) // v) for k, v in per_worker.items() if v)
                        for n in hosts.values())
         if capacity < max(res.train_workers, 1):
-            problems.append(f"resources: {res.train_workers} training workers of {per_worker} "
+            problems.append(f"resources.train_workers: {res.train_workers} workers of {per_worker} "
                             f"exceed the cluster's capacity of {capacity}")
-    serve_req = serve_deployment_options(cfg.serve)["ray_actor_options"]
-    serve_req = {"CPU": serve_req["num_cpus"], "GPU": serve_req.get("num_gpus", 0)}
-    if not any(_fits(serve_req, n["resources"]) for n in nodes.values()):
-        problems.append(f"serve: one replica needs {serve_req}, which no node type provides")
     return problems
 
 
-# ---------------------------------------------------------------- storage
-
-def storage_scheme(uri: str) -> str:
-    """``"local"``, ``"s3"`` or ``"gs"`` for a storage path or URI."""
-    scheme = urlparse(uri).scheme.lower()
-    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
-        return "local"
-    return "gs" if scheme == "gcs" else scheme
-
-
-def is_remote(uri: str) -> bool:
-    """True for object-store URIs (s3://, gs://), which every node of a cluster can reach."""
-    return storage_scheme(uri) in ("s3", "gs")
-
-
-def validate_storage_uri(uri: str, field: str) -> str:
-    """Check a storage location without touching the network; return it unchanged.
-
-    Raises:
-        ConfigError: naming ``field`` for an empty value, an unsupported scheme or a URI
-            without a bucket.
-    """
-    if not uri or not uri.strip():
-        raise ConfigError(f"{field}: got {uri!r}, expected a local path or an s3:// or gs:// URI")
-    parsed = urlparse(uri)
-    scheme = storage_scheme(uri)
-    if scheme not in ("local", "s3", "gs"):
-        raise ConfigError(f"{field}: got {uri!r}, expected a local path or an s3:// or gs:// URI "
-                          f"(scheme {parsed.scheme!r} is not supported)")
-    if scheme != "local" and not parsed.netloc:
-        raise ConfigError(f"{field}: got {uri!r}, expected a bucket name after {parsed.scheme}://")
-    return uri
-
-
-def absolute_storage_path(uri: str, base: str | Path | None = None) -> str:
-    """Local paths made absolute (against ``base`` or the cwd); URIs unchanged.
-
-    Ray Train needs an absolute ``storage_path``: a relative one would resolve against each
-    worker's own working directory.
-    """
-    if is_remote(uri):
-        return uri
-    path = urlparse(uri).path if uri.startswith("file://") else uri
-    p = Path(path).expanduser()
-    if not p.is_absolute():
-        p = Path(base or os.getcwd()) / p
-    return str(p.resolve())
-
-
-def join_storage(uri: str, *parts: str) -> str:
-    """Join path parts onto a local path or a URI, keeping any ``?query`` of the URI last."""
-    if not is_remote(uri):
-        return str(Path(uri, *parts))
-    head, sep, query = uri.partition("?")
-    joined = "/".join([head.rstrip("/"), *(p.strip("/") for p in parts)])
-    return joined + (sep + query if sep else "")
-
-
-def storage_filesystem(uri: str):
-    """Resolve a location to ``(pyarrow.fs.FileSystem, path)`` for reading and writing.
-
-    Local paths become absolute. ``s3://`` without ``?region=`` asks S3 for the bucket's
-    region (one network call); pass ``?region=...`` to avoid it.
-    """
-    import pyarrow.fs as pafs
-
-    validate_storage_uri(uri, "storage")
-    if not is_remote(uri):
-        return pafs.LocalFileSystem(), absolute_storage_path(uri)
-    return pafs.FileSystem.from_uri(uri)
-
-
-def check_shared_storage(uri: str, field: str, multi_node: bool) -> str:
-    """Refuse node-local storage for multi-node runs; return the absolute location.
-
-    A local path is shared only when it is a network mount (NFS, EFS), which cannot be
-    told from the path: ``R2D_SHARED_FS=1`` declares it (all nodes on one machine also share).
-    """
-    validate_storage_uri(uri, field)
-    if multi_node and not is_remote(uri) and os.environ.get("R2D_SHARED_FS") != "1":
-        raise ConfigError(f"{field}: got {uri!r}, expected an s3:// or gs:// URI (or a shared mount with "
-                          "R2D_SHARED_FS=1) because the run spans several nodes")
-    return absolute_storage_path(uri)
+def cluster_max_nodes(cluster: dict) -> int:
+    """The most nodes a launcher config can have at once: the head plus every worker type's maximum."""
+    return sum(n["max_workers"] for n in cluster_node_types(cluster).values())

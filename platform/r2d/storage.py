@@ -161,6 +161,84 @@ def _uri(uri: str, path: str) -> str:
     return path if is_local(uri) else f"{_scheme(uri)}://{path}"
 
 
+def uri_for(like: str, path: str) -> str:
+    """A filesystem path returned by :func:`filesystem`'s filesystem, as a URI on ``like``'s store."""
+    return _uri(str(like), path.split("://", 1)[-1])
+
+
+# --- locations in the configuration ------------------------------------------------------------
+
+def absolute(uri: str) -> str:
+    """Object-store URIs unchanged; local paths made absolute, relative ones under the workdir.
+
+    The workdir (``R2D_WORKDIR``, else the current directory) is where every ``.r2d/`` path
+    lives: under ``ray job submit`` the current directory is a throwaway copy of the code, and
+    Ray Train needs an absolute ``storage_path`` that means the same on every worker.
+    """
+    uri = str(uri)
+    if not is_local(uri):
+        return uri
+    path = os.path.expanduser(uri.split("://", 1)[-1])
+    if not os.path.isabs(path):
+        from r2d.runtime import workdir
+
+        path = os.path.join(str(workdir()), path)
+    return os.path.normpath(path)
+
+
+def validate(uri: str, field: str) -> str:
+    """Check a storage location's form without touching the network; return it unchanged.
+
+    Raises:
+        ConfigError: naming ``field`` for an empty value, an unsupported scheme or no bucket.
+    """
+    from r2d.config import ConfigError
+
+    expected = "expected a local path or an s3:// or gs:// URI"
+    if not uri or not str(uri).strip():
+        raise ConfigError(f"{field}: got {uri!r}, {expected}")
+    scheme = _scheme(uri)
+    if scheme not in ("", "file", *REMOTE):
+        raise ConfigError(f"{field}: got {uri!r}, {expected} (scheme {scheme!r} is not supported)")
+    if scheme in REMOTE and not uri.split("://", 1)[1].split("/")[0]:
+        raise ConfigError(f"{field}: got {uri!r}, expected a bucket name after {scheme}://")
+    return uri
+
+
+def check_shared(uri: str, field: str, multi_node: bool) -> str:
+    """Refuse node-local storage for a run that spans nodes; return the absolute location.
+
+    A local path is shared only when it is a network mount (NFS, EFS), which cannot be told
+    from the path: ``R2D_SHARED_FS=1`` declares it (nodes that are one machine share it too).
+
+    Raises:
+        ConfigError: naming ``field`` when a local path would be written by several nodes.
+    """
+    from r2d.config import ConfigError
+
+    validate(uri, field)
+    if multi_node and is_local(uri) and os.environ.get("R2D_SHARED_FS") != "1":
+        raise ConfigError(f"{field}: got {uri!r}, a node-local path, but the run spans several nodes: use an "
+                          "s3:// or gs:// URI (or a shared mount, declared with R2D_SHARED_FS=1)")
+    return absolute(uri)
+
+
+def probe_writable(uri: str) -> None:
+    """Write, read back and delete a small object under ``uri``: reachable, allowed, writable.
+
+    Raises:
+        StorageError: naming the URI and the cause (no bucket, no credentials, access denied).
+    """
+    probe = join(uri, f"_r2d_probe-{uuid.uuid4().hex[:12]}")
+    write_bytes(probe, b"r2d")
+    try:
+        if read_bytes(probe) != b"r2d":
+            raise StorageError(f"write {probe}: read back different bytes")
+    finally:
+        with contextlib.suppress(StorageError):
+            delete(probe)
+
+
 # --- whole objects ---------------------------------------------------------------------------
 
 def exists(uri: str) -> bool:

@@ -20,7 +20,7 @@ LEAVES = ("r2d", "r2d.config", "r2d.pivots", "r2d.losses", "r2d.models", "r2d.ru
           "pipelines", "pipelines.generate")
 STAGES = ("r2d.data", "r2d.distill", "r2d.train", "r2d.eval", "r2d.registry", "r2d.serve")
 PIPELINE_STAGE = {"pipelines.distill": "r2d.distill"}
-FRONT = ("r2d.cli", "r2d.demo_report")
+FRONT = ("r2d.cli", "r2d.demo_report", "r2d.preflight")
 
 
 def module_name(path: Path) -> str:
@@ -81,7 +81,7 @@ def rank(layer: str) -> int:
         return 0
     if layer in STAGES:
         return 1 + STAGES.index(layer)
-    return {"r2d.cli": 10, "r2d.demo_report": 10, "jobs": 20, "benchmarks": 20}[layer]
+    return {"r2d.cli": 10, "r2d.demo_report": 10, "r2d.preflight": 9, "jobs": 20, "benchmarks": 20}[layer]
 
 
 MODS = sources()

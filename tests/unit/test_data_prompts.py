@@ -210,7 +210,7 @@ def test_file_loader_rejects_unknown_type_missing_file_and_bad_default(tmp_path)
 
 def test_hf_without_datasets_package_says_what_it_needs(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
-    with pytest.raises(PromptSourceError, match=r"network access and the `datasets` package"):
+    with pytest.raises(PromptSourceError, match=r"needs the `datasets` package.*not installed"):
         load_hf("org/data", "train", label="harmful")
 
 
@@ -241,6 +241,37 @@ def test_hf_rows_and_wrong_column(monkeypatch):
     assert report.skipped == {"empty_prompt": 1}
     with pytest.raises(PromptSourceError, match=r"no 'prompt' column.*'goal'"):
         load_hf("org/data", "train", label="harmful")
+
+
+ALPACA_LIKE = {"instruction": ["Give three tips for staying healthy.", "Translate to French:", ""],
+               "input": ["", "Good morning", ""], "output": ["Eat well, sleep, move.", "Bonjour", "x"],
+               "text": ["...", "...", "..."]}
+
+
+@pytest.mark.parametrize("form", ["save_to_disk", "dataset_dict", "parquet"])
+def test_hf_source_reads_a_local_dataset_through_a_column_mapping(tmp_path, form):
+    """Alpaca's columns (instruction, input, output) mapped onto prompt and reference, from a local copy."""
+    datasets = pytest.importorskip("datasets")
+    data = datasets.Dataset.from_dict(ALPACA_LIKE)
+    path = tmp_path / "alpaca"
+    if form == "save_to_disk":
+        data.save_to_disk(str(path))
+    elif form == "dataset_dict":
+        datasets.DatasetDict({"train": data}).save_to_disk(str(path))
+    else:
+        path = tmp_path / "alpaca.parquet"
+        data.to_parquet(str(path))
+    spec = {"name": "hf", "path": str(path), "split": "train", "label": "benign", "column": "instruction",
+            "input_column": "input", "reference_column": "output"}
+    report = LoadReport()
+    rows = load_source(spec, report)
+    assert [(r["prompt"], r["reference"], r["label"]) for r in rows] == [
+        ("Give three tips for staying healthy.", "Eat well, sleep, move.", "benign"),
+        ("Translate to French:\n\nGood morning", "Bonjour", "benign")]
+    assert report.skipped == {"empty_prompt": 1}
+    with pytest.raises(PromptSourceError, match=r"no 'prompt' column \(the prompt\); columns found: "
+                                                r"\['instruction', 'input', 'output', 'text'\]"):
+        load_source({**spec, "column": ""})
 
 
 # ------------------------------------------------------------------ dispatch

@@ -6,7 +6,8 @@ import pytest
 
 from r2d.data.sources import load_benign
 from r2d.pivots import RETHINK, SAFE, UNSAFE
-from r2d.distill.tagging import (guard_pivot, guard_rows, harm_terms, merge_guard_verdicts, rules_step_pivot, rules_tag,
+from r2d.distill.guard import GuardStage, apply_verdicts, guard_conversations
+from r2d.distill.tagging import (guard_pivot, harm_terms, rules_step_pivot, rules_tag,
                         split_sentences, teacher_steps)
 
 
@@ -83,14 +84,41 @@ def test_split_sentences_caps_steps():
     assert len(steps) == 4 and steps[-1].startswith("Sentence 3.") and steps[-1].endswith("Sentence 19.")
 
 
-def test_guard_tagger_plumbing():
+def test_guard_judges_each_step_with_the_reasoning_so_far():
+    """Llama Guard rates the last turn: step i is judged as the reasoning up to and including it."""
     row = {"prompt_id": "p1", "prompt": "q", "reasoning_steps": ["a", "b", "c"]}
-    reqs = guard_rows(row)
-    assert [r["step_index"] for r in reqs] == [0, 1, 2]
-    assert reqs[1]["guard_messages"] == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]
+    convs = guard_conversations(row)
+    assert len(convs) == 3
+    assert convs[0] == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert convs[2] == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\nb\nc"}]
     assert guard_pivot("safe") == SAFE and guard_pivot("unsafe\nS1") == UNSAFE
     assert guard_pivot("I think it is fine") == RETHINK and guard_pivot("safe", "timeout") == RETHINK
-    verdicts = [{"prompt_id": "p1", "step_index": 0, "generated_text": "unsafe\nS9", "gen_error": ""},
-                {"prompt_id": "p1", "step_index": 2, "generated_text": "safe", "gen_error": ""}]
-    merged = merge_guard_verdicts([dict(row)], verdicts)
-    assert merged[0]["step_pivots"] == [UNSAFE, RETHINK, SAFE]  # a missing verdict is never a silent SAFE
+    tagged = apply_verdicts(row, [("unsafe\nS9", ""), ("garbled", ""), ("safe", "")])
+    assert tagged["step_pivots"] == [UNSAFE, RETHINK, SAFE]  # an unreadable verdict is never a silent SAFE
+
+
+def test_guard_stage_tags_kept_rows_only_and_keeps_the_rest(monkeypatch):
+    """The stage sends every kept row's steps in one call; drops, errors and held rows pass unchanged."""
+    import json
+
+    import numpy as np
+
+    calls = []
+
+    class Engine:
+        class verdicts:  # noqa: N801 - stands in for an actor method
+            @staticmethod
+            def remote(conversations):
+                calls.append(conversations)
+                return ("guard-7", [("unsafe\nS1" if "bomb" in c[-1]["content"] else "safe", "") for c in conversations])
+
+    monkeypatch.setattr("ray.get", lambda ref: ref)
+    keep = {"prompt_id": "k", "prompt": "q", "reasoning_steps": ["fine", "a bomb"], "step_pivots": ["", ""]}
+    drop = {"prompt_id": "d", "reason": "too_long"}
+    batch = {"prompt_id": np.array(["k", "d"], dtype=object), "kind": np.array(["keep", "drop"], dtype=object),
+             "record": np.array([json.dumps(keep), json.dumps(drop)], dtype=object)}
+    out = GuardStage([Engine()])(batch)
+    assert len(calls) == 1 and len(calls[0]) == 2
+    assert json.loads(out["record"][0])["step_pivots"] == [SAFE, UNSAFE]
+    assert json.loads(out["record"][1]) == drop
+    assert list(out["guard_engine"]) == ["guard-7", ""]

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
+from r2d import commits
+from r2d import storage as st
 from r2d.distill import store
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
 def _row(pid, label="benign", pivots=("[SAFE]",), teacher=("",), repaired=False, answer="ok", origin="teacher"):
     return {"prompt_id": pid, "prompt": f"prompt {pid}", "source": "benign", "label": label, "attack": "none",
             "teacher": "bundled:smollm2-135m", "system_prompt_id": "r2d-safety-v1",
@@ -19,10 +31,8 @@ def _row(pid, label="benign", pivots=("[SAFE]",), teacher=("",), repaired=False,
             "repaired": repaired, "n_tokens": 42, "created_at": datetime.now(timezone.utc), "origin": origin}
 
 
-def _write(out, name, rows):
-    folder = store.data_dir(out) / f"chunk-{name}"
-    folder.mkdir(parents=True)
-    pq.write_table(store.to_table(rows), folder / "part.parquet")
+def _write(out, name, rows, drops=(), errors=()):
+    store.commit_chunk(rows, list(drops), list(errors), str(out), name)
 
 
 def test_schema_matches_the_design_contract():
@@ -39,11 +49,9 @@ def test_schema_matches_the_design_contract():
 def test_manifest_counts_everything_written(tmp_path):
     _write(tmp_path, "1", [_row("a"), _row("b", "harmful", ("[UNSAFE]", "[RETHINK]"), ("[SAFE]", ""), True,
                                         origin="annotation")])
-    _write(tmp_path, "2", [_row("c", pivots=("[SAFE]", "[SAFE]"), teacher=("", ""))])
-    (tmp_path / "drops").mkdir()
-    (tmp_path / "drops" / "chunk-1.jsonl").write_text(
-        json.dumps({"prompt_id": "d", "label": "benign", "reason": "too_long"}) + "\n")
-    store.append_errors([{"prompt_id": "e", "error": "boom"}], tmp_path)
+    _write(tmp_path, "2", [_row("c", pivots=("[SAFE]", "[SAFE]"), teacher=("", ""))],
+           drops=[{"prompt_id": "d", "label": "benign", "reason": "too_long"}],
+           errors=[{"prompt_id": "e", "error": "boom"}])
     m = store.manifest(tmp_path, {"distill": {"teacher": "x"}}, {"mlflow_run_id": "r1"})
     assert m["rows"] == 3 and m["by_label"] == {"benign": 2, "harmful": 1}
     assert m["step_pivots"] == {"[SAFE]": 3, "[UNSAFE]": 1, "[RETHINK]": 1}
@@ -53,7 +61,7 @@ def test_manifest_counts_everything_written(tmp_path):
     assert m["drops"] == {"too_long": 1} and m["errors"] == 1 and m["mlflow_run_id"] == "r1"
     assert m["config"] == {"distill": {"teacher": "x"}} and "pyarrow" in m["packages"]
     path = store.write_manifest(tmp_path, m)
-    assert json.loads(path.read_text())["digest"] == m["digest"]
+    assert json.loads(Path(path).read_text())["digest"] == m["digest"] and store.read_manifest(tmp_path) == m
 
 
 def test_digest_ignores_order_and_time_but_not_content(tmp_path):
@@ -67,28 +75,72 @@ def test_digest_ignores_order_and_time_but_not_content(tmp_path):
 def test_resume_skips_written_and_dropped_but_retries_errors(tmp_path):
     prompts = [{"prompt_id": p, "prompt": p} for p in ("a", "b", "c", "d", "e")]
     assert store.pending(prompts, tmp_path) == prompts  # nothing written yet
-    _write(tmp_path, "1", [_row("a"), _row("c")])
-    (tmp_path / "drops").mkdir()
-    (tmp_path / "drops" / "chunk-1.jsonl").write_text(json.dumps({"prompt_id": "d", "reason": "too_long"}) + "\n")
-    store.append_errors([{"prompt_id": "e", "error": "timeout"}], tmp_path)
+    _write(tmp_path, "1", [_row("a"), _row("c")], drops=[{"prompt_id": "d", "reason": "too_long"}],
+           errors=[{"prompt_id": "e", "error": "timeout"}])
     assert [p["prompt_id"] for p in store.pending(prompts, tmp_path)] == ["b", "e"]
 
 
-def test_unfinished_chunks_are_invisible(tmp_path):
-    """A chunk still in _tmp/ (the job died while writing it) is neither read nor skipped."""
-    tmp_chunk = tmp_path / "_tmp" / "chunk-9"
-    tmp_chunk.mkdir(parents=True)
-    pq.write_table(store.to_table([_row("a")]), tmp_chunk / "part.parquet")
-    assert store.read_table(tmp_path).num_rows == 0
+def test_uncommitted_chunks_are_invisible(tmp_path):
+    """Files a dead driver wrote without their marker are neither read nor skipped."""
+    st.write_bytes(st.join(str(tmp_path), "data/chunk-9/part.parquet"), b"PAR1 half written")
+    st.write_bytes(st.join(str(tmp_path), "drops/chunk-9.jsonl"), b'{"prompt_id": "a", "rea')
+    assert store.read_table(tmp_path).num_rows == 0 and store.read_drops(tmp_path) == []
     assert store.pending([{"prompt_id": "a"}], tmp_path) == [{"prompt_id": "a"}]
+    assert not store.exists(tmp_path)
 
 
 def test_chunks_written_before_the_origin_column_still_read(tmp_path):
     """Traces from before ``origin`` existed resume and train: the column reads as null."""
-    folder = store.data_dir(tmp_path) / "chunk-old"
-    folder.mkdir(parents=True)
     old = store.to_table([_row("a")]).drop_columns(["origin"])
-    pq.write_table(old, folder / "part.parquet")
+    commits.commit_chunk(str(tmp_path), "chunk-old", {"data/chunk-old/part.parquet": old})
     table = store.read_table(tmp_path)
     assert table.schema.equals(store.SCHEMA) and table.column("origin").to_pylist() == [None]
     assert store.manifest(tmp_path, {})["by_origin"] == {"benign:unrecorded": 1}
+
+
+_KILLED_WRITER = """
+import os, sys, time
+from datetime import datetime, timezone
+from r2d import storage as st
+from r2d.distill import store
+
+out, ready = sys.argv[1], sys.argv[2]
+row = dict(prompt_id="a", prompt="p", source="s", label="benign", attack="none", teacher="t",
+           system_prompt_id="v1", reasoning_steps=["x"], step_pivots=["[SAFE]"], teacher_pivots=[""],
+           answer="ok", answer_pivot="[SAFE]", tagger="rules", repaired=False, n_tokens=1,
+           created_at=datetime.now(timezone.utc), origin="teacher")
+store.commit_chunk([row], [{"prompt_id": "b", "reason": "too_long"}], [], out, "r-00000")
+real = st._local_write
+
+def stalled(path, data):  # the second chunk's drop records: half of them on disk, then the process dies
+    if path.endswith(".jsonl"):
+        with open(os.path.join(os.path.dirname(path), ".tmp-inflight-" + os.path.basename(path)), "wb") as f:
+            f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
+        open(ready, "w").close()
+        time.sleep(600)
+    return real(path, data)
+
+st._local_write = stalled
+store.commit_chunk([dict(row, prompt_id="c")], [{"prompt_id": "d", "reason": "too_long"},
+                                                  {"prompt_id": "e", "reason": "benign_refusal"}], [], out, "r-00001")
+"""
+
+
+def test_drop_records_survive_a_kill_mid_write(tmp_path):
+    """SIGKILL while a chunk's drop records are half on disk: later reads neither fail nor see any of that chunk."""
+    out, ready = tmp_path / "traces", tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_KILLED_WRITER), str(out), str(ready)], env=env)
+    deadline = time.time() + 60
+    while not ready.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert ready.exists(), "the writer never reached the second chunk"
+    leftovers = [p.name for p in (out / "drops").iterdir()]
+    assert any(name.startswith(".tmp-") for name in leftovers)  # the half-written bytes are really there
+    assert store.read_drops(out) == [{"prompt_id": "b", "reason": "too_long"}]
+    assert store.read_table(out, ["prompt_id"]).column("prompt_id").to_pylist() == ["a"]
+    prompts = [{"prompt_id": p} for p in "abcde"]
+    assert [p["prompt_id"] for p in store.pending(prompts, out)] == ["c", "d", "e"]
+    assert store.manifest(out, {})["drops"] == {"too_long": 1}

@@ -248,18 +248,24 @@ def test_evaluate_models_refuses_contaminated_prompts_before_generating(tmp_path
 
 
 def test_traces_prompts_reads_the_distillation_layout(tmp_path):
-    """Committed chunks under data/ count; a chunk still in _tmp/ (not committed) does not."""
+    """Committed chunks count; files a crash left without their marker do not."""
+    from r2d import commits
     from r2d.distill import store as traces_io
 
     def table(prompt):
         row = {c: None for c in traces_io.COLUMNS}
         return traces_io.to_table([{**row, "prompt": prompt, "prompt_id": "x", "label": "harmful"}])
 
-    for folder, prompt in (("data/chunk-a-00000", "committed prompt"), ("_tmp/chunk-a-00001", "in flight")):
-        (tmp_path / folder).mkdir(parents=True)
-        pq.write_table(table(prompt), tmp_path / folder / "part.parquet")
+    commits.commit_chunk(str(tmp_path), "chunk-a-00000", {"data/chunk-a-00000/part.parquet": table("committed prompt")})
+    (tmp_path / "data" / "chunk-a-00001").mkdir(parents=True)
+    pq.write_table(table("in flight"), tmp_path / "data" / "chunk-a-00001" / "part.parquet")
     (tmp_path / "manifest.json").write_text("{}")
     assert traces_prompts(str(tmp_path)) == ["committed prompt"]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    pq.write_table(table("from a plain folder"), plain / "x.parquet")
+    assert traces_prompts(str(plain)) == ["from a plain folder"]
+    assert traces_prompts(str(tmp_path / "missing")) is None
 
 
 def test_guard_and_rubric_judges_run_their_model_and_name_themselves(monkeypatch):

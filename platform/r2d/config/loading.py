@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -80,13 +82,70 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: cannot set a key below {key!r}, which is not a mapping")
-        node = child
-    node[keys[-1]] = value
+    node: Any = tree
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            # An index into a list the YAML already has: data.sources.0.path=...
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"{dotted}: {key!r} is not an index of the {len(node)} items at "
+                                  f"{'.'.join(keys[:i])}")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: cannot set a key below {keys[i - 1]!r}, which is not a mapping")
+        if last:
+            node[key] = value
+        else:
+            if isinstance(node, dict):
+                node = node.setdefault(key, {})
+            else:
+                node = node[key]
+
+
+def merge(base: Any, over: Any, where: str = "") -> Any:
+    """``over`` laid onto ``base``: mappings merge key by key; a mapping of indices updates list items.
+
+    So an override file changes only what it names: ``distill: {engine: {num_gpus: 0}}`` keeps the
+    engine's other keys, and ``data: {sources: {0: {path: ...}}}`` changes the first source's path.
+    """
+    if isinstance(over, dict) and isinstance(base, list):
+        out = list(base)
+        for key, value in over.items():
+            if not isinstance(key, int) or not 0 <= key < len(base):
+                raise ConfigError(f"{where}.{key}: not an index of the {len(base)} items of {where or 'the list'}")
+            out[key] = merge(base[key], value, f"{where}.{key}")
+        return out
+    if isinstance(over, dict) and isinstance(base, dict):
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = merge(base[key], value, f"{where}.{key}".lstrip(".")) if key in base else value
+        return out
+    return over
+
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def read_yaml(path: str | Path) -> dict:
+    """One config file as a mapping, with ``${NAME}`` replaced by the environment variable NAME.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, not a mapping, or names an unset variable.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    text = p.read_text()
+    unset = sorted({name for name in _ENV_RE.findall(text) if name not in os.environ})
+    if unset:
+        raise ConfigError(f"config file {str(p)!r}: environment variable {unset[0]} is not set (used as ${{{unset[0]}}})")
+    try:
+        tree = yaml.safe_load(_ENV_RE.sub(lambda m: os.environ[m.group(1)], text)) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
+    return tree
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -103,23 +162,21 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults) and apply ``a.b=c`` overrides.
+def load_config(path: str | Path | list | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults), lay any further files over it, and apply ``a.b=c`` overrides.
+
+    Args:
+        path: one file, or several: each later file changes only the keys it names (:func:`merge`),
+            as ``--config recipe.yaml --config rehearse.yaml`` does.
+        overrides: dotted ``key=value`` strings, applied last.
 
     Raises:
         ConfigError: naming the dotted field, the value and what was expected.
     """
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
+    for p in paths:
+        tree = merge(tree, read_yaml(p)) if tree else read_yaml(p)
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
@@ -174,7 +231,8 @@ def parse_job_args(argv: list[str] | None, description: str) -> tuple[Config, li
 
     parser = argparse.ArgumentParser(description=description, epilog="config fields:\n" + help_text(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML config file (defaults when omitted)")
+    parser.add_argument("--config", action="append", default=None,
+                        help="YAML config file (defaults when omitted); repeat to lay an override file over it")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
     args, rest = parser.parse_known_args(argv)
     return load_config(args.config, args.overrides), rest

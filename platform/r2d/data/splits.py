@@ -35,6 +35,9 @@ def source_specs(cfg) -> list[dict]:
             spec["limit"] = src.limit
         if src.label:
             spec["label"] = src.label
+        for key in ("column", "input_column", "reference_column"):
+            if getattr(src, key):
+                spec[key] = getattr(src, key)
         specs.append(spec)
     return specs
 

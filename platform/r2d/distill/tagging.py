@@ -2,7 +2,7 @@
 
 - ``rules`` (CPU default): the prompt's label, refusal detection and a harm lexicon.
 - ``guard``: a Llama Guard 3 model, run through the shared engines, judges every step
-  (see :func:`guard_tag`).
+  (the run's guard engines and their Ray Data stage: :mod:`r2d.distill.guard`).
 
 Both start from :func:`teacher_steps`, which turns whatever the teacher wrote into
 steps: its own pivots where it wrote them, sentences where it did not.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from r2d.llama_guard import llama_guard_messages, parse_llama_guard
+from r2d.llama_guard import parse_llama_guard
 from r2d.refusal import is_refusal
 from r2d.pivots import PIVOTS, RETHINK, SAFE, THINK_CLOSE, THINK_OPEN, UNSAFE, parse_trace, strip_pivots
 
@@ -141,15 +141,6 @@ def rules_tag(steps: list[str], label: str, prompt: str = "") -> tuple[list[str]
 
 # ---------------------------------------------------------------- guard tagger
 
-def guard_rows(row: dict) -> list[dict]:
-    """One guard request per step (flat_map): the conversation so far ends with that step."""
-    out = []
-    for i, step in enumerate(row["reasoning_steps"]):
-        messages = llama_guard_messages(row["prompt"], step, visible_only=False)
-        out.append({"prompt_id": row["prompt_id"], "step_index": i, "guard_messages": messages})
-    return out
-
-
 def guard_pivot(guard_output: str, gen_error: str = "") -> str:
     """Llama Guard's verdict on a step as a pivot; unparsable or failed → [RETHINK]."""
     if gen_error:
@@ -158,30 +149,3 @@ def guard_pivot(guard_output: str, gen_error: str = "") -> str:
     if verdict.get("unsafe") is None:
         return RETHINK
     return UNSAFE if verdict["unsafe"] else SAFE
-
-
-def merge_guard_verdicts(rows: list[dict], verdicts: list[dict]) -> list[dict]:
-    """Write each guarded step's pivot back onto its trace row (rows keep their other fields)."""
-    by_id: dict[str, dict[int, str]] = {}
-    for v in verdicts:
-        by_id.setdefault(v["prompt_id"], {})[int(v["step_index"])] = guard_pivot(
-            v.get("generated_text", ""), v.get("gen_error", ""))
-    for row in rows:
-        found = by_id.get(row["prompt_id"], {})
-        row["step_pivots"] = [found.get(i, RETHINK) for i in range(len(row["reasoning_steps"]))]
-    return rows
-
-
-def guard_tag(rows: list[dict], guard_model, guard_engine, sampling) -> list[dict]:
-    """Re-tag every step of ``rows`` with a Llama Guard 3 model through the shared engines."""
-    import ray
-
-    from r2d.engines import generate
-
-    requests = [r for row in rows for r in guard_rows(row)]
-    if not requests:
-        return rows
-    ds = generate(ray.data.from_items(requests), guard_model, guard_engine, sampling,
-                  system_prompt=None, prompt_column="guard_messages")
-    verdicts = ds.select_columns(["prompt_id", "step_index", "generated_text", "gen_error"]).take_all()
-    return merge_guard_verdicts(rows, verdicts)

@@ -59,16 +59,24 @@ def engine_args(model, engine) -> dict[str, Any]:
     """vLLM engine arguments from the model and engine configs, for batch work and serving alike.
 
     On GPU: the model's dtype (``float32`` becomes ``auto``), tensor parallelism and the GPU
-    memory share. On CPU: float32 (bf16 is ~5x slower on AVX2 CPUs) and eager mode (CUDA
-    graphs do not exist there).
+    memory share. On CPU: float32 (bf16 is ~5x slower on AVX2 CPUs). Eager mode where
+    ``engine.eager`` says so; ``auto`` means eager on CPU (no CUDA graphs there) and CUDA
+    graphs on GPU. ``max_num_seqs`` only when set.
     """
     args: dict[str, Any] = {"max_model_len": engine.max_model_len, "trust_remote_code": model.trust_remote_code}
-    if engine.num_gpus > 0:
+    gpu = engine.num_gpus > 0
+    if gpu:
         args.update(dtype=model.dtype if model.dtype != "float32" else "auto",
                     tensor_parallel_size=engine.tensor_parallel_size,
                     gpu_memory_utilization=engine.gpu_memory_utilization)
     else:
-        args.update(dtype="float32", enforce_eager=True)
+        args.update(dtype="float32")
+    if engine.eager == "always" or (engine.eager == "auto" and not gpu):
+        args["enforce_eager"] = True
+    elif engine.eager == "never":
+        args["enforce_eager"] = False
+    if engine.max_num_seqs:
+        args["max_num_seqs"] = engine.max_num_seqs
     return args
 
 
@@ -186,3 +194,51 @@ def generate_vllm(ds, model, engine, sampling, system_prompt=None, prompt_column
                                 postprocess=_postprocess(prompt_column), preprocess_map_kwargs=light_rows,
                                 postprocess_map_kwargs=light_rows)
     return processor(ds)
+
+
+class VLLMGenerator:
+    """Callable class: one ``vllm.LLM`` held in this process, with the other engines' batch interface.
+
+    For work that must keep one engine across several datasets (the guard tagger's actors live
+    for a whole distillation run); datasets alone use :func:`generate_vllm`. Same arguments,
+    same rendering, same token ids as the ``ray.data.llm`` path.
+    """
+
+    def __init__(self, model_cfg, engine_cfg, sampling_cfg, system_prompt: str | None = None,
+                 prompt_column: str = "prompt") -> None:
+        from transformers import AutoTokenizer
+        from vllm import LLM, SamplingParams
+
+        from r2d.models import resolve_source
+
+        local = resolve_source(model_cfg.source, model_cfg.cache_dir, model_cfg.offline)
+        check_penalty(local, sampling_cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=model_cfg.trust_remote_code)
+        args = engine_args(model_cfg, engine_cfg)
+        if engine_cfg.num_gpus > 0 and engine_cfg.tensor_parallel_size > 1:
+            args["distributed_executor_backend"] = "mp"  # the ranks are this actor's own GPUs
+        self.llm = LLM(model=local, tokenizer=local, disable_log_stats=True, **args)
+        self.params = SamplingParams(**sampling_dict(sampling_cfg), skip_special_tokens=False)
+        self.system_prompt, self.prompt_column = system_prompt, prompt_column
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from vllm.inputs import TokensPrompt
+
+        values = list(batch[self.prompt_column])
+        texts, counts, errors = [""] * len(values), [0] * len(values), [""] * len(values)
+        prompts = {}
+        for i, value in enumerate(values):
+            try:
+                text = render_prompt(self.tokenizer, as_prompt(value), self.system_prompt)
+                prompts[i] = TokensPrompt(prompt_token_ids=self.tokenizer(text).input_ids)
+            except Exception as err:  # a malformed row must not stop the batch
+                errors[i] = f"render: {err}"
+        if prompts:
+            for i, out in zip(prompts, self.llm.generate(list(prompts.values()), self.params, use_tqdm=False)):
+                texts[i] = strip_stop(out.outputs[0].text, _STOPS)
+                counts[i] = len(out.outputs[0].token_ids)
+        out = dict(batch)
+        out[TEXT] = np.array(texts, dtype=object)
+        out[NUM_TOKENS] = np.array(counts, dtype=np.int64)
+        out[ERROR] = np.array(errors, dtype=object)
+        return out

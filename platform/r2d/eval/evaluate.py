@@ -16,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from r2d import run_tags as T
+from r2d import storage as st
 from r2d.eval.contamination import assert_held_out, check_contamination
 from r2d.eval.general import general_ability
 from r2d.eval.judges import keyword_judge_quality
@@ -31,34 +33,31 @@ from r2d.eval.suites import Suite, load_suites, suite_digest
 __all__ = ["contamination_report", "evaluate_models", "traces_prompts"]
 
 
-def _local_path(path: str) -> str:
-    """Relative report folders live under the workdir (like every other .r2d/ path); URIs pass through."""
-    from r2d.runtime import workdir
-
-    if "://" in path or Path(path).expanduser().is_absolute():
-        return str(Path(path).expanduser()) if "://" not in path else path
-    return str(workdir() / path)
-
-
 def traces_prompts(path: str) -> list[str] | None:
     """The ``prompt`` column of a traces dataset, or None when there is none at ``path``.
 
-    ``path`` is a distillation output folder (read through :mod:`r2d.distill.store`, which sees
-    only committed chunks) or any Parquet file, folder or URI with a ``prompt`` column.
-    Relative paths are taken from the current directory, as distillation writes them.
+    ``path`` is a distillation output (a folder or an object-store prefix, read through
+    :mod:`r2d.distill.store`, which sees only committed chunks) or any Parquet file, folder
+    or prefix with a ``prompt`` column. Relative paths are under the workdir, where
+    distillation writes them.
     """
     import pyarrow.dataset as pads
 
     from r2d.distill import store as traces_io
 
-    if "://" not in path:
-        local = Path(path).expanduser()
-        if not local.exists():
+    uri = st.absolute(path)
+    if traces_io.exists(uri):
+        return [p for p in traces_io.read_table(uri, ["prompt"]).column("prompt").to_pylist() if p]
+    if st.is_local(uri):
+        if not Path(uri).exists():
             return None
-        if traces_io.data_dir(local).is_dir():
-            return [p for p in traces_io.read_table(local, ["prompt"]).column("prompt").to_pylist() if p]
-    # Other files beside the data (manifest.json, drops/*.jsonl) are not Parquet: skip them.
-    data = pads.dataset(path, format="parquet", exclude_invalid_files=True)
+        files = [uri] if Path(uri).is_file() else [f for f in st.list_files(uri) if f.endswith(".parquet")]
+    else:
+        files = [f for f in st.list_files(uri) if f.endswith(".parquet")]
+    if not files:
+        return None
+    fs, _ = st.filesystem(files[0])
+    data = pads.dataset([st.filesystem(f)[1] for f in files], format="parquet", filesystem=fs)
     if "prompt" not in data.schema.names:
         raise ValueError(f"traces dataset {path!r} has no 'prompt' column (columns: {data.schema.names})")
     return [p for p in data.to_table(columns=["prompt"]).column("prompt").to_pylist() if p]
@@ -227,14 +226,17 @@ def evaluate_models(cfg, models: list[str], suites: list[str] | None = None, *, 
             "git_commit": git_commit(), "contamination": contamination, "judge_quality": keyword_judge_quality(),
             "suites": [{"name": s.name, "source": s.source, "n_harmful": s.n_harmful, "n_benign": s.n_benign,
                         "skipped": s.skipped, "ood": s.ood} for s in loaded]}
-    folder = out_dir or str(Path(_local_path(cfg.eval.output_dir)) / f"{time.strftime('%Y%m%d-%H%M%S')}-{digest[:8]}")
-    paths = write_report(results, folder, meta)
-    if log_mlflow:
-        _log_mlflow(cfg, results, paths, meta)
+    folder = st.absolute(out_dir or st.join(cfg.eval.output_dir, f"{time.strftime('%Y%m%d-%H%M%S')}-{digest[:8]}"))
+    # Reports are drawn on local disk (matplotlib writes files), then go where the config says.
+    with tempfile.TemporaryDirectory(prefix="r2d-eval-") as tmp:
+        paths = write_report(results, folder if st.is_local(folder) else tmp, meta)
+        if log_mlflow:
+            _log_mlflow(cfg, results, paths, meta)
+        if not st.is_local(folder):
+            st.copy_tree(tmp, folder)
     final = output_json(results)
     for entry in final.values():
-        entry["report"] = str(paths["report"])
+        entry["report"] = st.join(folder, "report.md")
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(final, indent=2) + "\n")
+        st.write_text(st.absolute(output) if "://" in output else output, json.dumps(final, indent=2) + "\n")
     return final

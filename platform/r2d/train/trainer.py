@@ -11,10 +11,16 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from r2d import storage as st
+from r2d.commits import HeldLease
 from r2d.config import Config
+from r2d.distill import store
 from r2d.distill.store import read_manifest
 from r2d.placement import scaling_config_kwargs
-from r2d.runtime import workdir
+
+
+LEASE_TTL_S = 120.0
+"""The training driver's lease on its run folder: renewed every quarter of this while it trains."""
 
 
 @dataclass
@@ -33,44 +39,32 @@ class TrainOutcome:
     """Last reported metrics."""
 
 
-def _absolute(path: str) -> str:
-    if "://" in path:
-        return path
-    p = Path(path).expanduser()
-    return str(p if p.is_absolute() else workdir() / p)
-
-
 def traces_uri(cfg: Config) -> str:
-    """train.traces, else distill.output_dir; relative paths are under the workdir."""
-    return _absolute(cfg.train.traces or cfg.distill.output_dir)
+    """train.traces, else distill.output_dir: a URI, or a local path (relative ones under the workdir)."""
+    return st.absolute(cfg.train.traces or cfg.distill.output_dir)
 
 
 def parquet_files(uri: str) -> tuple[list[str], object]:
-    """The traces' Parquet files under ``uri`` (local or any pyarrow filesystem URI) and that filesystem.
+    """The traces' Parquet files under ``uri`` (a local path or an object-store URI) and their filesystem.
 
-    Only ``*.parquet`` files count: the manifest, ``drops/*.jsonl``, ``errors.jsonl`` and
-    unfinished chunks under ``_tmp/`` (any folder starting with ``_`` or ``.``) are skipped.
+    A distillation output yields the files its committed chunks list, nothing else: a chunk
+    a crash left half-written is never trained on. Any other folder of Parquet files works
+    too; there, files under folders starting with ``_`` or ``.`` are skipped.
 
     Raises:
-        FileNotFoundError: ``uri`` does not exist or holds no Parquet file.
+        FileNotFoundError: ``uri`` holds no Parquet file.
     """
-    import os
-
-    import pyarrow.fs as pafs
-
-    if "://" in uri:
-        fs, root = pafs.FileSystem.from_uri(uri)
-    else:
-        fs, root = pafs.LocalFileSystem(), os.path.abspath(uri)
+    uri = st.absolute(uri)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    except (FileNotFoundError, OSError) as err:
+        files = store.parquet_files(uri) if store.exists(uri) else [
+            f for f in st.list_files(uri) if f.endswith(".parquet")
+            and not any(part[:1] in "._" for part in f[len(uri):].split("/") if part)]
+    except st.StorageError as err:
         raise FileNotFoundError(f"train.traces {uri!r}: cannot read Parquet traces: {err}") from err
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-                   and not any(part[:1] in "._" for part in i.path[len(root):].split("/") if part))
     if not files:
         raise FileNotFoundError(f"train.traces {uri!r}: no Parquet files (run jobs/distill.py first)")
-    return files, fs
+    fs, _ = st.filesystem(files[0])
+    return [st.filesystem(f)[1] for f in files], fs
 
 
 def count_rows(files: list[str], fs) -> int:
@@ -113,7 +107,9 @@ def build_trainer(cfg: Config, dataset, total_steps: int, lineage_info: dict, ho
 
     res = cfg.resources
     scaling = ray.train.ScalingConfig(**scaling_config_kwargs(res))
-    run = ray.train.RunConfig(name=cfg.train.run_name, storage_path=_absolute(cfg.train.storage_path),
+    # The filesystem is r2d.storage's: the same endpoint and credentials as every other write.
+    fs, root = st.filesystem(st.absolute(cfg.train.storage_path))
+    run = ray.train.RunConfig(name=cfg.train.run_name, storage_path=root, storage_filesystem=fs,
                               failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                               checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
     return TorchTrainer(train_func_per_worker,
@@ -126,15 +122,25 @@ def build_trainer(cfg: Config, dataset, total_steps: int, lineage_info: dict, ho
 def run_training(cfg: Config, hooks: dict | None = None) -> TrainOutcome:
     """Train on the traces with Ray Train; resumes when ``train.run_name`` already has checkpoints.
 
+    The driver holds a lease on the run's checkpoint folder while it trains: a second driver of
+    the same run is refused rather than writing checkpoints beside the first.
+
     Raises:
         FileNotFoundError: the traces folder holds no Parquet files.
+        r2d.commits.LeaseError: another live driver runs ``train.run_name``.
     """
     uri = traces_uri(cfg)
     manifest = read_manifest(uri)
     n_rows, dataset = read_traces(uri)
     total = planned_steps(cfg, n_rows)
-    result = build_trainer(cfg, dataset, total, lineage(cfg, uri, manifest), hooks).fit()
+    with HeldLease(run_folder(cfg), ttl_s=LEASE_TTL_S):
+        result = build_trainer(cfg, dataset, total, lineage(cfg, uri, manifest), hooks).fit()
     return _outcome(cfg, result, total)
+
+
+def run_folder(cfg: Config) -> str:
+    """Where Ray Train keeps this run's checkpoints: ``train.storage_path/train.run_name``."""
+    return st.join(st.absolute(cfg.train.storage_path), cfg.train.run_name)
 
 
 def _outcome(cfg: Config, result, total: int) -> TrainOutcome:
@@ -154,5 +160,6 @@ def _outcome(cfg: Config, result, total: int) -> TrainOutcome:
     init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
     tags = mlflow.get_run(state["mlflow_run_id"]).data.tags
     return TrainOutcome(steps=state["step"], planned_steps=total, mlflow_run_id=state["mlflow_run_id"],
-                        model_version=tags.get(REGISTERED_TAG, ""), checkpoint_path=result.checkpoint.path,
+                        model_version=tags.get(REGISTERED_TAG, ""),
+                        checkpoint_path=st.uri_for(run_folder(cfg), result.checkpoint.path),
                         metrics=dict(result.metrics or {}))
