@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= jobs/configs/tiny.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install install-gpu test test-unit demo demo-fast bench ablation clean
+.PHONY: install install-gpu test test-unit demo demo-fast bench ablation rehearse clean
 
 $(VENV)/.installed-cpu: pyproject.toml scripts/install.sh
 	VENV=$(VENV) scripts/install.sh cpu
@@ -34,6 +34,10 @@ bench: $(VENV)/.installed-bench
 
 ablation: install
 	$(PY) jobs/ablation.py --config $(CONFIG) $(ARGS)
+
+# The GPU recipe end to end on an object store (moto) and a three-node local Ray cluster.
+rehearse: install
+	$(PY) tests/rehearsal.py $(ARGS)
 
 clean:
 	rm -rf .r2d demo-report

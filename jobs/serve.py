@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 
     init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)  # so models:/ sources resolve in the replicas
     init_ray(cfg.resources.num_cpus)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    # One HTTP proxy, on the head (where `ray attach -p` and the docs' tunnels lead): a proxy per
+    # node would also try to bind the port on every node of a cluster that shares one host.
+    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(cfg), name="r2d", route_prefix="/")
     base = f"http://{cfg.serve.host}:{cfg.serve.port}"
 

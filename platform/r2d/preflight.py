@@ -74,12 +74,11 @@ def check_sources(cfg: Config, report: Report) -> None:
 
 def _check_hub_dataset(name: str, spec: dict, report: Report) -> None:
     """A Hub dataset: it exists, and its card lists the mapped columns (nothing is downloaded)."""
-    from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     repo = spec["path"]
     try:
-        info = HfApi().dataset_info(repo, timeout=15)
+        info = _hub().dataset_info(repo, timeout=15)
     except GatedRepoError:
         report.notes.append(f"{name}: Hub dataset {repo} is gated: the nodes need HF_TOKEN with access")
         return
@@ -175,7 +174,7 @@ def _registry_model(source: str, cfg: Config) -> tuple[str, str]:
 
 
 def _hub_model(repo: str, offline: bool) -> tuple[str, str]:
-    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     if isinstance(try_to_load_from_cache(repo, "config.json"), str):
@@ -183,7 +182,7 @@ def _hub_model(repo: str, offline: bool) -> tuple[str, str]:
     if offline:
         return f"{repo}: not in the local Hugging Face cache and offline is true (set offline: false to download)", ""
     try:
-        info = HfApi().model_info(repo, timeout=15)
+        info = _hub().model_info(repo, timeout=15)
     except GatedRepoError:
         return "", f"{repo} is gated on the Hub: the nodes need HF_TOKEN with access"
     except RepositoryNotFoundError:
@@ -241,6 +240,15 @@ def check_gates(cfg: Config, report: Report) -> None:
     if g.min_discrimination <= -1:
         report.problems.append(f"gates.min_discrimination: {g.min_discrimination} accepts a model that refuses "
                                "only benign prompts")
+
+
+def _hub():
+    """The Hub's API client, at ``HF_ENDPOINT`` when set (a mirror) as read now, not at import."""
+    import os
+
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
 
 
 def _short(err: BaseException) -> str:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _overrides(model_dir: Path, out: Path, n: int, extra: list[str] = ()) -> list[str]:
     return [f"data.sources=[{{name: benign, limit: {n}}}, {{name: harmbench, split: val, limit: {n}}}]",
-            "data.eval_fraction=0.2", f"model.source={model_dir}", f"distill.teacher.source={model_dir}",
+            "data.eval_fraction=0.2", "data.heldout_categories=[]", f"model.source={model_dir}", f"distill.teacher.source={model_dir}",
             "distill.engine={kind: transformers, batch_size: 4, concurrency: 1, num_cpus: 1}",
             "distill.sampling.max_tokens=16", f"distill.output_dir={out}", "resources.num_cpus=2", *extra]
 
@@ -36,14 +36,16 @@ def test_pipeline_writes_traces_with_the_schema(ray_session, tiny_model_dir, tmp
     assert 6 <= len(prompts) <= 10
     manifest, stats = run_distillation(cfg, prompts, {"mlflow_run_id": "test"})
 
-    ds = ray_session.data.read_parquet(str(tmp_path / "traces" / "data"))
-    rows = ds.take_all()
-    assert ds.schema().names == list(store.COLUMNS)
+    table = store.read_table(tmp_path / "traces")
+    rows = table.to_pylist()
+    assert table.schema.names == list(store.COLUMNS) and len(store.parquet_files(tmp_path / "traces")) >= 2
     assert len(rows) + sum(manifest["drops"].values()) + manifest["errors"] == len(prompts)
     assert sorted(r["prompt_id"] for r in rows) == sorted({r["prompt_id"] for r in rows})
     assert stats["generated_tokens"] > 0 and stats["written"] == len(rows)
     for row in rows:
-        assert len(row["reasoning_steps"]) == len(row["step_pivots"]) == len(row["teacher_pivots"]) >= 1
+        assert len(row["reasoning_steps"]) == len(row["step_pivots"]) >= 1
+        # Reasoning written for the prompt (origin annotation/repaired) has no teacher pivots to align.
+        assert len(row["teacher_pivots"]) == len(row["reasoning_steps"]) or row["origin"] != "teacher"
         assert row["answer"].strip() and row["n_tokens"] > 0 and row["tagger"] == "rules"
         if row["label"] == "harmful":  # a random model never refuses: every harmful row is a repaired refusal
             assert row["repaired"] and row["answer_pivot"] == "[UNSAFE]" and "[UNSAFE]" in row["step_pivots"]
@@ -69,13 +71,13 @@ def test_killed_job_resumes_without_losing_or_duplicating(state_dir, tiny_model_
                                                     "distill.sampling.max_tokens=96",
                                                     "distill.engine.batch_size=1"])
     expected = {p["prompt_id"] for p in training_prompts(load_config(ROOT / "jobs/configs/tiny.yaml", overrides))}
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "platform")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), str(ROOT)])}
     env.pop("RAY_ADDRESS", None)  # the job starts its own local Ray
 
     # 1. run, and kill the whole process group as soon as the first chunk is committed
     job = _job(overrides, env)
     deadline = time.time() + 240
-    while not list((out / "data").glob("chunk-*")) and job.poll() is None and time.time() < deadline:
+    while not list((out / "_committed").glob("chunk-*")) and job.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     ended = job.poll() is not None
     os.killpg(job.pid, signal.SIGKILL)

