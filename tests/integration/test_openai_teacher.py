@@ -41,6 +41,7 @@ def endpoint(ray_session, tmp_path_factory):
     cfg = load_config(ROOT / "jobs/configs/tiny.yaml", [
         f"serve.model={model}", f"serve.port={port}", "serve.mode=hide", "serve.engine.kind=transformers",
         "serve.engine.num_cpus=1", "serve.engine.max_model_len=512", "serve.max_tokens_limit=128",
+        "serve.default_max_tokens=64",
         "serve.api_key_env=R2D_TEST_NO_KEY"])
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="r2d-teacher", route_prefix="/")
