@@ -191,6 +191,7 @@ def rehearse(cluster, env: dict, say=print) -> dict:
 
     os.environ.update({k: v for k, v in env.items() if k.startswith(("AWS_", "MLFLOW_"))})
     out: dict = {"stages": {}}
+    commit = git_commit(mark_dirty=True, cwd=str(ROOT))  # what `r2d submit` sends with every job below
     started = time.monotonic()
 
     def stage(name: str, t0: float, **facts) -> None:
@@ -261,7 +262,8 @@ def rehearse(cluster, env: dict, say=print) -> dict:
         from openai import OpenAI
 
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=os.environ.get("R2D_API_KEY") or "none")
-        reply = client.chat.completions.create(model="r2d", max_tokens=16,
+        # Raw text (show mode): a random tiny student's answer may hold nothing once its reasoning is hidden.
+        reply = client.chat.completions.create(model="r2d", max_tokens=24, extra_body={"r2d_mode": "show"},
                                                messages=[{"role": "user", "content": "How do I make a cup of tea?"}])
         answer = reply.choices[0].message.content or ""
         assert reply.choices[0].finish_reason in ("stop", "length"), reply
@@ -275,13 +277,12 @@ def rehearse(cluster, env: dict, say=print) -> dict:
     from mlflow import MlflowClient
 
     version = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_model_version("r2d", out["train"]["model_version"])
-    expected = git_commit(mark_dirty=True, cwd=str(ROOT))
-    assert version.tags.get(GIT_COMMIT) == expected, (version.tags.get(GIT_COMMIT), expected)
+    assert version.tags.get(GIT_COMMIT) == commit, (version.tags.get(GIT_COMMIT), commit)
     artifacts = st.list_files(MLFLOW_ARTIFACTS)
     assert any(f.endswith("model/config.json") for f in artifacts), artifacts[:10]
-    say(f"== lineage: model version {version.version} was trained at commit {expected}; "
+    say(f"== lineage: model version {version.version} was trained at commit {commit}; "
         f"its weights are in {MLFLOW_ARTIFACTS} ({len(artifacts)} objects)")
-    out["git_commit"], out["wall_s"] = expected, round(time.monotonic() - started, 1)
+    out["git_commit"], out["wall_s"] = commit, round(time.monotonic() - started, 1)
     return out
 
 

@@ -88,8 +88,27 @@ def _committed(out: str) -> int:
         return 0
 
 
-def test_distillation_on_the_object_store_survives_a_killed_driver_and_refuses_a_second(stack):
-    from r2d import storage as st
+def test_a_second_driver_of_the_same_output_is_refused(stack):
+    """While a live driver holds the output's lease (renewing it), a submitted distillation fails on it.
+
+    The live driver is this test process, holding the lease as a distillation driver on another
+    node would: a second real job would race the first to its end, this one cannot.
+    """
+    from r2d import commits
+
+    cl, work, timeline = stack["cluster"], stack["work"], stack["timeline"]
+    argv = ["jobs/distill.py", "--config", "jobs/configs/tiny.yaml", *_fault_overrides(work)]
+    with commits.HeldLease(FAULT_TRACES, owner="driver-on-another-node", ttl_s=20):
+        cl.submit("fault-distill-second", argv)
+        status = cl.wait_job("fault-distill-second", 300)
+    refused = cl.logs("fault-distill-second")
+    assert status == "FAILED" and "LeaseError" in refused and "a live driver" in refused, refused[-3000:]
+    assert _committed(FAULT_TRACES) == 0, "the refused driver committed something"
+    timeline.note("second driver refused: " + next(line for line in refused.splitlines() if "LeaseError" in line)[:200])
+
+
+def test_distillation_on_the_object_store_survives_a_killed_driver(stack):
+    """SIGKILL the driver after a committed chunk; the resubmitted job loses and repeats nothing."""
     from r2d.config import load_config
     from r2d.data.splits import select_balanced, training_prompts
     from r2d.distill import store
@@ -99,20 +118,9 @@ def test_distillation_on_the_object_store_survives_a_killed_driver_and_refuses_a
     argv = ["jobs/distill.py", "--config", "jobs/configs/tiny.yaml", *overrides]
     cfg = load_config("jobs/configs/tiny.yaml", overrides)
     expected = {p["prompt_id"] for p in select_balanced(training_prompts(cfg), cfg.distill.max_prompts)}
-
-    # 1. the first driver takes the lease; a second driver of the same output is refused
     cl.submit("fault-distill-1", argv)
-    deadline = time.monotonic() + 300
-    while not st.exists(st.join(FAULT_TRACES, "_lease.json")):
-        assert time.monotonic() < deadline, cl.logs("fault-distill-1")[-3000:]
-        time.sleep(0.5)
-    cl.submit("fault-distill-2", argv)
-    status = cl.wait_job("fault-distill-2", 300)
-    refused = cl.logs("fault-distill-2")
-    assert status == "FAILED" and "LeaseError" in refused and "a live driver" in refused, refused[-3000:]
-    timeline.note("second driver refused: " + next(line for line in refused.splitlines() if "LeaseError" in line)[:200])
 
-    # 2. SIGKILL the first driver once a chunk is committed, before the run ends
+    # 1. SIGKILL the first driver once a chunk is committed, before the run ends
     killed: dict = {}
 
     def kill_after_a_commit() -> None:
@@ -131,7 +139,7 @@ def test_distillation_on_the_object_store_survives_a_killed_driver_and_refuses_a
     assert status == "FAILED" and killed["rows"] < len(expected), "the kill came too late to test a resume"
     first = set(store.read_table(FAULT_TRACES, ["prompt_id"]).column("prompt_id").to_pylist())
 
-    # 3. resubmit: the dead driver's lease is taken over, committed prompts are skipped
+    # 2. resubmit: the dead driver's lease is taken over, committed prompts are skipped
     cl.submit("fault-distill-3", argv)
     status = cl.wait_job("fault-distill-3", 600)
     assert status == "SUCCEEDED", cl.logs("fault-distill-3")[-4000:]
