@@ -179,8 +179,46 @@ def _train_nodes(cluster, seen: set) -> None:
                 seen.add(actor.node_id)
 
 
-def rehearse(cluster, env: dict, say=print) -> dict:
+def checkpoint_steps(run_folder: str) -> list[int]:
+    """Steps of the checkpoints Ray Train has written under ``run_folder`` (any store)."""
+    from r2d import storage as st
+
+    steps = []
+    with contextlib.suppress(Exception):
+        for uri in st.list_files(run_folder):
+            if uri.endswith("/state.json") and "/checkpoint_" in uri:
+                with contextlib.suppress(Exception):  # still being written
+                    steps.append(json.loads(st.read_text(uri))["step"])
+    return sorted(steps)
+
+
+def _node_killer(cluster, killed: dict, say):
+    """Kill worker_b once the first checkpoint is in the bucket, and bring a replacement (the autoscaler's part)."""
+    seen: list[float] = []
+
+    def tick() -> None:
+        if killed:
+            return
+        steps = checkpoint_steps(CHECKPOINTS)
+        if steps and not seen:
+            seen.append(time.monotonic())
+        # Ray Train registers a reported checkpoint when it next polls its workers (about every 2 s):
+        # a kill before that would restart from nothing instead of from the bucket.
+        if steps and time.monotonic() - seen[0] >= 3:
+            cluster.kill_node("worker_b")
+            killed.update(at_step=max(steps))
+            say(f"KILLED node worker_b (SIGKILL to its process group) after checkpoint step {max(steps)} in "
+                f"{CHECKPOINTS}")
+            cluster.add_worker("worker_c")
+    return tick
+
+
+def rehearse(cluster, env: dict, say=print, kill_a_node: bool = False) -> dict:
     """Every stage of the recipe through ``r2d submit`` on ``cluster``; returns what each produced.
+
+    With ``kill_a_node``, a worker node is SIGKILLed once training's first checkpoint reaches the
+    bucket and a replacement node joins: training must still end with its planned steps, resumed
+    from that checkpoint (``out["train_fault"]``), and the later stages run on the new node set.
 
     Raises:
         AssertionError: naming the stage that failed, with the end of its driver log.
@@ -218,9 +256,14 @@ def rehearse(cluster, env: dict, say=print) -> dict:
     out["manifest"] = manifest
 
     # 2. train: one worker on each worker node, checkpoints in the bucket, the model registered
-    t0, nodes = time.monotonic(), set()
-    status, logs = _run(cluster, "rehearse-train", ["jobs/train_cpo.py", *_config_argv()], 900,
-                        tick=lambda: _train_nodes(cluster, nodes))
+    t0, nodes, killed = time.monotonic(), set(), {}
+    kill = _node_killer(cluster, killed, say) if kill_a_node else (lambda: None)
+
+    def tick() -> None:
+        _train_nodes(cluster, nodes)
+        kill()
+
+    status, logs = _run(cluster, "rehearse-train", ["jobs/train_cpo.py", *_config_argv()], 1200, tick=tick)
     assert status == "SUCCEEDED", f"train: {status}\n{logs[-4000:]}"
     report = _last_json(logs)
     assert report["steps"] == report["planned_steps"] and report["checkpoint"].startswith(CHECKPOINTS), report
@@ -228,6 +271,16 @@ def rehearse(cluster, env: dict, say=print) -> dict:
     stage("train", t0, steps=report["steps"], worker_nodes=len(nodes), checkpoint=report["checkpoint"],
           model=report["model_uri"])
     out["train"], out["train_nodes"] = report, len(nodes)
+    if kill_a_node:
+        from mlflow import MlflowClient
+
+        history = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(report["mlflow_run_id"],
+                                                                              "resumed_from_step")
+        out["train_fault"] = {**killed, "resumed_from": int(history[-1].value) if history else None,
+                              "retried": any("[FailurePolicy] RETRY" in line for line in logs.splitlines()),
+                              "final_step": (checkpoint_steps(CHECKPOINTS) or [None])[-1]}
+        say(f"train after the node kill: {report['steps']}/{report['planned_steps']} steps, resumed from checkpoint "
+            f"step {out['train_fault']['resumed_from']}")
 
     # 3. evaluate the challenger; the report goes to the bucket
     t0 = time.monotonic()
@@ -266,11 +319,12 @@ def rehearse(cluster, env: dict, say=print) -> dict:
         reply = client.chat.completions.create(model="r2d", max_tokens=24, extra_body={"r2d_mode": "show"},
                                                messages=[{"role": "user", "content": "How do I make a cup of tea?"}])
         answer = reply.choices[0].message.content or ""
-        assert reply.choices[0].finish_reason in ("stop", "length"), reply
+        assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens > 0, reply
+        out["completion_tokens"] = reply.usage.completion_tokens
     finally:
         cluster.client().stop_job("rehearse-serve")
         cluster.wait_job("rehearse-serve", 120)
-    stage("serve", t0, engine="vllm", answer=repr(answer[:80]))
+    stage("serve", t0, engine="vllm", tokens=out["completion_tokens"], answer=repr(answer[:80]))
     out["answer"] = answer
 
     # 6. lineage: the registered model names the commit the jobs were submitted from

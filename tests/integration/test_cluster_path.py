@@ -5,11 +5,12 @@ whose artifacts go there, and a Ray cluster of a head and two worker nodes (test
 Every job goes in through ``r2d submit`` (``ray job submit``). Then:
 
 1. the rehearsal (tests/rehearsal.py; ``make rehearse`` runs the same): qwen2.5-7b.yaml unchanged plus
-   rehearse.yaml, distill -> train -> evaluate -> promote -> serve -> one ``openai`` request;
-2. distillation on the object store: a second driver of the same output is refused (the lease); the
-   first driver is SIGKILLed after a committed chunk; the resubmitted job loses and repeats nothing;
-3. training with checkpoints on the object store: a worker node is SIGKILLed after a checkpoint, a
-   replacement joins, and the run ends with the planned steps, resumed from the bucket.
+   rehearse.yaml, distill -> train -> evaluate -> promote -> serve -> one ``openai`` request. Its
+   training is the node fault: a worker node is SIGKILLed once the first checkpoint is in the bucket,
+   a replacement joins, and the run must end with the planned steps, resumed from the bucket (a
+   training job of its own would cost the suite minutes of start-up for nothing more);
+2. distillation on the object store: a second driver of the same output is refused (the lease); a
+   driver is SIGKILLed after a committed chunk; the resubmitted job loses and repeats nothing.
 
 The timeline (what was submitted, killed and resumed, and when) is printed (``-s`` or ``-rA``) and saved
 as ``timeline.txt`` in the module's tmp dir. Skip the module with ``R2D_SKIP_MULTINODE=1``.
@@ -17,7 +18,6 @@ as ``timeline.txt`` in the module's tmp dir. Skip the module with ``R2D_SKIP_MUL
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -32,7 +32,6 @@ pytestmark = [
 ]
 
 FAULT_TRACES = "s3://r2d-artifacts/faults/traces"
-FAULT_CHECKPOINTS = "s3://r2d-artifacts/faults/checkpoints"
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +56,16 @@ def test_the_gpu_recipe_rehearsed_end_to_end(stack):
     from rehearsal import rehearse
 
     started = time.monotonic()
-    result = rehearse(stack["cluster"], stack["env"], say=stack["timeline"].note)
+    result = rehearse(stack["cluster"], stack["env"], say=stack["timeline"].note, kill_a_node=True)
+    stack["results"]["rehearsal"] = result
     stack["timeline"].note(f"rehearsal: {time.monotonic() - started:.0f} s for the stages "
                            f"{ {k: v['seconds'] for k, v in result['stages'].items()} }")
     assert list(result["stages"]) == ["check", "distill", "train", "evaluate", "promote", "serve"]
-    assert result["train_nodes"] == 2, "training did not use both worker nodes"
+    assert result["train_nodes"] >= 2, "training did not use both worker nodes"
     assert result["manifest"]["step_pivots"].get("[SAFE]") and not result["manifest"]["step_pivots"].get("[UNSAFE]"), \
         "the guard (scripted to answer 'safe') did not tag the steps"
-    assert result["answer"].strip()
+    # A random tiny student's words are noise; that it answered through the API, on vLLM, is the point.
+    assert isinstance(result["answer"], str) and result["completion_tokens"] > 0
 
 
 # ---------------------------------------------------------------- faults
@@ -75,7 +76,7 @@ def _fault_overrides(work, extra: list[str] = ()) -> list[str]:
     return [f"model.source={student}", f"distill.teacher.source={student}", f"distill.output_dir={FAULT_TRACES}",
             "data.heldout_categories=[]", "distill.max_prompts=24", "distill.chunk_size=4",
             "distill.max_regenerations=0", "distill.lease_ttl_s=20",
-            "distill.engine={kind: transformers, batch_size: 4, concurrency: 2, num_cpus: 1}",
+            "distill.engine={kind: transformers, batch_size: 4, concurrency: 1, num_cpus: 1}",
             "distill.sampling.max_tokens=16", *extra]
 
 
@@ -104,7 +105,7 @@ def test_a_second_driver_of_the_same_output_is_refused(stack):
     refused = cl.logs("fault-distill-second")
     assert status == "FAILED" and "LeaseError" in refused and "a live driver" in refused, refused[-3000:]
     assert _committed(FAULT_TRACES) == 0, "the refused driver committed something"
-    timeline.note("second driver refused: " + next(line for line in refused.splitlines() if "LeaseError" in line)[:200])
+    timeline.note("second driver refused: " + [line for line in refused.splitlines() if "LeaseError:" in line][-1][:240])
 
 
 def test_distillation_on_the_object_store_survives_a_killed_driver(stack):
@@ -152,65 +153,18 @@ def test_distillation_on_the_object_store_survives_a_killed_driver(stack):
     assert not set(rows) & set(drops), "a prompt both written and dropped"
     assert set(rows) | set(drops) == expected, f"lost: {sorted(expected - set(rows) - set(drops))[:5]}"
     assert first <= set(rows) and manifest["last_run"]["skipped_existing"] >= len(first)
-    assert len(rows) >= 8, "too few traces for the training fault test"
 
 
-def _checkpoint_steps(run_folder: str) -> list[int]:
-    from r2d import storage as st
-
-    steps = []
-    try:
-        files = [f for f in st.list_files(run_folder) if f.endswith("/state.json") and "/checkpoint_" in f]
-    except Exception:
-        return []
-    for uri in files:
-        try:
-            steps.append(json.loads(st.read_text(uri))["step"])
-        except Exception:
-            continue  # still being written
-    return sorted(steps)
-
-
-def test_training_on_the_object_store_survives_a_killed_worker_node(stack):
-    from r2d.distill import store
-
-    cl, work, timeline = stack["cluster"], stack["work"], stack["timeline"]
-    if not store.exists(FAULT_TRACES):
-        pytest.skip("needs the traces written by the distillation fault test")
-    planned, every, run_name = 12, 3, "fault-train"
-    run_folder = f"{FAULT_CHECKPOINTS}/{run_name}"
-    overrides = [*_fault_overrides(work), f"train.max_steps={planned}", f"train.checkpoint_every={every}",
-                 "train.batch_size=2", "train.grad_accum=1", "train.max_length=256",
-                 f"train.storage_path={FAULT_CHECKPOINTS}", f"train.run_name={run_name}", "train.max_failures=2",
-                 "resources.train_workers=2", "resources.cpus_per_worker=2", "tracking.registered_model=r2d-faults"]
-    killed: dict = {}
-
-    def kill_worker_node() -> None:
-        if killed:
-            return
-        steps = _checkpoint_steps(run_folder)
-        if not steps:
-            return
-        cl.kill_node("worker_b")
-        killed.update(at_step=max(steps))
-        timeline.note(f"KILLED node worker_b (SIGKILL to its process group) after checkpoint step {max(steps)} "
-                      f"of {planned} in {run_folder}")
-        cl.add_worker("worker_c")  # the autoscaler's part: a replacement node
-
-    cl.submit("fault-train", ["jobs/train_cpo.py", "--config", "jobs/configs/tiny.yaml", *overrides])
-    status = cl.wait_job("fault-train", 900, tick=kill_worker_node)
-    logs = cl.logs("fault-train")
-    assert killed, f"training ended before the first checkpoint could be observed:\n{logs[-2000:]}"
-    assert status == "SUCCEEDED", logs[-4000:]
-    report = json.loads(logs[logs.rindex("\n{") + 1:].split("\n}")[0] + "\n}")
-    from mlflow.tracking import MlflowClient
-
-    history = MlflowClient(stack["env"]["MLFLOW_TRACKING_URI"]).get_metric_history(report["mlflow_run_id"],
-                                                                                    "resumed_from_step")
-    resumed = int(history[-1].value) if history else None
-    timeline.note(f"train finished: {report['steps']}/{report['planned_steps']} steps, resumed from checkpoint "
-                  f"step {resumed}, final checkpoint {report['checkpoint']}")
-    assert any("[FailurePolicy] RETRY" in line for line in logs.splitlines()), "Ray Train did not retry"
-    assert report["steps"] == report["planned_steps"] == planned
-    assert resumed is not None and killed["at_step"] <= resumed < planned, resumed
-    assert report["checkpoint"].startswith(run_folder) and _checkpoint_steps(run_folder)[-1] == planned
+def test_training_on_the_object_store_survived_a_killed_worker_node(stack):
+    """The rehearsal's training (qwen2.5-7b.yaml + rehearse.yaml, checkpoints in s3://r2d-artifacts) lost a
+    whole worker node after its first checkpoint; Ray Train restored that checkpoint from the bucket on
+    the replacement node and ended with the planned steps."""
+    result = stack["results"].get("rehearsal")
+    if not result:
+        pytest.skip("the rehearsal did not get that far")
+    fault, report = result["train_fault"], result["train"]
+    assert fault.get("at_step"), "training ended before its first checkpoint could be observed"
+    assert fault["retried"], "Ray Train did not retry the worker group"
+    assert report["steps"] == report["planned_steps"]
+    assert fault["resumed_from"] is not None and fault["at_step"] <= fault["resumed_from"] < report["planned_steps"]
+    assert fault["final_step"] == report["planned_steps"] and report["checkpoint"].startswith("s3://r2d-artifacts/")
