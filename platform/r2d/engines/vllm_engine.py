@@ -60,9 +60,10 @@ def engine_args(model, engine) -> dict[str, Any]:
 
     On GPU: the model's dtype (``float32`` becomes ``auto``), tensor parallelism and the GPU
     memory share. On CPU: float32 (bf16 is ~5x slower on AVX2 CPUs) and eager mode (CUDA
-    graphs do not exist there).
+    graphs do not exist there). Weights load from safetensors only: pickle formats run code.
     """
-    args: dict[str, Any] = {"max_model_len": engine.max_model_len, "trust_remote_code": model.trust_remote_code}
+    args: dict[str, Any] = {"max_model_len": engine.max_model_len, "trust_remote_code": model.trust_remote_code,
+                            "load_format": "safetensors"}
     if engine.num_gpus > 0:
         args.update(dtype=model.dtype if model.dtype != "float32" else "auto",
                     tensor_parallel_size=engine.tensor_parallel_size,
