@@ -17,12 +17,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from r2d.eval.ablation import VARIANTS, aggregate, markdown_table, portable_reports, tradeoff_plot, verdict
-    from r2d.config import load_config
-    from r2d.eval.evaluate import evaluate_models
-    from r2d.runtime import init_mlflow, init_ray
-    from r2d.run_tags import git_commit
-    from r2d.train.trainer import run_training
+    from r2d.config import load_config, load_config_or_exit
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="jobs/configs/tiny.yaml")
@@ -33,7 +28,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. config: ablation models go to their own registry name, so the demo's aliases stay untouched
     base_overrides = ["tracking.registered_model=r2d-ablation", *args.overrides]
-    cfg = load_config(args.config, base_overrides)
+    cfg = load_config_or_exit(args.config, base_overrides, parser.prog)
+    from r2d.eval.ablation import VARIANTS, aggregate, markdown_table, portable_reports, tradeoff_plot, verdict
+    from r2d.eval.evaluate import evaluate_models
+    from r2d.runtime import init_mlflow, init_ray
+    from r2d.run_tags import git_commit
+    from r2d.train.trainer import run_training
+
     init_ray(cfg.resources.num_cpus)
     init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
     started = time.perf_counter()

@@ -16,7 +16,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from r2d.config import ConfigError, help_text, load_config
+    from r2d.config import help_text, load_config_or_exit
     from r2d.eval.contamination import ContaminationError
     from r2d.eval.evaluate import evaluate_models
     from r2d.eval.report import side_by_side
@@ -40,11 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=None, help="report folder (default under eval.output_dir)")
     parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"evaluate: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(args.config, args.overrides, parser.prog)
     if not args.model and not args.prompt_only_baseline:
         parser.error("pass at least one --model (or --prompt-only-baseline)")
 

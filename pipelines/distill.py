@@ -10,7 +10,8 @@ One pass is a streaming Ray Data graph, consumed by the driver chunk by chunk::
     harmful prompts still answered -> the same again with the stronger instruction
 
 Row schema: :mod:`r2d.distill.stages`. Re-running skips prompt_ids already written; a crash
-costs at most the chunk in flight.
+costs at most the chunk in flight. When every prompt is written already by the same teacher,
+prompt, tagger and sampling, :func:`run` starts nothing and returns the manifest (``reused``).
 """
 
 from __future__ import annotations
@@ -28,12 +29,23 @@ from r2d.models import load_tokenizer
 from r2d.runtime import init_mlflow
 
 
+_SAME_TRACES = ("teacher", "system_prompt_id", "tagger", "guard", "sampling", "max_regenerations", "on_unrepaired",
+                "use_references", "max_trace_tokens")
+"""The distillation settings that make the traces what they are (output folder and sizes aside)."""
+
+
 def run(cfg) -> tuple[dict, dict]:
-    """Distil the training prompts into ``cfg.distill.output_dir``; returns (manifest, run stats)."""
+    """Distil the training prompts into ``cfg.distill.output_dir``; returns (manifest, run stats).
+
+    Stats carry ``reused`` when the traces were all there already (nothing ran, no new MLflow run).
+    """
     d = cfg.distill
     # 1. prompts: the training side of the split evaluation also uses; never the held-out side
     reports: list = []
     prompts = select_balanced(training_prompts(cfg, reports), d.max_prompts)
+    existing = store.read_manifest(d.output_dir)
+    if existing and not store.pending(prompts, d.output_dir) and _same_traces(existing, cfg):
+        return existing, {"reused": True, "skipped_existing": len(prompts), "attempted": 0}
 
     # 2. tracking: one MLflow run per distillation, on the driver
     mlflow = init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
@@ -49,6 +61,12 @@ def run(cfg) -> tuple[dict, dict]:
         # 4. report: metrics, the manifest artifact and the traces' lineage tags
         run_log.log_outputs(mlflow, cfg, manifest, stats, store.write_manifest(d.output_dir, manifest))
     return manifest, stats
+
+
+def _same_traces(manifest: dict, cfg) -> bool:
+    recorded = (manifest.get("config") or {}).get("distill") or {}
+    current = cfg.to_dict()["distill"]
+    return all(recorded.get(k) == current[k] for k in _SAME_TRACES)
 
 
 def generated_rows(prompts: list[dict], cfg, system: str):

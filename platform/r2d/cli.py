@@ -78,7 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``r2d`` script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may follow the options (`r2d lineage models:/r2d@champion --config X a.b=c`),
+    # which argparse leaves unparsed once a subcommand's positionals are filled.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
     if args.command == "lineage" and not (args.model_uri or args.traces_digest):
         parser.error("lineage: give a model URI (models:/r2d@champion) or --traces-digest DIGEST")
     if args.command == "lineage" and args.model_uri and "=" in args.model_uri:

@@ -31,6 +31,8 @@ class TrainOutcome:
     """Where the final checkpoint lives (local path or URI)."""
     metrics: dict
     """Last reported metrics."""
+    reused: bool = False
+    """True when a finished run of the same inputs was found and nothing was trained."""
 
 
 def _absolute(path: str) -> str:
@@ -123,8 +125,11 @@ def build_trainer(cfg: Config, dataset, total_steps: int, lineage_info: dict, ho
                         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"))
 
 
-def run_training(cfg: Config, hooks: dict | None = None) -> TrainOutcome:
+def run_training(cfg: Config, hooks: dict | None = None, reuse: bool = True) -> TrainOutcome:
     """Train on the traces with Ray Train; resumes when ``train.run_name`` already has checkpoints.
+
+    With ``reuse``, a finished run of the same inputs (:func:`r2d.train.run_log.train_key`)
+    that registered a version is returned as it is, and nothing starts.
 
     Raises:
         FileNotFoundError: the traces folder holds no Parquet files.
@@ -133,8 +138,50 @@ def run_training(cfg: Config, hooks: dict | None = None) -> TrainOutcome:
     manifest = read_manifest(uri)
     n_rows, dataset = read_traces(uri)
     total = planned_steps(cfg, n_rows)
-    result = build_trainer(cfg, dataset, total, lineage(cfg, uri, manifest), hooks).fit()
+    info = lineage(cfg, uri, manifest)
+    found = finished_run(cfg, info["traces_digest"], total) if reuse and cfg.train.register else None
+    if found is not None:
+        from mlflow import MlflowClient
+
+        from r2d.train.register import ALIAS
+
+        # What a fresh run would leave behind: its version as the challenger.
+        MlflowClient().set_registered_model_alias(cfg.tracking.registered_model, ALIAS, found.model_version)
+        return found
+    result = build_trainer(cfg, dataset, total, info, hooks).fit()
     return _outcome(cfg, result, total)
+
+
+def finished_run(cfg: Config, traces_digest: str, total: int) -> TrainOutcome | None:
+    """The newest finished training run with these inputs whose registered version still exists."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from r2d import run_tags as T
+    from r2d.runtime import init_mlflow
+    from r2d.train.loop import REGISTERED_TAG
+    from r2d.train.run_log import train_key
+
+    if not traces_digest:
+        return None
+    mlflow = init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
+    client = MlflowClient()
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=10,
+                              filter_string=f"tags.`{T.TRAIN_KEY}` = '{train_key(cfg, traces_digest)}' and "
+                                            "attributes.status = 'FINISHED'")
+    for run in runs:
+        version = run.data.tags.get(REGISTERED_TAG)
+        if not version:
+            continue
+        try:
+            client.get_model_version(cfg.tracking.registered_model, version)
+        except MlflowException:
+            continue  # deleted since
+        return TrainOutcome(steps=total, planned_steps=total, mlflow_run_id=run.info.run_id, model_version=version,
+                            checkpoint_path=f"{_absolute(cfg.train.storage_path)}/{cfg.train.run_name}",
+                            metrics=dict(run.data.metrics), reused=True)
+    return None
 
 
 def _outcome(cfg: Config, result, total: int) -> TrainOutcome:
