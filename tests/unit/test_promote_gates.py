@@ -176,3 +176,29 @@ def test_gate_config_rejects_out_of_range_values():
     assert load_config(None, ["gates.ability_metric=ability", "eval.general_tasks=[arc_easy]"]).gates.ability_metric
     with pytest.raises(ConfigError, match="tracking.connect_timeout_s"):
         load_config(None, ["tracking.connect_timeout_s=0"])
+
+
+def test_an_evaluation_is_reused_only_when_its_run_names_this_version_and_suite():
+    """A version's eval tag is a pointer; the run it points at must say what it evaluated."""
+    from types import SimpleNamespace
+
+    from r2d import run_tags as T
+    from r2d.registry.promote import find_evaluation
+
+    tags = {T.STAGE: "eval", T.MODEL_URI: "models:/r2d@challenger", T.MODEL_VERSION: "3", T.SUITE_DIGEST: "s1",
+            T.JUDGE: "refusal"}
+
+    class Client:
+        def __init__(self, **changes):
+            self.tags = {k: v for k, v in {**tags, **changes}.items() if v is not None}
+
+        def get_run(self, run_id):
+            return SimpleNamespace(info=SimpleNamespace(lifecycle_stage="active"),
+                                   data=SimpleNamespace(tags=self.tags, metrics={"asr": 0.1}))
+
+    version = SimpleNamespace(name="r2d", version="3", tags={T.EVAL_RUN_PREFIX + "s1": "run-1"})
+    assert find_evaluation(Client(), version, "s1", judge="refusal").summary["asr"] == 0.1
+    for changes in ({T.MODEL_VERSION: "2"}, {T.MODEL_URI: "models:/other@champion"}, {T.SUITE_DIGEST: "s2"},
+                    {T.JUDGE: "guard"}, {T.STAGE: "train"}, {T.MODEL_VERSION: None}):
+        assert find_evaluation(Client(**changes), version, "s1", judge="refusal") is None, changes
+    assert find_evaluation(Client(), version, "s2") is None  # no pointer for that suite at all

@@ -8,7 +8,8 @@ A reload (:class:`Reloader`, the alias poller and ``/admin/reload`` alike):
 3. a version that fails to load or warm up is recorded on its MLflow model version
    (tag :data:`LOAD_ERROR_TAG`), and the poller never retries it (``/admin/reload`` may,
    by hand); other failures (the registry unreachable) back the poller off, doubling;
-4. a version that served is remembered on the registered model (:data:`LAST_GOOD_TAG`),
+4. a version that answered (its first generation, or a reload's warm-up) is remembered on
+   the registered model (:data:`LAST_GOOD_TAG`),
    so that a replica that starts while the alias names a failed version serves the last
    good one instead of crash-looping on the bad one.
 
@@ -162,13 +163,20 @@ def load_at_start(source: str, load):
             order.append(fallback)
     for i, candidate in enumerate(order):
         try:
-            return candidate, load(candidate)
+            loaded = load(candidate)
         except Exception as err:
             record_load_error(candidate, err)
             if i + 1 == len(order):
                 raise
             log.warning("cannot load %s (%s: %s); falling back to %s", candidate, type(err).__name__, err, order[-1])
+            continue
+        return candidate, loaded
     raise AssertionError("unreachable")
+
+
+def first_answer(engine) -> None:
+    """Called once, when a replica's first generation succeeded: its version becomes the last good one."""
+    asyncio.get_running_loop().run_in_executor(None, record_good, engine.source, engine.version)
 
 
 # ---------------------------------------------------------------- reloads

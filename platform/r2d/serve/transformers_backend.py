@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from ray import serve
 
 from r2d.config import EngineConfig, ModelConfig
-from r2d.serve.replica import EngineCalls, Reloader, load_at_start, poll_reload
+from r2d.serve.replica import EngineCalls, Reloader, first_answer, load_at_start, poll_reload
 from r2d.serve.schemas import Delta, GenRequest, deliver
 
 log = logging.getLogger("r2d.serve")
@@ -195,7 +195,9 @@ class TransformersEngine:
         async with aclosing(self._stream_batch(self._current, reqs)) as steps:
             async for step in steps:
                 yield step
-        self.ready = True
+        if not self.ready:
+            self.ready = True
+            first_answer(self)
 
     async def _stream_batch(self, cur: _Loaded, reqs: list[GenRequest]):
         prompts, errors = self._encode(cur, reqs)

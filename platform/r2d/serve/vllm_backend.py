@@ -21,7 +21,7 @@ from contextlib import aclosing
 from ray import serve
 
 from r2d.config import EngineConfig, ModelConfig
-from r2d.serve.replica import EngineCalls, Reloader, load_at_start, poll_reload
+from r2d.serve.replica import EngineCalls, Reloader, first_answer, load_at_start, poll_reload
 from r2d.serve.schemas import Delta, GenRequest, deliver
 
 log = logging.getLogger("r2d.serve")
@@ -73,8 +73,12 @@ class VLLMEngine:
         return {"engine": engine, "tokenizer": load_tokenizer(local, self.model.cache_dir), "version": version}
 
     def info(self) -> dict:
+        try:  # what vLLM itself still holds: aborted requests leave it at once
+            unfinished = self._current["engine"].output_processor.get_num_unfinished_requests()
+        except AttributeError:
+            unfinished = None
         return {"source": self.source, "version": self._current["version"], "ready": self.ready, "engine": "vllm",
-                "active": len(self._running), "engines": self.engines_alive,
+                "active": len(self._running), "unfinished": unfinished, "engines": self.engines_alive,
                 "reload_failures": self.reloader.failures}
 
     async def reload(self, force: bool = False) -> dict:
@@ -128,7 +132,9 @@ class VLLMEngine:
         async with aclosing(self._stream(self._current, req)) as deltas:
             async for delta in deltas:
                 yield delta
-        self.ready = True
+        if not self.ready:
+            self.ready = True
+            first_answer(self)
 
     async def _stream(self, cur: dict, req: GenRequest):
         from vllm import SamplingParams
