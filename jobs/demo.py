@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 
 # A smoke run: every stage for real, on a small budget.
@@ -92,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="jobs/configs/tiny.yaml")
     parser.add_argument("--fast", action="store_true", help="smoke run: small budget, every stage real")
     parser.add_argument("--report-dir", default="demo-report")
+    parser.add_argument("--no-serve", action="store_true", help="stop after promotion: no server, no API answers")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
@@ -144,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         print(result.report())
 
     # 6. serve the champion (or the trained version, when it is not the champion) and ask it twice
-    with stage("serve"):
-        served = f"models:/{name}@champion" if result.is_champion else defended
-        answers = serve_and_ask(cfg, served)
+    answers: list[dict] = []
+    if not args.no_serve:
+        with stage("serve"):
+            served = f"models:/{name}@champion" if result.is_champion else defended
+            answers = serve_and_ask(cfg, served)
 
     # 7. report
     history = metric_history(run_ids["train"], ["loss", "sft_loss", "cpo_loss", "pivot_acc"])

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="report numbers even when prompts overlap the training traces")
     parser.add_argument("--out-dir", default=None, help="report folder (default under eval.output_dir)")
     parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
+    parser.add_argument("--no-reuse", action="store_true", help="evaluate again even when an evaluation of the "
+                        "same model, suites and settings exists")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config_or_exit(args.config, args.overrides, parser.prog)
     if not args.model and not args.prompt_only_baseline:
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate_models(cfg, args.model, args.suite or None, output=args.output,
                                   prompt_only_baseline=args.prompt_only_baseline, traces=args.traces,
                                   allow_contamination=args.allow_contamination, out_dir=args.out_dir,
-                                  log_mlflow=not args.no_mlflow)
+                                  log_mlflow=not args.no_mlflow, reuse=not args.no_reuse)
     except (ContaminationError, SuiteError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
@@ -59,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     first = next(iter(results.values()))
     print(f"\nreport: {first['report']}")
     for name, entry in results.items():
-        if entry.get("run_id"):
+        if entry.get("reused"):
+            print(f"already evaluated: reused run {entry['run_id']} for {name} (same model, suites and settings)")
+        elif entry.get("run_id"):
             print(f"mlflow run for {name}: {entry['run_id']}")
     return 0
 

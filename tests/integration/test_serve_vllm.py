@@ -9,6 +9,7 @@ when the client leaves.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 
@@ -24,9 +25,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 MESSAGES = [{"role": "user", "content": "Name three fruits."}]
 KEY, ADMIN = "vllm-key", "vllm-admin-key"
 LIMIT = 400
-# Measured here: a vLLM case costs about 2-3x a transformers one (the engine core is a separate
-# process and each request crosses two actors); 400 keeps this module's fuzz near two minutes.
-FUZZ_CASES = 400
+# The 1,000 by default; R2D_VLLM_FUZZ_CASES lowers it where CI time is tight. Measured on the
+# loaded 2-core machine: 430 cases in 61 s, 1,060 in about 150 s.
+FUZZ_CASES = int(os.environ.get("R2D_VLLM_FUZZ_CASES", "1000"))
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +120,15 @@ def test_a_client_that_leaves_is_aborted_in_vllm(server):
     assert _info(server)["unfinished"] == 0  # vLLM itself holds nothing: the requests were aborted, not drained
 
 
+def test_a_request_stops_at_its_deadline(server):
+    req = GenRequest(MESSAGES, LIMIT, deadline=time.time() + 0.3)
+    started = time.perf_counter()
+    out = list(server["engine"].options(stream=True).generate.remote(req))
+    took = time.perf_counter() - started
+    assert out[-1].finish_reason == "length" and 0 < out[-1].completion_tokens < LIMIT and took < 5, (out[-1], took)
+    assert _info(server)["unfinished"] == 0
+
+
 def test_32_concurrent_streams_are_complete(server):
     # show mode: the forced model's hide view is empty, and an empty answer would compare trivially
     check_streams_add_up(server["base"], _headers(admin=True), clients=32, mode="show")
@@ -130,7 +140,7 @@ def test_schemathesis_fuzz_no_5xx_and_alive_after(server):
     took = time.perf_counter() - started
     print(f"schemathesis on vLLM: {seen['cases']} cases ({seen['stream']} streaming, {seen['ok']} 2xx) "
           f"in {took:.0f} s; statuses {seen['statuses']}")
-    assert seen["cases"] >= FUZZ_CASES and seen["stream"] >= 50 and seen["ok"] >= 50, seen
+    assert seen["cases"] >= FUZZ_CASES and seen["stream"] >= FUZZ_CASES // 10 and seen["ok"] >= FUZZ_CASES // 10, seen
     assert httpx.get(server["base"] + "/healthz").status_code == 200
     r = httpx.post(f"{server['base']}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4},
                    headers=_headers())

@@ -30,15 +30,17 @@ import logging
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from r2d.serve.auth import ADMIN_HEADER, bearer, check_exposure, read_key, same_key
 from r2d.serve.metrics import ServeMetrics
-from r2d.serve.pivot_modes import MODES, STRENGTH, GuardStream, HideStream, apply_mode
+from r2d.serve.openapi import RESPONSES, chat_operation, openapi
+from r2d.serve.pivot_modes import STRENGTH, GuardStream, HideStream, apply_mode
 from r2d.serve.schemas import (ChatCompletionRequest, Delta, GenRequest, chunk_body, completion_body, completion_id,
                                deliver, error_body, usage_body)
+from r2d.serve.transport import (ClientGone, DeadlineExceeded, SSEResponse, chain, delta_body, event, first_delta,
+                                 timed, until_disconnect)
 
 log = logging.getLogger("r2d.serve")
 _DEADLINE_GRACE_S = 10.0
@@ -56,10 +58,6 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
         return JSONResponse(error_body(self.message, self.kind, self.param, self.code), self.status, headers=headers)
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
 
 
 class LocalClient:
@@ -106,11 +104,11 @@ def create_api(cfg, client, metrics: ServeMetrics | None = None) -> FastAPI:
     state = _State(cfg, client, metrics or ServeMetrics())
     api.state.r2d = state
 
-    @api.post("/v1/chat/completions", openapi_extra=_chat_operation(), responses=_RESPONSES)
+    @api.post("/v1/chat/completions", openapi_extra=chat_operation(), responses=RESPONSES)
     async def chat_completions(request: Request):
         return await state.guarded(request, state.chat)
 
-    @api.get("/v1/models", responses=_RESPONSES)
+    @api.get("/v1/models", responses=RESPONSES)
     async def models(request: Request):
         return await state.guarded(request, state.models)
 
@@ -118,11 +116,11 @@ def create_api(cfg, client, metrics: ServeMetrics | None = None) -> FastAPI:
     async def healthz(request: Request):
         return await state.health()
 
-    @api.post("/admin/reload", responses=_RESPONSES)
+    @api.post("/admin/reload", responses=RESPONSES)
     async def reload(request: Request):
         return await state.guarded(request, state.reload, admin=True)
 
-    api.openapi = lambda: _openapi(api, cfg)
+    api.openapi = lambda: openapi(api, cfg)
     return api
 
 
@@ -150,6 +148,9 @@ class _State:
         except ClientGone:
             self.metrics.request(499, "-", False)
             return Response(status_code=499)  # nobody reads it; the status is for the access log
+        except DeadlineExceeded as err:
+            self.metrics.request(504, "-", False)
+            return ApiError(504, str(err), "server_error").response()
         except Exception as err:  # the engine died, a replica is gone, a bug: never a 500
             log.warning("request failed: %s: %s", type(err).__name__, err)
             self.metrics.request(503, "-", False)
@@ -228,9 +229,9 @@ class _State:
             log.info("request %s: %d messages, max_tokens=%d, mode=%s", gen.request_id, len(gen.messages),
                      gen.max_tokens, mode)
         stream = self.client.stream(gen)
-        deltas = _timed(stream, gen.deadline + _DEADLINE_GRACE_S)
+        deltas = timed(stream, gen.deadline + _DEADLINE_GRACE_S)
         try:
-            first = await _until_disconnect(request, _first(deltas))
+            first = await until_disconnect(request, first_delta(deltas))
             if first.error:
                 raise ApiError(400, first.error, param=first.param or "messages",
                                code=None if first.param else "context_length_exceeded")
@@ -238,8 +239,8 @@ class _State:
                 include_usage = bool((body.stream_options or {}).get("include_usage"))
                 self.metrics.request(200, mode, True)
                 events = self._sse(first, deltas, stream, mode, include_usage)
-                return _SSEResponse(events, media_type="text/event-stream")
-            return await _until_disconnect(request, self._complete(first, deltas, mode))
+                return SSEResponse(events, media_type="text/event-stream")
+            return await until_disconnect(request, self._complete(first, deltas, mode))
         except BaseException:
             await self.client.close(stream)
             raise
@@ -315,33 +316,33 @@ class _State:
         view = GuardStream() if mode == "guard" else HideStream()
         raw, last = "", first
         try:
-            yield _event(chunk_body(cid, model, created, {"role": "assistant", "content": ""}))
-            async for delta in _chain([first], deltas):
+            yield event(chunk_body(cid, model, created, {"role": "assistant", "content": ""}))
+            async for delta in chain([first], deltas):
                 raw, last = raw + delta.text, delta
                 if not delta.text:
                     continue
                 if mode == "show":
-                    yield _event(chunk_body(cid, model, created, {"content": delta.text}))
+                    yield event(chunk_body(cid, model, created, {"content": delta.text}))
                     continue
                 reasoning, content = view.feed(delta.text)
                 if reasoning or content:
-                    yield _event(chunk_body(cid, model, created, _delta(reasoning, content)))
+                    yield event(chunk_body(cid, model, created, delta_body(reasoning, content)))
             stopped = last.finish_reason == "stop"
             result = apply_mode(raw, mode, stopped)
             tail = ("", "") if mode == "show" else view.feed("", final=True, stopped=stopped)
             if tail[0] or tail[1]:
-                yield _event(chunk_body(cid, model, created, _delta(*tail)))
+                yield event(chunk_body(cid, model, created, delta_body(*tail)))
             self._record(result, 200, mode, True, count_request=False)
-            yield _event(chunk_body(cid, model, created, {}, last.finish_reason or "stop", {"r2d": result.meta()}))
+            yield event(chunk_body(cid, model, created, {}, last.finish_reason or "stop", {"r2d": result.meta()}))
             if include_usage:
                 usage = usage_body(last.prompt_tokens, last.completion_tokens)
-                yield _event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                yield event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                               "choices": [], "usage": usage})
             yield "data: [DONE]\n\n"
         except Exception as err:
             log.warning("stream failed: %s: %s", type(err).__name__, err)
-            message = err.message if isinstance(err, ApiError) else f"the model backend failed: {type(err).__name__}"
-            yield _event(error_body(message, "server_error"))
+            message = str(err) if isinstance(err, DeadlineExceeded) else f"the model backend failed: {type(err).__name__}"
+            yield event(error_body(message, "server_error"))
         finally:
             await self.client.close(stream)
 
@@ -352,123 +353,3 @@ class _State:
         self.metrics.pivots(result.pivots)
         if result.guarded:
             self.metrics.guard_refusal(result.guard_reason or "unknown")
-
-
-class _SSEResponse(StreamingResponse):
-    """A streaming response that stops its body, and so the engine request, as soon as the client leaves.
-
-    Starlette notices a disconnect only when it next sends; guard mode may send nothing for
-    many tokens, so a watcher task waits for ``http.disconnect`` alongside the body.
-    """
-
-    async def __call__(self, scope, receive, send) -> None:
-        body = asyncio.ensure_future(self.stream_response(send))
-        gone = asyncio.ensure_future(_disconnected(receive))
-        try:
-            await asyncio.wait({body, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if body.done() and not body.cancelled() and not isinstance(body.exception(), OSError):
-                body.result()
-        finally:
-            for task in (body, gone):
-                task.cancel()
-            await asyncio.gather(body, gone, return_exceptions=True)
-            await self.body_iterator.aclose()
-
-
-def _delta(reasoning: str, content: str) -> dict:
-    delta: dict = {}
-    if reasoning:
-        delta["reasoning_content"] = delta["reasoning"] = reasoning
-    if content:
-        delta["content"] = content
-    return delta
-
-
-def _event(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-async def _disconnected(receive) -> None:
-    """Return when the client has gone (the body was already read, so only ``http.disconnect`` is left)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _until_disconnect(request: Request, coro):
-    """Await ``coro``, or cancel it and raise :class:`ClientGone` when the client disconnects first."""
-    work = asyncio.ensure_future(coro)
-    gone = asyncio.ensure_future(_disconnected(request.receive))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if work.done():
-            return work.result()
-        raise ClientGone()
-    finally:
-        for task in (work, gone):
-            task.cancel()
-        await asyncio.gather(work, gone, return_exceptions=True)
-
-
-async def _timed(stream, deadline: float):
-    """The stream's items; past ``deadline`` (wall clock) an engine that did not stop is abandoned."""
-    iterator = stream.__aiter__()
-    while True:
-        try:
-            item = await asyncio.wait_for(iterator.__anext__(), max(0.001, deadline - time.time()))
-        except StopAsyncIteration:
-            return
-        except asyncio.TimeoutError:
-            raise ApiError(504, "the model did not answer within the request deadline", "server_error") from None
-        yield item
-
-
-async def _first(deltas) -> Delta:
-    """The first delta of a stream (so errors before any output get a real status code)."""
-    async for delta in deltas:
-        return delta
-    return Delta("", "stop")
-
-
-async def _chain(pending: list, stream):
-    for item in pending:
-        yield item
-    async for item in stream:
-        yield item
-
-
-# ---------------------------------------------------------------- OpenAPI
-
-_ERROR = {"description": "OpenAI-style error", "content": {"application/json": {"schema": {"type": "object"}}}}
-_RESPONSES = {code: _ERROR for code in (400, 401, 403, 404, 413, 415, 422, 503, 504)}
-
-
-def _chat_operation() -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
-        "security": [{"bearer": []}]}
-
-
-def _openapi(api: FastAPI, cfg) -> dict:
-    """The OpenAPI document, with the request schema sized to this server's limits (for clients and fuzzers)."""
-    if api.openapi_schema:
-        return api.openapi_schema
-    schema = get_openapi(title=api.title, version=api.version, routes=api.routes)
-    request = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    defs = request.pop("$defs", {})
-    props = request["properties"]
-    for key in ("max_tokens", "max_completion_tokens"):
-        props[key] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": cfg.max_tokens_limit}, {"type": "null"}]}
-    props["messages"]["maxItems"] = cfg.max_messages
-    props["model"] = {"type": "string", "enum": ["", cfg.served_model_name]}
-    props["r2d_mode"] = {"anyOf": [{"type": "string", "enum": list(MODES)}, {"type": "null"}]}
-    content = defs["ChatMessage"]["properties"]["content"]
-    for option in content.get("anyOf", []):
-        if option.get("type") == "string":
-            option["maxLength"] = cfg.max_message_chars
-    components = schema.setdefault("components", {})
-    components.setdefault("schemas", {}).update({**defs, "ChatCompletionRequest": request})
-    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-    api.openapi_schema = schema
-    return schema
