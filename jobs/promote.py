@@ -4,8 +4,8 @@
     python jobs/promote.py --config jobs/configs/tiny.yaml --candidate models:/r2d@challenger --dry-run
     python jobs/promote.py --config jobs/configs/tiny.yaml --rollback
 
-Exit codes: 0 promoted or rolled back, 1 not promoted (the reason names the gate and the
-amount), 2 bad input (unknown model or alias, unreachable tracking server, bad config).
+Exit codes: 0 promoted, already the champion, or rolled back; 1 not promoted (the reason names
+the gate and the amount); 2 bad input (unknown model or alias, unreachable tracking server, bad config).
 """
 
 import argparse

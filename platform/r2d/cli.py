@@ -5,8 +5,8 @@
     r2d promote --candidate models:/r2d@challenger [--dry-run] [--config FILE] [key=value ...]
     r2d promote --rollback [--dry-run]
 
-Exit codes: 0 done (promoted, rolled back, printed), 1 candidate not promoted, 2 bad input
-(unknown model, alias or version, unreachable tracking server, bad config).
+Exit codes: 0 done (promoted, already the champion, rolled back, printed), 1 candidate not promoted,
+2 bad input (unknown model, alias or version, unreachable tracking server, bad config: one line).
 """
 
 from __future__ import annotations

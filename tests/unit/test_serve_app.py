@@ -39,3 +39,31 @@ def test_serve_config_checks(override, field):
         return
     with pytest.raises(ConfigError, match=f"serve.{field}"):
         load_config(None, [override])
+
+
+def test_the_alias_poller_backs_off_while_reloads_fail(monkeypatch):
+    """Every 1 s normally; after failures 30, 60, 120, 240 s (doubling from serve.reload_backoff_s); back to 1 s."""
+    import asyncio
+
+    from r2d.serve import replica
+
+    delays = []
+
+    async def sleep(seconds):
+        delays.append(seconds)
+        if len(delays) == 7:
+            raise asyncio.CancelledError
+
+    class Registry:
+        calls = 0
+
+        async def reload(self):
+            self.calls += 1
+            if self.calls <= 4:
+                raise RuntimeError("the registry does not answer")
+            return {"reloaded": False}
+
+    monkeypatch.setattr(replica.asyncio, "sleep", sleep)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(replica.poll_reload(Registry(), every_s=1.0, backoff_s=30.0))
+    assert delays == [1.0, 30.0, 60.0, 120.0, 240.0, 1.0, 1.0]
