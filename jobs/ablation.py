@@ -2,7 +2,7 @@
 recipe experiment, over seeds.
 
     python jobs/ablation.py --config jobs/configs/tiny.yaml [--seeds 0 1 2] [key=value ...]
-    python jobs/ablation.py --variants jobs/configs/recipes.yaml --out recipes [--seeds 0]
+    python jobs/ablation.py --variants jobs/variants/recipes.yaml --out recipes [--seeds 0]
 
 Every variant is a list of config overrides on top of ``--config``; one that changes the data
 mix names its own ``distill.output_dir`` and is distilled first when its traces are missing.
