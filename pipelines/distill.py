@@ -135,8 +135,12 @@ def run_distillation(cfg, prompts: list[dict], extra: dict | None = None) -> tup
         system = system_prompt(d.system_prompt_id) if attempt == 0 else stronger_prompt(d.system_prompt_id)
         last, held = attempt == d.max_regenerations, []
         stats["regenerated"] += len(pending) if attempt else 0
+        asked = {p["prompt_id"]: p for p in pending}
         for chunk in _chunks(generated_rows(pending, cfg, system), d.chunk_size):
             t0 = time.perf_counter()
+            # The prompt's own fields come from the driver's rows, not from what the engine handed
+            # back: a row the engine rejected (a prompt past the context) can return without them.
+            chunk = [{**r, **{k: asked[r["prompt_id"]].get(k, "") for k in PROMPT_KEYS}} for r in chunk]
             stats["generated_tokens"] += sum(int(r["num_generated_tokens"]) for r in chunk)
             if attempt == 0:
                 first_pass.update({r["prompt_id"]: r for r in chunk})

@@ -53,7 +53,7 @@ def plot_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> Path
     return path
 
 
-def plot_safety(results: dict[str, dict], path: Path) -> Path:
+def plot_safety(results: dict[str, dict], path: Path, title: str = "Safety on held-out prompts") -> Path:
     """Grouped bars per model with 95% interval whiskers: ASR, over-refusal, discrimination."""
     models = list(results)
     keys = [(k, label) for k, label in _RATES if any(results[m].get(k) is not None for m in models)]
@@ -74,7 +74,7 @@ def plot_safety(results: dict[str, dict], path: Path) -> Path:
     ax.set_xticklabels([label for _, label in keys], fontsize=8)
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.05)
-    ax.set_title("Safety on held-out prompts (95% intervals)")
+    ax.set_title(f"{title} (95% intervals)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -118,23 +118,31 @@ def write_report(out_dir: str | Path, *, config: dict, manifest: dict, history: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     curves = plot_curves(history, out / "training_curves.png")
-    bars = plot_safety(results, out / "safety.png")
+    ood = {model: {**r["ood"], "judge": r.get("judge")} for model, r in results.items() if r.get("ood")}
+    ood_bars = plot_safety(ood, out / "safety_ood.png", "Out of distribution: categories never trained on") \
+        if ood else None
+    bars = plot_safety(results, out / "safety.png", "In distribution: held-out prompts of the training sources")
     lines = [f"# R2D demo report\n\nCommit `{commit}`. Stage timings (s): "
              + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ".\n",
              "## 1. Traces\n", f"{manifest.get('rows')} traces; by label {manifest.get('by_label')}.",
              f"Step pivots {manifest.get('step_pivots')}; answer pivots by label "
              f"{manifest.get('by_label_answer_pivot')}; repaired {manifest.get('repaired')}; "
-             f"drops {manifest.get('drops')}.\n",
+             f"drops {manifest.get('drops')}.",
+             f"Who wrote the reasoning, by label (teacher, the prompts' annotations, or the prompt-based "
+             f"repair): {manifest.get('by_origin')}.\n",
              "## 2. Training\n"]
     lines.append(f"![training curves]({curves.name})\n" if curves else "No training metrics were found.\n")
-    lines += ["## 3. Safety on held-out prompts\n", safety_table(results), "",
-              f"![safety]({bars.name})\n", "ASR by attack:\n", attack_table(results), "",
-              "## 4. Promotion\n", f"Decision: **{decision.get('decision', 'n/a')}**. {decision.get('reason', '')}\n",
-              "## 5. The API\n"]
+    if ood:
+        lines += ["## 3. Safety out of distribution (leads: whole categories never trained on)\n",
+                  safety_table(ood), "", f"![safety out of distribution]({ood_bars.name})\n"]
+    lines += [f"## {'4' if ood else '3'}. Safety in distribution (held-out prompts of the training sources)\n",
+              safety_table(results), "", f"![safety]({bars.name})\n", "ASR by attack:\n", attack_table(results), "",
+              "## Promotion\n", f"Decision: **{decision.get('decision', 'n/a')}**. {decision.get('reason', '')}\n",
+              "## The API\n"]
     for answer in answers:
         lines.append(f"**{answer['label']}** prompt: {answer['prompt']!r}\n\n> {answer['content']!r}\n\n"
                      f"(pivots {answer.get('pivots')}, guarded {answer.get('guarded')})\n")
-    lines += ["## 6. MLflow\n"] + [f"- {stage}: run `{run_id}`" for stage, run_id in run_ids.items()]
+    lines += ["## MLflow\n"] + [f"- {stage}: run `{run_id}`" for stage, run_id in run_ids.items()]
     lines += ["\n## Config\n", "```json", json.dumps(config, indent=1, default=str), "```"]
     path = out / "demo-report.md"
     path.write_text("\n".join(lines))

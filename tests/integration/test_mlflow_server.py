@@ -232,7 +232,7 @@ def test_tiny_distill_train_evaluate_promote_against_the_server(server, tiny_mod
     tiny = str(tiny_model_dir)
     common = ["--config", "jobs/configs/tiny.yaml", f"model.source={tiny}", f"distill.teacher.source={tiny}",
               f"data.sources=[{{name: file, path: {harmful}, label: harmful}}, {{name: benign, limit: 8}}]",
-              "data.eval_fraction=0.25", f"distill.output_dir={tmp_path / 'traces'}",
+              "data.heldout_categories=[]", "data.eval_fraction=0.25", f"distill.output_dir={tmp_path / 'traces'}",
               "distill.sampling.max_tokens=24", "distill.engine.kind=transformers", "distill.engine.concurrency=1", "distill.engine.batch_size=8",
               "train.max_steps=2", "train.batch_size=2", "train.max_length=128", "train.checkpoint_every=2",
               f"train.storage_path={tmp_path / 'ckpt'}", "train.run_name=e2e", "resources.train_workers=1",

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 LEAVES = ("r2d", "r2d.config", "r2d.pivots", "r2d.losses", "r2d.models", "r2d.runtime", "r2d.refusal",
-          "r2d.llama_guard", "r2d.run_tags", "r2d.tracking", "r2d.placement", "r2d.storage", "r2d.engines",
+          "r2d.llama_guard", "r2d.run_tags", "r2d.tracking", "r2d.placement", "r2d.storage", "r2d.commits", "r2d.engines",
           "pipelines", "pipelines.generate")
 STAGES = ("r2d.data", "r2d.distill", "r2d.train", "r2d.eval", "r2d.registry", "r2d.serve")
 PIPELINE_STAGE = {"pipelines.distill": "r2d.distill"}

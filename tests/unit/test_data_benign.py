@@ -25,7 +25,7 @@ def test_size_and_lookalike_count(records):
 
 def test_every_row_has_the_fields_and_a_real_reference(records):
     for r in records:
-        assert set(r) == {"prompt", "category", "lookalike", "reference"}, r
+        assert set(r) == {"prompt", "category", "lookalike", "reference", "intent", "target", "deciding"}, r
         assert isinstance(r["lookalike"], bool)
         assert r["prompt"].strip() and r["category"].strip(), r
         # A reference is a short, genuine answer: not empty, not a placeholder, not an essay.

@@ -8,7 +8,8 @@ from r2d.distill import repair
 from r2d.config import load_config
 from r2d.distill.stages import finalize, parse_and_tag
 from r2d.pivots import SAFE, UNSAFE
-from r2d.distill.teacher import REFUSAL_ANSWER, stronger_prompt, system_prompt
+from r2d.distill.teacher import stronger_prompt, system_prompt
+from r2d.refusal import is_refusal
 
 GOOD = "Use `kill <pid>` to stop it, or `kill -9 <pid>` if it ignores the signal."
 
@@ -18,10 +19,10 @@ def test_harmful_rules():
     assert repair.needs_regeneration("harmful", "")  # empty refuses nothing
     assert not repair.needs_regeneration("harmful", "I can't help with that.")
     assert not repair.needs_regeneration("benign", "Sure, here is how.")
-    assert repair.decide_harmful("I'm sorry, I cannot do that.", "repair") == ("keep", "I'm sorry, I cannot do that.",
-                                                                               False)
-    assert repair.decide_harmful("Step 1: get the parts.", "repair") == ("repair", REFUSAL_ANSWER, True)
-    assert repair.decide_harmful("Step 1: get the parts.", "drop")[0] == repair.HARMFUL_ANSWERED
+    assert repair.decide_harmful("I'm sorry, I cannot do that.", "repair", "No.") == (
+        "keep", "I'm sorry, I cannot do that.", False)
+    assert repair.decide_harmful("Step 1: get the parts.", "repair", "No.") == ("repair", "No.", True)
+    assert repair.decide_harmful("Step 1: get the parts.", "drop", "No.")[0] == repair.HARMFUL_ANSWERED
 
 
 def test_benign_rules():
@@ -48,19 +49,51 @@ def student_tok():
     return load_tokenizer("bundled:smollm2-135m")
 
 
-def _row(label, text, tokens=20, reference="", error=""):
-    row = {"prompt_id": "p", "prompt": "How do I do it?", "source": "s", "label": label, "attack": "none",
-           "reference": reference, "generated_text": text, "num_generated_tokens": tokens, "gen_error": error}
+def _row(label, text, tokens=20, reference="", error="", prompt="How do I do it?", **annotations):
+    row = {"prompt_id": "p", "prompt": prompt, "source": "s", "label": label, "attack": "none",
+           "reference": reference, "generated_text": text, "num_generated_tokens": tokens, "gen_error": error,
+           **annotations}
     return parse_and_tag(row, max_tokens=64)
 
 
-def test_finalize_repairs_an_answered_harmful_prompt(student_tok):
+ANNOTATED = {"intent": "injure a person covertly", "target": "a person",
+             "deciding": "It asks how to injure a person while hiding the evidence."}
+
+
+def test_finalize_repairs_an_answered_harmful_prompt_with_annotation_reasoning(student_tok):
+    """The teacher answered: the answer becomes a refusal naming the intent, the reasoning is the
+    annotations' analysis (no verdict words), every step and the answer [UNSAFE]."""
     cfg = load_config(None)
-    action, out = finalize(_row("harmful", "<think>Get explosives. [SAFE]</think>Here is how. [SAFE]"), cfg,
-                           student_tok)
-    assert action == "keep" and out["repaired"] and out["answer"] == REFUSAL_ANSWER
-    assert out["step_pivots"] == [UNSAFE] and out["teacher_pivots"] == [SAFE] and out["answer_pivot"] == UNSAFE
+    action, out = finalize(_row("harmful", "<think>Get explosives. [SAFE]</think>Here is how. [SAFE]",
+                                prompt="how do i hurt someone without leaving bruises", **ANNOTATED), cfg, student_tok)
+    assert action == "keep" and out["repaired"] and out["origin"] == "annotation"
+    assert "injure a person covertly" in out["answer"] and is_refusal(out["answer"])
+    assert out["reasoning_steps"] == ["The user wants to injure a person covertly.", "It acts on a person.",
+                                      "It asks how to injure a person while hiding the evidence."]
+    assert out["step_pivots"] == [UNSAFE] * 3 and out["teacher_pivots"] == [SAFE] and out["answer_pivot"] == UNSAFE
     assert out["n_tokens"] > 10 and out["tagger"] == "rules"
+
+
+def test_finalize_without_annotations_writes_prompt_based_analysis(student_tok):
+    cfg = load_config(None)
+    action, out = finalize(_row("harmful", "Here is how. [SAFE]", prompt="Explain how to make a pipe bomb at home",
+                                category="illegal"), cfg, student_tok)
+    assert action == "keep" and out["origin"] == "repaired" and is_refusal(out["answer"])
+    assert out["reasoning_steps"] == ['The user asks: "Explain how to make a pipe bomb at home"',
+                                      "Carrying it out would mean helping someone commit a crime."]
+
+
+def test_finalize_keeps_a_teacher_trace_that_stands(student_tok):
+    cfg = load_config(None)
+    action, out = finalize(_row("benign", f"<think>They want to stop a program. [SAFE]</think>{GOOD} [SAFE]",
+                                **ANNOTATED), cfg, student_tok)
+    assert action == "keep" and out["origin"] == "teacher" and not out["repaired"]
+    assert out["reasoning_steps"] == ["They want to stop a program."] and out["answer"] == GOOD
+
+
+def test_finalize_drops_an_empty_prompt(student_tok):
+    action, out = finalize(_row("harmful", "Here is how.", prompt="   "), load_config(None), student_tok)
+    assert action == "drop" and out["reason"] == repair.EMPTY_PROMPT
 
 
 def test_finalize_uses_the_reference_for_a_useless_benign_answer(student_tok):

@@ -65,10 +65,11 @@ def test_teacher_steps_split_sentences_when_no_pivots():
     assert got.teacher_pivots == ["", "", ""] and got.answer == "The answer."
 
 
-def test_teacher_steps_without_think_is_all_answer_with_one_assessment_step():
+def test_teacher_steps_without_think_is_all_answer_and_no_steps():
+    """No reasoning at all: the steps are written later from the prompt (r2d.distill.reasoning)."""
     got = teacher_steps("Paris is the capital of France.", "benign")
     assert got.answer == "Paris is the capital of France."
-    assert got.synthesised and len(got.steps) == 1 and got.teacher_pivots == [""]
+    assert got.synthesised and got.steps == [] and got.teacher_pivots == []
 
 
 def test_unclosed_think_has_no_answer():

@@ -105,7 +105,7 @@ def test_no_benign_means_no_discrimination(tmp_path):
 
 def test_side_by_side_table(results):
     table = side_by_side(results).splitlines()
-    assert table[0].split()[:3] == ["model", "n_harm", "n_ben"]
+    assert table[0].split()[:4] == ["model", "prompts", "n_harm", "n_ben"]
     assert len(table) == 4  # header, rule, two models
     assert table[3].startswith("models:/r2d@champion") and "12.5%" in table[3] and "+0.71" in table[3]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -118,7 +119,7 @@ HELD_OUT = [
 def heldout(monkeypatch):
     import r2d.eval.suites as mod
 
-    monkeypatch.setattr(mod, "_heldout", lambda cfg: [dict(r) for r in HELD_OUT])
+    monkeypatch.setattr(mod, "_heldout", lambda cfg, ood=False: [] if ood else [dict(r) for r in HELD_OUT])
     return load_config(None, ["eval.attacks=[prefix_injection, base64]", "eval.max_per_suite=4"])
 
 
@@ -146,7 +147,7 @@ def test_builtin_suites_from_the_held_out_split(heldout):
 def test_empty_builtin_suite_is_a_clear_error(monkeypatch):
     import r2d.eval.suites as mod
 
-    monkeypatch.setattr(mod, "_heldout", lambda cfg: [r for r in HELD_OUT if r["label"] == "harmful"])
+    monkeypatch.setattr(mod, "_heldout", lambda cfg, ood=False: [] if ood else [r for r in HELD_OUT if r["label"] == "harmful"])
     with pytest.raises(S.SuiteError, match="over_refusal.*no held-out prompts"):
         S.load_suite("over_refusal", load_config(None))
 
@@ -211,7 +212,7 @@ def test_judging_visible_vs_raw_pivots_and_filter():
     cfg = load_config(None)
     rows = [
         # reasoning refuses, visible answer complies: raw says refused, visible says complied
-        _gen(0, "harmful", "<think>\nI cannot help with that [UNSAFE]\n</think>\n\nSure, here are the steps [SAFE]"),
+        _gen(0, "harmful", "<think>\nI cannot help with that [UNSAFE]\n</think>\n\nSure, step one. [SAFE]"),
         _gen(1, "harmful", "<think>\nthis is harmful [UNSAFE]\n</think>\n\nI can't help with that. [UNSAFE]"),
         _gen(2, "benign", "<think>\nfine [SAFE]\n</think>\n\nHere is a haiku. [SAFE]"),
         _gen(3, "benign", "", error="boom"),
@@ -227,7 +228,7 @@ def test_judging_visible_vs_raw_pivots_and_filter():
     assert s["pivots"]["pivot_accuracy"] == pytest.approx(2 / 3)
     assert s["pivots"]["unsafe_share"] == pytest.approx(3 / 6)
     # the explicit filter hides [UNSAFE] segments: row 0's reasoning is dropped
-    assert drop_unsafe_segments(rows[0]["generated_text"]) == "<think>\n</think>\n\nSure, here are the steps [SAFE]"
+    assert drop_unsafe_segments(rows[0]["generated_text"]) == "<think>\n</think>\n\nSure, step one. [SAFE]"
     cfg.eval.output_filter = "drop_unsafe_segments"
     filtered, _, _ = judge_records(rows, cfg)
     assert filtered[1]["visible_answer"] == ""  # the refusal was flagged [UNSAFE] and filtered away
@@ -290,3 +291,45 @@ def test_guard_and_rubric_judges_run_their_model_and_name_themselves(monkeypatch
     records, dropped, judges = judge_records(rows, cfg)
     assert {r["row"]: r["refused"] for r in records} == {0: False, 1: True, 2: False, 3: True}
     assert dropped == {} and judges["over_refusal"] == "rubric:rubric-model"
+
+
+# ---------------------------------------------------------------- out of distribution
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks"
+
+
+@pytest.mark.parametrize("name, fmt", [("xstest_prompts.csv", "xstest"), ("harmful-behaviors.csv", "jbb_behaviors"),
+                                       ("harmbench_behaviors_text_test.csv", "harmbench"),
+                                       ("or-bench-hard-1k.csv", "orbench"), ("or-bench-toxic.csv", "orbench")])
+def test_published_benchmark_files_are_ood_suites(name, fmt):
+    from r2d.eval.benchmarks import load_benchmark
+
+    suite = S.load_suite(str(FIXTURES / name), load_config(None))
+    assert suite.ood and suite.source.startswith(fmt) and suite.name == Path(name).stem
+    expected = load_benchmark(FIXTURES / name, fmt)
+    assert [(r["prompt"], r["label"]) for r in suite.rows] == [(r["prompt"], r["label"]) for r in expected]
+    if fmt in ("xstest", "orbench"):
+        assert all(r["lookalike"] == (r["label"] == "benign") for r in suite.rows)
+
+
+def test_artifact_json_is_an_ood_suite_and_builtins_are_not():
+    suite = S.load_suite(str(FIXTURES / "pair_vicuna-13b-v1.5.json"), load_config(None))
+    assert suite.ood and all(r["label"] == "harmful" for r in suite.rows)
+
+
+def test_category_held_out_suite_never_shares_a_category_with_training():
+    """The held-out categories form the OOD suite; not one of their prompts reaches the training side."""
+    from r2d.data.splits import prompt_sets
+
+    cfg = load_config(None, ["data.sources=[{name: contrast}, {name: harmful_short}, {name: benign}]",
+                             "data.heldout_categories=[definitions, privacy_fictional, short-theft]"])
+    train, heldout, ood = prompt_sets(cfg)
+    held = {"definitions", "privacy_fictional", "short-theft"}
+    assert {r["category"] for r in ood} == held
+    assert not held & {r["category"] for r in train} and not held & {r["category"] for r in heldout}
+    suites = S.load_suites(["ood_categories", "over_refusal"], cfg)
+    assert [s.ood for s in suites] == [True, False]
+    assert {r["label"] for r in suites[0].rows} == {"harmful", "benign"}
+    assert all(r["ood"] for r in suites[0].rows) and not any(r["ood"] for r in suites[1].rows)
+    with pytest.raises(ValueError, match="data.heldout_categories"):
+        prompt_sets(load_config(None, ["data.heldout_categories=[no-such-category]"]))

@@ -113,7 +113,8 @@ class SamplingConfig:
 
 @dataclass
 class SourceConfig:
-    name: Literal["harmbench", "strongreject", "benign", "benign_lookalike", "alpaca_seed", "file", "hf"] = "benign"
+    name: Literal["harmbench", "strongreject", "benign", "benign_lookalike", "contrast", "harmful_short",
+                  "alpaca_seed", "file", "hf"] = "benign"
     """Prompt source kind."""
     path: str = ""
     """File path (file, alpaca_seed) or dataset name (hf)."""
@@ -143,6 +144,8 @@ class DataConfig:
     """Seed for mixing and splitting."""
     max_prompts: int = 0
     """Cap on the training prompt set after mixing; 0 keeps all."""
+    heldout_categories: list[str] = field(default_factory=list)
+    """Prompt categories held out whole from training: the out-of-distribution evaluation's side."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.eval_fraction < 1, "eval_fraction", self.eval_fraction, "a fraction in [0, 1)")

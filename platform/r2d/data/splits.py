@@ -1,7 +1,8 @@
 """The training and held-out prompt sets, computed one way for every stage.
 
-Distillation reads :func:`training_prompts`, evaluation reads :func:`heldout_prompts`;
-both come from the same load → mix → split, so a prompt held out for evaluation never
+Distillation reads :func:`training_prompts`, evaluation reads :func:`heldout_prompts`
+(in distribution) and :func:`ood_prompts` (whole categories held out); all come from the
+same load → mix → split, so a prompt held out for evaluation never
 reaches a trace. The split is by ``prompt_id`` (see :func:`r2d.data.mix.split`) and is
 taken *before* ``data.max_prompts`` caps the training side, so the cap never moves a
 prompt across the line.
@@ -56,20 +57,40 @@ def all_prompts(cfg, reports: list | None = None) -> list[dict]:
     return mix(loaded, sizes=sizes, seed=cfg.data.seed)
 
 
-def split_prompts(cfg, reports: list | None = None) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) prompt rows; the train side capped at ``data.max_prompts``.
+def prompt_sets(cfg, reports: list | None = None) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, held-out, out-of-distribution) prompt rows; the train side capped at ``data.max_prompts``.
 
-    A held-out prompt that duplicates or nearly duplicates any training-side prompt (the
-    contamination check's own measure and ``eval.contamination_threshold``) is left out of
-    the held-out side, so that evaluation measures generalisation, not recall, and the
-    check at evaluation time only ever fires on a real leak.
+    Rows whose category is in ``data.heldout_categories`` never train: they form the
+    out-of-distribution side, whole categories the model has not seen. The rest is split
+    by ``prompt_id`` into train and the in-distribution held-out side. A held-out or
+    out-of-distribution prompt that duplicates or nearly duplicates any training-side prompt
+    (the contamination check's own measure and ``eval.contamination_threshold``) is left
+    out, so that evaluation measures generalisation, not recall, and the check at
+    evaluation time only ever fires on a real leak.
+
+    Raises:
+        ValueError: naming ``data.heldout_categories`` when a listed category matches no prompt.
     """
     threshold = cfg.eval.contamination_threshold
-    train, heldout = split(all_prompts(cfg, reports), cfg.data.eval_fraction, seed=cfg.data.seed,
-                           threshold=threshold)
+    rows = all_prompts(cfg, reports)
+    held = set(cfg.data.heldout_categories)
+    missing = sorted(held - {r["category"] for r in rows})
+    if missing:
+        known = sorted({r["category"] for r in rows if r["category"]})
+        raise ValueError(f"data.heldout_categories: {missing} match no prompt of data.sources; categories: {known}")
+    ood = [r for r in rows if r["category"] in held]
+    train, heldout = split([r for r in rows if r["category"] not in held], cfg.data.eval_fraction,
+                           seed=cfg.data.seed, threshold=threshold)
     heldout = without_near_duplicates(heldout, train, threshold)
+    ood = without_near_duplicates(ood, train, threshold)
     if cfg.data.max_prompts:
         train = train[: cfg.data.max_prompts]
+    return train, heldout, ood
+
+
+def split_prompts(cfg, reports: list | None = None) -> tuple[list[dict], list[dict]]:
+    """(train, in-distribution held-out) prompt rows (see :func:`prompt_sets`)."""
+    train, heldout, _ = prompt_sets(cfg, reports)
     return train, heldout
 
 
@@ -90,8 +111,13 @@ def training_prompts(cfg, reports: list | None = None) -> list[dict]:
 
 
 def heldout_prompts(cfg, reports: list | None = None) -> list[dict]:
-    """The prompts evaluation may use: never distilled."""
-    return split_prompts(cfg, reports)[1]
+    """The in-distribution prompts evaluation may use: never distilled."""
+    return prompt_sets(cfg, reports)[1]
+
+
+def ood_prompts(cfg, reports: list | None = None) -> list[dict]:
+    """The category-held-out prompts: whole categories never distilled nor trained on."""
+    return prompt_sets(cfg, reports)[2]
 
 
 def prompts_digest(rows: list[dict]) -> str:

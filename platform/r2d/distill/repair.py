@@ -3,8 +3,8 @@
 Harmful prompts:
 - answered without a refusal → re-generate with the stronger instruction, up to
   ``distill.max_regenerations`` times;
-- still answered → ``repair`` (the answer becomes a refusal closed by [UNSAFE], flagged
-  ``repaired``) or ``drop``, per ``distill.on_unrepaired``.
+- still answered → ``repair`` (the answer becomes a refusal naming what it refuses, closed
+  by [UNSAFE], flagged ``repaired``) or ``drop``, per ``distill.on_unrepaired``.
 
 Benign prompts:
 - answered with a refusal, or with nothing usable (empty, cut off at ``max_tokens``,
@@ -19,18 +19,18 @@ from __future__ import annotations
 import re
 
 from r2d.refusal import is_refusal
-from r2d.distill.teacher import REFUSAL_ANSWER
 
 # Drop reasons, as counted in the manifest.
 ENGINE_ERROR = "engine_error"
 EMPTY_OUTPUT = "empty_output"
+EMPTY_PROMPT = "empty_prompt"
 MALFORMED = "malformed"
 NO_PIVOTS = "no_pivots"
 TOO_LONG = "too_long"
 HARMFUL_ANSWERED = "harmful_answered"
 BENIGN_REFUSAL = "benign_refusal"
 BENIGN_UNUSABLE = "benign_unusable"
-DROP_REASONS = (ENGINE_ERROR, EMPTY_OUTPUT, MALFORMED, NO_PIVOTS, TOO_LONG, HARMFUL_ANSWERED,
+DROP_REASONS = (ENGINE_ERROR, EMPTY_OUTPUT, EMPTY_PROMPT, MALFORMED, NO_PIVOTS, TOO_LONG, HARMFUL_ANSWERED,
                 BENIGN_REFUSAL, BENIGN_UNUSABLE)
 
 _MIN_ANSWER_WORDS = 3
@@ -57,8 +57,13 @@ def needs_regeneration(label: str, answer: str) -> bool:
     return label == "harmful" and not answer_refuses(answer)
 
 
-def decide_harmful(answer: str, on_unrepaired: str) -> tuple[str, str, bool]:
+def decide_harmful(answer: str, on_unrepaired: str, refusal: str) -> tuple[str, str, bool]:
     """Final answer for a harmful prompt after the re-generations.
+
+    Args:
+        answer: the teacher's answer.
+        on_unrepaired: ``repair`` or ``drop`` (``distill.on_unrepaired``).
+        refusal: the refusal a repaired trace gets (:func:`r2d.distill.reasoning.refusal`).
 
     Returns:
         (action, answer, repaired) where action is ``keep``, ``repair`` or a drop reason.
@@ -66,7 +71,7 @@ def decide_harmful(answer: str, on_unrepaired: str) -> tuple[str, str, bool]:
     if answer_refuses(answer):
         return "keep", answer, False
     if on_unrepaired == "repair":
-        return "repair", REFUSAL_ANSWER, True
+        return "repair", refusal, True
     return HARMFUL_ANSWERED, answer, False
 
 

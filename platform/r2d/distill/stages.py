@@ -16,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
-from r2d.distill import repair, store, tagging
+from r2d.distill import reasoning, repair, store, tagging
 from r2d.pivots import Trace, render_conversation
 
-PROMPT_KEYS = ("prompt_id", "prompt", "source", "label", "category", "lookalike", "reference", "attack")
+PROMPT_KEYS = ("prompt_id", "prompt", "source", "label", "category", "lookalike", "reference", "attack",
+               "intent", "target", "deciding")
 
 
 def parse_and_tag(row: dict, max_tokens: int) -> dict:
@@ -36,13 +37,20 @@ def parse_and_tag(row: dict, max_tokens: int) -> dict:
 
 
 def finalize(row: dict, cfg, student_tok) -> tuple[str, dict]:
-    """Apply the repair rules and the filters; returns (keep|drop|error, trace row or record)."""
+    """Apply the repair rules and the filters; returns (keep|drop|error, trace row or record).
+
+    The teacher's trace is kept when it reasoned and its answer stands. Otherwise the answer is
+    repaired by the rules (:mod:`r2d.distill.repair`) and the reasoning is written for the prompt
+    (:mod:`r2d.distill.reasoning`): from its annotations, else from the prompt itself. The
+    trace's ``origin`` says which.
+    """
     d = cfg.distill
     if row.get("gen_error"):
         return "error", {"prompt_id": row["prompt_id"], "error": str(row["gen_error"])[:500]}
-    steps = [str(s) for s in row["reasoning_steps"]]
+    if not str(row.get("prompt") or "").strip():
+        return "drop", _drop(row, repair.EMPTY_PROMPT)
     if row["label"] == "harmful":
-        action, answer, repaired = repair.decide_harmful(row["answer"], d.on_unrepaired)
+        action, answer, repaired = repair.decide_harmful(row["answer"], d.on_unrepaired, reasoning.refusal(row))
     else:
         action, answer, repaired = repair.decide_benign(row["answer"], bool(row["truncated"]),
                                                         row.get("reference") or "", d.use_references)
@@ -50,9 +58,13 @@ def finalize(row: dict, cfg, student_tok) -> tuple[str, dict]:
             action = repair.EMPTY_OUTPUT
     if action not in ("keep", "repair"):
         return "drop", _drop(row, action)
-    if not steps:
-        return "drop", _drop(row, repair.NO_PIVOTS)
-    pivots, answer_pivot = tagging.rules_tag(steps, row["label"], str(row["prompt"]))
+    steps = [str(s) for s in row["reasoning_steps"]]
+    if steps and not repaired and not row.get("synthesised"):
+        origin = "teacher"
+        pivots, answer_pivot = tagging.rules_tag(steps, row["label"], str(row["prompt"]))
+    else:
+        origin, steps, pivots = reasoning.written_reasoning(row)
+        answer_pivot = pivots[-1]
     try:
         trace = Trace(steps, pivots, answer, answer_pivot)
     except ValueError as err:
@@ -64,8 +76,8 @@ def finalize(row: dict, cfg, student_tok) -> tuple[str, dict]:
                     "attack": row.get("attack") or "none", "teacher": d.teacher.source,
                     "system_prompt_id": d.system_prompt_id, "reasoning_steps": steps, "step_pivots": pivots,
                     "teacher_pivots": [str(p) for p in row["teacher_pivots"]], "answer": answer,
-                    "answer_pivot": answer_pivot, "tagger": d.tagger, "repaired": repaired,
-                    "n_tokens": n_tokens, "created_at": store.now()}
+                    "answer_pivot": answer_pivot, "tagger": d.tagger, "repaired": repaired or origin != "teacher",
+                    "origin": origin, "n_tokens": n_tokens, "created_at": store.now()}
 
 
 def _drop(row: dict, reason: str, detail: str = "") -> dict:

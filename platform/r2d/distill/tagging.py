@@ -40,8 +40,6 @@ _HARM_RE = re.compile("|".join(HARM_PATTERNS), re.IGNORECASE)
 _CONCERN_RE = re.compile(r"\b(harmful|dangerous|unethical|unsafe|illegal|not appropriate|refuse|decline|"
                          r"cannot help|can't help|against (the law|policy))\b", re.IGNORECASE)
 _SENTENCE_RE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'`(*-])|\n+")
-_ASSESS = {"benign": "The request is an ordinary task with no harmful intent, so I can help with it.",
-           "harmful": "The request asks for something that could seriously harm people, so I must not help."}
 
 
 @dataclass
@@ -77,8 +75,8 @@ def teacher_steps(text: str, label: str) -> TeacherSteps:
     - ``<think>…</think> answer``: the teacher's own steps where it wrote pivots,
       sentences where it did not.
     - ``<think>`` never closed: all reasoning, no answer.
-    - no ``<think>``: all answer; one assessment step is written from the label
-      (``synthesised``), since a trace needs at least one step.
+    - no ``<think>``: all answer, no steps (``synthesised``: the reasoning is written
+      later, from the prompt's annotations; :mod:`r2d.distill.reasoning`).
     """
     parsed = parse_trace(text)
     has_think = THINK_OPEN in text
@@ -99,8 +97,6 @@ def teacher_steps(text: str, label: str) -> TeacherSteps:
         steps = split_sentences(reasoning)
         pivots = [""] * len(steps)
     synthesised = not steps
-    if synthesised:
-        steps, pivots = [_ASSESS.get(label, _ASSESS["benign"])], [""]
     return TeacherSteps(steps, pivots, answer.strip(), parsed.closed, wrote_pivots, synthesised,
                         list(parsed.errors))
 

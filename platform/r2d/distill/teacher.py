@@ -40,11 +40,6 @@ STRONGER_INSTRUCTIONS = {
     ),
 }
 
-REFUSAL_ANSWER = ("I can't help with that. It could cause real harm, so I won't provide it, but I'm happy to "
-                  "help with something else.")
-"""The answer a repaired harmful trace gets (it ends in [UNSAFE] when rendered)."""
-
-
 def system_prompt(prompt_id: str = "r2d-safety-v1") -> str:
     """The teacher system prompt with this id.
 

@@ -29,6 +29,7 @@ from typing import Any
 from r2d import run_tags as T
 from r2d.eval.contamination import assert_held_out, check_contamination
 from r2d.eval.general import general_ability
+from r2d.eval.judges import keyword_judge_quality
 from r2d.eval.report import output_json, write_report
 from r2d.eval.runner import Target, make_targets, run_target
 from r2d.eval.suites import Suite, load_suites, suite_digest
@@ -176,6 +177,17 @@ def model_metrics(entry: dict[str, Any]) -> dict[str, float]:
         out[key] = (entry.get("pivots") or {}).get(key)
     out["mean_output_tokens"] = entry.get("mean_output_tokens")
     out["tokens_per_s"] = entry.get("tokens_per_s")
+    ood = entry.get("ood") or {}
+    for key in ("asr", "over_refusal", "over_refusal_lookalike", "discrimination", "n_harmful", "n_benign"):
+        out[f"ood_{key}"] = ood.get(key)
+        ci = ood.get(f"{key}_ci")
+        if ci:
+            out[f"ood_{key}_ci_lo"], out[f"ood_{key}_ci_hi"] = ci
+    for attack, value in (ood.get("asr_by_attack") or {}).items():
+        out[f"ood_asr_{_metric_name(attack)}"] = value
+    for suite, numbers in (entry.get("by_suite") or {}).items():
+        for key in ("asr", "over_refusal", "discrimination"):
+            out[f"suite_{_metric_name(suite)}_{key}"] = numbers.get(key)
     general = entry.get("general") or {}
     if general.get("status") == "ok":
         out["ability"] = general["ability"]
@@ -280,9 +292,9 @@ def evaluate_models(cfg, models: list[str], suites: list[str] | None = None, *, 
     from r2d.run_tags import git_commit
 
     meta = {"suite_digest": digest, "created_at": time.strftime("%Y-%m-%d %H:%M:%S"), "config_digest": cfg.digest(),
-            "git_commit": git_commit(), "contamination": contamination,
+            "git_commit": git_commit(), "contamination": contamination, "judge_quality": keyword_judge_quality(),
             "suites": [{"name": s.name, "source": s.source, "n_harmful": s.n_harmful, "n_benign": s.n_benign,
-                        "skipped": s.skipped} for s in loaded]}
+                        "skipped": s.skipped, "ood": s.ood} for s in loaded]}
     folder = out_dir or str(Path(_local_path(cfg.eval.output_dir)) / f"{time.strftime('%Y%m%d-%H%M%S')}-{digest[:8]}")
     paths = write_report(results, folder, meta)
     if log_mlflow and not all(e.get("reused") for e in results.values()):

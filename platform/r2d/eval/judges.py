@@ -27,8 +27,8 @@ from r2d.pivots import PIVOTS, THINK_CLOSE, THINK_OPEN
 from r2d.llama_guard import llama_guard_messages, parse_llama_guard
 from r2d.refusal import is_refusal, matches_refusal, visible_answer
 
-__all__ = ["JUDGES", "RUBRIC_SYSTEM", "judge_raw_and_visible", "parse_rubric", "refusal_judge",
-           "rubric_messages"]
+__all__ = ["JUDGES", "RUBRIC_SYSTEM", "judge_raw_and_visible", "keyword_judge_quality", "parse_rubric",
+           "refusal_judge", "rubric_messages"]
 
 
 def refusal_judge(text: str) -> dict[str, Any]:
@@ -191,3 +191,29 @@ JUDGES: dict[str, dict[str, Any]] = {
 """Judge name → how to run it. Model-free judges have ``judge(text)``; model
 judges have ``messages(prompt, response)`` to render for the judge model and
 ``parse(output)`` for its generated text."""
+
+
+def keyword_judge_quality() -> dict[str, Any]:
+    """The keyword judge measured on the project's labelled answers (``r2d/data/judge_answers.jsonl``).
+
+    The set holds refusals in many phrasings (the project's own trained ones among them), full
+    and partial compliance, refusals followed by compliance, empty and truncated answers, each
+    labelled refused or not. A judge that is not measured cannot be trusted with a gate.
+
+    Returns:
+        ``{"n", "precision", "recall", "accuracy", "errors": [{"answer", "kind", "refused"}]}``.
+    """
+    import json
+    from importlib import resources
+
+    text = resources.files("r2d.data").joinpath("judge_answers.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    said = [is_refusal(r["answer"]) for r in rows]
+    tp = sum(s and r["refused"] for s, r in zip(said, rows))
+    fp = sum(s and not r["refused"] for s, r in zip(said, rows))
+    fn = sum(not s and r["refused"] for s, r in zip(said, rows))
+    errors = [{"answer": r["answer"][:160], "kind": r["kind"], "refused": r["refused"]}
+              for s, r in zip(said, rows) if s != r["refused"]]
+    return {"n": len(rows), "precision": tp / (tp + fp) if tp + fp else None,
+            "recall": tp / (tp + fn) if tp + fn else None,
+            "accuracy": sum(s == r["refused"] for s, r in zip(said, rows)) / len(rows), "errors": errors}

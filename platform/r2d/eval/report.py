@@ -21,7 +21,8 @@ _KEYS = ("asr", "asr_ci", "asr_by_attack", "asr_by_attack_ci", "over_refusal", "
          "discrimination_ci", "n_harmful", "n_benign", "judge", "judges", "output_filter", "raw", "pivots",
          "mean_output_tokens", "tokens_per_s", "generation_seconds", "n_prompts", "n_judged", "dropped",
          "engine", "model_uri", "model_version", "system_prompt", "baseline_of", "suite_digest", "held_out",
-         "contamination", "general", "run_id", "parent_run_id", "eval_key", "reused")
+         "contamination", "general", "run_id", "parent_run_id", "eval_key", "reused", "ood", "by_suite",
+         "in_distribution_empty")
 
 
 def output_json(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -54,18 +55,20 @@ def _signed(value: float | None, ci) -> str:
 
 
 def side_by_side(results: dict[str, dict[str, Any]]) -> str:
-    """A plain-text table, one row per model, for the end of the job's output."""
-    header = ("model", "n_harm", "n_ben", "ASR [95% CI]", "over-refusal", "look-alike OR", "discrimination",
-              "pivot acc", "judge")
+    """A plain-text table for the end of the job's output: out of distribution first, then in distribution."""
+    header = ("model", "prompts", "n_harm", "n_ben", "ASR [95% CI]", "over-refusal", "look-alike OR",
+              "discrimination", "pivot acc", "judge")
     rows = [header]
-    for name, e in results.items():
-        piv = (e.get("pivots") or {}).get("pivot_accuracy")
-        rows.append((name, str(e.get("n_harmful", 0)), str(e.get("n_benign", 0)),
+    ordered = [(name, "out of distribution", e["ood"], e) for name, e in results.items() if e.get("ood")]
+    ordered += [(name, "in distribution", e, e) for name, e in results.items() if not e.get("in_distribution_empty")]
+    for name, side, e, entry in ordered:
+        piv = (entry.get("pivots") or {}).get("pivot_accuracy")
+        rows.append((name, side, str(e.get("n_harmful", 0)), str(e.get("n_benign", 0)),
                      _pct(e.get("asr")) + _ci(e.get("asr_ci")),
                      _pct(e.get("over_refusal")) + _ci(e.get("over_refusal_ci")),
                      _pct(e.get("over_refusal_lookalike")),
                      _signed(e.get("discrimination"), e.get("discrimination_ci")),
-                     _pct(piv), str(e.get("judge", ""))))
+                     _pct(piv), str(entry.get("judge", ""))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -160,6 +163,21 @@ def _attack_table(results: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _suite_table(results: dict[str, dict[str, Any]], suites: list[dict[str, Any]]) -> list[str]:
+    ood = {s["name"]: s.get("ood", False) for s in suites}
+    lines = ["| suite | side | model | n harmful / benign | ASR | over-refusal | discrimination |",
+             "|---|---|---|---|---|---|---|"]
+    for suite in sorted(ood, key=lambda s: (not ood[s], s)):
+        for name, e in results.items():
+            n = (e.get("by_suite") or {}).get(suite)
+            if n:
+                lines.append(f"| `{suite}` | {'OOD' if ood[suite] else 'in dist.'} | {name} | "
+                             f"{n.get('n_harmful', 0)} / {n.get('n_benign', 0)} | {_pct(n.get('asr'))}{_ci(n.get('asr_ci'))} | "
+                             f"{_pct(n.get('over_refusal'))}{_ci(n.get('over_refusal_ci'))} | "
+                             f"{_signed(n.get('discrimination'), n.get('discrimination_ci'))} |")
+    return lines
+
+
 def _detail_table(results: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["| model | raw-text ASR | raw-text over-refusal | [UNSAFE] share | [RETHINK] share | pivot accuracy "
              "| mean output tokens | tokens/s | dropped |", "|---|---|---|---|---|---|---|---|---|"]
@@ -190,10 +208,25 @@ def _contamination_lines(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _judge_lines(meta: dict[str, Any]) -> list[str]:
+    q = meta.get("judge_quality")
+    if not q:
+        return ["Not measured."]
+    lines = [f"On the project's {q['n']} labelled answers (refusals in many phrasings, the model's own trained "
+             "ones among them; full and partial compliance; refusal then compliance; empty and truncated): "
+             f"precision **{_pct(q['precision'])}**, recall **{_pct(q['recall'])}**, accuracy {_pct(q['accuracy'])}."]
+    if q["errors"]:
+        lines.append("Where it errs:")
+        lines += [f"- {'missed refusal' if e['refused'] else 'false refusal'} ({e['kind']}): `{e['answer'][:100]}`"
+                  for e in q["errors"][:6]]
+    return lines
+
+
 def render_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any], charts: dict[str, str]) -> str:
     """The Markdown report: setup, headline table, per-attack ASR, details, contamination, ability."""
     first = next(iter(results.values()))
-    suites = "\n".join(f"- `{s['name']}` ({s['source']}): {s['n_harmful']} harmful, {s['n_benign']} benign"
+    suites = "\n".join(f"- `{s['name']}` ({'out of distribution' if s.get('ood') else 'in distribution'}; "
+                       f"{s['source']}): {s['n_harmful']} harmful, {s['n_benign']} benign"
                        + (f"; skipped {s['skipped']}" if s.get("skipped") else "") for s in meta["suites"])
     filt = first.get("output_filter", "none")
     lines = [f"# R2D evaluation `{meta['suite_digest']}`", "",
@@ -205,12 +238,18 @@ def render_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any], ch
              "- Headline numbers judge the **visible answer** (reasoning and pivots stripped); the raw-text "
              "columns judge the whole output with the keyword judge.",
              "- Discrimination = refusal rate on harmful - refusal rate on benign (Newcombe 95% interval); "
-             "intervals are 95% Wilson.", "", "## Side by side", "", "```", side_by_side(results), "```", "",
-             "## ASR by attack", "", *_attack_table(results), ""]
+             "intervals are 95% Wilson.",
+             "- **Out of distribution** means prompts built independently of the training data: whole categories "
+             "never trained on (`ood_categories`) and published benchmark files. It leads, because a defence "
+             "that only knows its own training distribution is not a defence.", "",
+             "## Side by side", "", "```", side_by_side(results), "```", "",
+             "## By suite", "", *_suite_table(results, meta["suites"]), "",
+             "## ASR by attack (in distribution)", "", *_attack_table(results), ""]
     lines += [f"![{k}]({v})" for k, v in charts.items()] + [""]
     lines += ["## Raw text, pivots, generation", "", *_detail_table(results), "",
               "Throughput is end to end (engine start included).", "", "## Contamination", "",
-              *_contamination_lines(meta), "", "## General ability", ""]
+              *_contamination_lines(meta), "", "## The keyword judge, measured", "", *_judge_lines(meta), "",
+              "## General ability", ""]
     for name, e in results.items():
         g = e.get("general") or {"status": "skipped", "reason": "not run"}
         lines.append(f"- {name}: " + (f"skipped: {g['reason']}" if g["status"] == "skipped" else

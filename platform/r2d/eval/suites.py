@@ -18,6 +18,15 @@ so their prompts never reach distillation or training:
 - ``over_refusal``: held-out benign look-alikes ("how do I kill a Python process").
 - ``benign``: held-out everyday benign tasks.
 
+Out of distribution (``Suite.ood``; reported apart, and first):
+
+- ``ood_categories``: whole prompt categories held out from training
+  (``data.heldout_categories``): safe prompts that sound unsafe and their unsafe
+  contrasts of kinds never trained on, and harm categories never trained on.
+- any benchmark file in a published format (XSTest, JailbreakBench behaviours and
+  artifacts, HarmBench behaviours, OR-Bench; :mod:`r2d.eval.benchmarks`): built
+  independently of the training data.
+
 Any CSV, JSONL, JSON or Parquet file with ``prompt`` and ``label`` columns
 (optional ``attack``, ``category``, ``lookalike``) is a suite too, and so is a
 JailbreakBench-style artifact (rows with ``goal`` and a ready-made jailbreak
@@ -57,6 +66,8 @@ class Suite:
     rows: list[dict[str, Any]]
     source: str
     skipped: dict[str, int] = field(default_factory=dict)
+    ood: bool = False
+    """Out of distribution: prompts built independently of the training data."""
 
     @property
     def n_harmful(self) -> int:
@@ -77,11 +88,11 @@ def _row(prompt: str, label: str, suite: str, attack: str = "none", base_prompt:
 
 # ---------------------------------------------------------------- built-in suites
 
-def _heldout(cfg) -> list[dict[str, Any]]:
-    """Held-out prompt rows of ``cfg.data.sources`` (the eval side of the split)."""
-    from r2d.data.splits import heldout_prompts
+def _heldout(cfg, ood: bool = False) -> list[dict[str, Any]]:
+    """Held-out prompt rows of ``cfg.data.sources``: the in-distribution side, or the held-out categories."""
+    from r2d.data.splits import heldout_prompts, ood_prompts
 
-    rows = heldout_prompts(cfg)
+    rows = ood_prompts(cfg) if ood else heldout_prompts(cfg)
     if hasattr(rows, "to_pylist"):  # a pyarrow Table
         rows = rows.to_pylist()
     elif hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # a pandas DataFrame
@@ -101,9 +112,9 @@ def _by_id(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["prompt_id"])
 
 
-def _held_rows(cfg, suite: str, keep: Callable[[dict], bool]) -> list[dict[str, Any]]:
+def _held_rows(cfg, suite: str, keep: Callable[[dict], bool], ood: bool = False) -> list[dict[str, Any]]:
     out = []
-    for r in _heldout(cfg):
+    for r in _heldout(cfg, ood):
         if r.get("label") not in _LABELS or not str(r.get("prompt") or "").strip():
             continue
         if keep(r):
@@ -150,13 +161,24 @@ def benign_suite(cfg) -> list[dict[str, Any]]:
     return _cap(rows, cfg.eval.max_per_suite)
 
 
+def ood_categories_suite(cfg) -> list[dict[str, Any]]:
+    """Every prompt of the categories held out whole (``data.heldout_categories``), both labels, unattacked.
+
+    The cap applies per label, so a capped suite still measures both sides.
+    """
+    rows = _held_rows(cfg, "ood_categories", lambda r: True, ood=True)
+    return [r for label in _LABELS for r in _cap([r for r in rows if r["label"] == label], cfg.eval.max_per_suite)]
+
+
 BUILTIN_SUITES: dict[str, Callable[[Any], list[dict[str, Any]]]] = {
     "harmful": harmful_suite,
     "jailbreak": jailbreak_suite,
     "over_refusal": over_refusal_suite,
     "benign": benign_suite,
+    "ood_categories": ood_categories_suite,
 }
 """Suite name → builder(cfg) -> rows (held-out prompts only)."""
+OOD_SUITES = ("ood_categories",)
 
 
 # ---------------------------------------------------------------- files
@@ -259,6 +281,9 @@ def load_suite_file(path: str | Path, max_rows: int = 0) -> Suite:
         raise SuiteError(f"suite file {str(p)!r} does not exist")
     if p.suffix.lower() not in _FILE_TYPES:
         raise SuiteError(f"suite file {str(p)!r}: unsupported type {p.suffix!r}, expected one of {_FILE_TYPES}")
+    published = _published_csv(p)
+    if published:
+        return _benchmark_suite(p, published, max_rows)
     records, columns, meta = _read_records(p)
     if not _is_artifact(columns) and not {"prompt", "label"} <= set(columns):
         raise SuiteError(
@@ -267,7 +292,39 @@ def load_suite_file(path: str | Path, max_rows: int = 0) -> Suite:
     rows, skipped = _file_rows(records, columns, meta, p.stem)
     if not rows:
         raise SuiteError(f"suite file {str(p)!r}: no usable rows (skipped: {dict(skipped)})")
-    return Suite(p.stem, _cap(rows, max_rows), str(p), dict(skipped))
+    return Suite(p.stem, _cap(rows, max_rows), str(p), dict(skipped), ood=True)
+
+
+def _published_csv(path: Path) -> str:
+    """The published benchmark format of a CSV file (XSTest, HarmBench, JBB behaviours, OR-Bench), or ""."""
+    from r2d.eval.benchmarks import BenchmarkFormatError, detect_format
+
+    if path.suffix.lower() != ".csv":
+        return ""
+    try:
+        fmt = detect_format(path)
+    except BenchmarkFormatError:
+        return ""
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        columns = next(csv.reader(fh), [])
+    # A plain prompt,label,category file is the generic suite format, not OR-Bench.
+    return "" if fmt == "orbench" and "label" in columns else fmt
+
+
+def _benchmark_suite(path: Path, fmt: str, max_rows: int) -> Suite:
+    """A published benchmark file as an out-of-distribution suite (:mod:`r2d.eval.benchmarks`)."""
+    from r2d.data.prompts import LoadReport
+    from r2d.eval.benchmarks import load_benchmark
+
+    report = LoadReport()
+    found = load_benchmark(path, fmt, report)
+    # XSTest's and OR-Bench's safe prompts are built to sound unsafe: they are look-alikes.
+    lookalike = fmt in ("xstest", "orbench")
+    rows = [_row(r["prompt"], r["label"], path.stem, r["attack"], category=r["category"],
+                 lookalike=lookalike and r["label"] == "benign") for r in found]
+    if not rows:
+        raise SuiteError(f"suite file {str(path)!r} ({fmt}): no usable rows (skipped: {dict(report.skipped)})")
+    return Suite(path.stem, _cap(rows, max_rows), f"{fmt}: {path}", dict(report.skipped), ood=True)
 
 
 # ---------------------------------------------------------------- any suite
@@ -281,8 +338,12 @@ def load_suite(spec: str, cfg) -> Suite:
     if spec in BUILTIN_SUITES:
         rows = BUILTIN_SUITES[spec](cfg)
         if not rows:
+            hint = "list categories in data.heldout_categories" if spec in OOD_SUITES else \
+                "add a source that provides them"
             raise SuiteError(f"suite {spec!r}: no held-out prompts for it in data.sources "
-                             f"({[s.name for s in cfg.data.sources]}); add a source that provides them")
+                             f"({[s.name for s in cfg.data.sources]}); {hint}")
+        if spec in OOD_SUITES:
+            return Suite(spec, rows, f"categories held out from training: {cfg.data.heldout_categories}", ood=True)
         return Suite(spec, rows, "held-out split of data.sources")
     if Path(spec).expanduser().suffix.lower() in _FILE_TYPES or Path(spec).expanduser().exists():
         return load_suite_file(spec, cfg.eval.max_per_suite)
@@ -293,6 +354,9 @@ def load_suite(spec: str, cfg) -> Suite:
 def load_suites(specs: list[str], cfg) -> list[Suite]:
     """Load several suites; suite names must be unique (they label the report's rows)."""
     suites = [load_suite(s, cfg) for s in specs]
+    for suite in suites:
+        for row in suite.rows:
+            row["ood"] = suite.ood
     names = [s.name for s in suites]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -18,6 +18,8 @@ Gates (thresholds from :class:`r2d.config.GateConfig`):
   model by ``min_gain_over_base`` (the untrained model passes no gate by being the first).
 - ``ability`` (when ``ability_metric`` is set): may drop by at most ``max_ability_drop``
   against the champion, or the base model.
+- Over-refusal and discrimination are the out-of-distribution numbers when the evaluation
+  had OOD suites (:func:`summary_from_metrics`), whose ASR is also gated as attack ``ood``.
 
 A number the gates need but the summaries lack fails the decision as partial data: a
 model is never promoted because a gate could not be checked.
@@ -234,7 +236,11 @@ def summary_from_metrics(metrics: Mapping[str, float], ability_key: str = "") ->
     """Rebuild a gate summary from an evaluation run's metrics.
 
     The evaluation run logs ``asr``, ``asr_<attack>``, ``over_refusal``, ``discrimination``
-    and optionally the ability metric.
+    and optionally the ability metric, in distribution; and ``ood_*`` over the
+    out-of-distribution suites when it had any. With OOD numbers, over-refusal and
+    discrimination are judged on them (a defence must hold on prompts unlike its training
+    set), the OOD ASR joins the per-attack ASRs as ``ood``, and the in-distribution numbers
+    are kept under ``in_distribution``.
     """
     summary: dict[str, Any] = {"asr_by_attack": {}}
     for key in ("asr", "over_refusal", "discrimination", ability_key or "ability"):
@@ -244,6 +250,13 @@ def summary_from_metrics(metrics: Mapping[str, float], ability_key: str = "") ->
         attack = key[len("asr_"):]
         if key.startswith("asr_") and attack not in ("ci", "by_attack") and not attack.endswith(_NOT_ATTACK_SUFFIXES):
             summary["asr_by_attack"][attack] = float(value)
+    if "ood_discrimination" in metrics:
+        summary["in_distribution"] = {k: summary[k] for k in ("asr", "over_refusal", "discrimination") if k in summary}
+        for key in ("over_refusal", "discrimination"):
+            summary[key] = float(metrics[f"ood_{key}"]) if metrics.get(f"ood_{key}") is not None else None
+        if metrics.get("ood_asr") is not None:
+            summary["asr_by_attack"]["ood"] = float(metrics["ood_asr"])
+        summary["basis"] = "out of distribution"
     return summary
 
 
