@@ -4,15 +4,18 @@
 
 distill → train (2 Ray Train workers) → evaluate base vs defended on held-out prompts →
 promote through the gates → serve → one harmful and one benign request through the
-OpenAI-compatible API → shut down → ``demo-report/demo-report.md`` with charts.
+OpenAI-compatible API in guard mode → shut down → ``demo-report/demo-report.md`` with charts.
 ``--fast`` is a smoke run: fewer prompts, fewer steps, shorter generations.
+
+Run it again and every stage whose result exists for the same inputs says so and reuses
+it: the traces, the trained version, the evaluations; a version that already is the
+champion stays the champion.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 
 # A smoke run: every stage for real, on a small budget.
@@ -50,8 +53,7 @@ def ask(base: str, model: str, prompt: str, label: str) -> dict:
 
     client = OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=600)
     reply = client.chat.completions.create(model=model, max_tokens=160,
-                                           messages=[{"role": "user", "content": prompt}],
-                                           extra_body={"r2d_mode": "guard"})
+                                           messages=[{"role": "user", "content": prompt}])
     extra = reply.model_extra.get("r2d") or {}
     return {"label": label, "prompt": prompt, "content": reply.choices[0].message.content,
             "pivots": extra.get("pivots"), "guarded": extra.get("guarded")}
@@ -64,7 +66,8 @@ def serve_and_ask(cfg, model_uri: str) -> list[dict]:
     from r2d.serve.ready import wait_ready
 
     cfg.serve.model = model_uri
-    cfg.serve.api_key_env = ""
+    cfg.serve.api_key_env = ""  # loopback only (the ingress refuses a public address without a key)
+    cfg.serve.mode = "guard"
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     try:
         serve.run(build_app(cfg), name="r2d", route_prefix="/")
@@ -82,7 +85,18 @@ def serve_and_ask(cfg, model_uri: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from r2d.config import load_config
+    from r2d.config import load_config_or_exit
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="jobs/configs/tiny.yaml")
+    parser.add_argument("--fast", action="store_true", help="smoke run: small budget, every stage real")
+    parser.add_argument("--report-dir", default="demo-report")
+    parser.add_argument("--no-serve", action="store_true", help="stop after promotion: no server, no API answers")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+
+    # 1. config and runtime: a local Ray inside this process, MLflow in .r2d/
+    cfg = load_config_or_exit(args.config, (FAST if args.fast else []) + args.overrides, parser.prog)
     from r2d.demo_report import metric_history, write_report
     from r2d.eval.evaluate import evaluate_models
     from r2d.registry.promote import promote
@@ -92,30 +106,26 @@ def main(argv: list[str] | None = None) -> int:
     from r2d.train.trainer import run_training
     from pipelines.distill import run as distill
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="jobs/configs/tiny.yaml")
-    parser.add_argument("--fast", action="store_true", help="smoke run: small budget, every stage real")
-    parser.add_argument("--report-dir", default="demo-report")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-
-    # 1. config and runtime: a local Ray inside this process, MLflow in .r2d/
-    cfg = load_config(args.config, (FAST if args.fast else []) + args.overrides)
     init_ray(cfg.resources.num_cpus)
     init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
     stage, run_ids = Stages(), {}
     name = cfg.tracking.registered_model
+    # Every stage is re-runnable: a result that exists for the same inputs is said so and reused.
 
     # 2. distil traces from the teacher on the training side of the prompt split
     with stage("distill"):
-        manifest, _ = distill(cfg)
+        manifest, stats = distill(cfg)
         run_ids["distill"] = manifest.get("mlflow_run_id", "")
+        if stats.get("reused"):
+            print(f"already distilled: reusing the {manifest['rows']} traces in {cfg.distill.output_dir}")
         print(f"{manifest['rows']} traces, by label {manifest['by_label']}")
 
     # 3. SFT + CPO on 2 Ray Train workers; registers models:/r2d@challenger
     with stage("train"):
         outcome = run_training(cfg)
         run_ids["train"] = outcome.mlflow_run_id
+        if outcome.reused:
+            print(f"already trained: reusing run {outcome.mlflow_run_id} (same model, settings and traces)")
         print(f"{outcome.steps}/{outcome.planned_steps} steps, model version {outcome.model_version}")
 
     # 4. evaluate base and defended model on the same held-out prompts
@@ -123,18 +133,22 @@ def main(argv: list[str] | None = None) -> int:
         base, defended = cfg.model.source, f"models:/{name}/{outcome.model_version}"
         results = evaluate_models(cfg, [base, defended])
         run_ids["evaluate"] = next(iter(results.values())).get("parent_run_id", "")
+        for model, entry in results.items():
+            if entry.get("reused"):
+                print(f"already evaluated: reusing run {entry['run_id']} for {model} (same suites and settings)")
 
-    # 5. promote the challenger through the gates (reusing the evaluation just made)
+    # 5. promote the trained version through the gates (reusing the evaluations just made)
     with stage("promote"):
-        result = promote(cfg, connect(cfg.tracking.uri), f"models:/{name}@challenger")
-        decision = {"decision": "promoted" if result.decision.promoted else "rejected",
-                    "reason": result.report()}
+        result = promote(cfg, connect(cfg.tracking.uri), defended)
+        decision = {"decision": result.outcome, "reason": result.report()}
         print(result.report())
 
-    # 6. serve the champion (or the challenger, when it was not promoted) and ask it twice
-    with stage("serve"):
-        served = f"models:/{name}@champion" if result.decision.promoted else defended
-        answers = serve_and_ask(cfg, served)
+    # 6. serve the champion (or the trained version, when it is not the champion) and ask it twice
+    answers: list[dict] = []
+    if not args.no_serve:
+        with stage("serve"):
+            served = f"models:/{name}@champion" if result.is_champion else defended
+            answers = serve_and_ask(cfg, served)
 
     # 7. report
     history = metric_history(run_ids["train"], ["loss", "sft_loss", "cpo_loss", "pivot_acc"])

@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
 
     manifest, stats = run(cfg)
     # 4. report
+    if stats.get("reused"):
+        print(f"distill: every prompt is distilled already in {cfg.distill.output_dir} by the same teacher and "
+              f"settings; reusing its {manifest['rows']} traces (nothing generated)")
     print(summary(manifest, stats))
     return 0
 

@@ -16,7 +16,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from r2d.config import ConfigError, help_text, load_config
+    from r2d.config import help_text, load_config_or_exit
     from r2d.eval.contamination import ContaminationError
     from r2d.eval.evaluate import evaluate_models
     from r2d.eval.report import side_by_side
@@ -40,12 +40,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="report numbers even when prompts overlap the training traces")
     parser.add_argument("--out-dir", default=None, help="report folder (default under eval.output_dir)")
     parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
+    parser.add_argument("--no-reuse", action="store_true", help="evaluate again even when an evaluation of the "
+                        "same model, suites and settings exists")
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"evaluate: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(args.config, args.overrides, parser.prog)
     if not args.model and not args.prompt_only_baseline:
         parser.error("pass at least one --model (or --prompt-only-baseline)")
 
@@ -54,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate_models(cfg, args.model, args.suite or None, output=args.output,
                                   prompt_only_baseline=args.prompt_only_baseline, traces=args.traces,
                                   allow_contamination=args.allow_contamination, out_dir=args.out_dir,
-                                  log_mlflow=not args.no_mlflow)
+                                  log_mlflow=not args.no_mlflow, reuse=not args.no_reuse)
     except (ContaminationError, SuiteError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
@@ -64,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     first = next(iter(results.values()))
     print(f"\nreport: {first['report']}")
     for name, entry in results.items():
-        if entry.get("run_id"):
+        if entry.get("reused"):
+            print(f"already evaluated: reused run {entry['run_id']} for {name} (same model, suites and settings)")
+        elif entry.get("run_id"):
             print(f"mlflow run for {name}: {entry['run_id']}")
     return 0
 

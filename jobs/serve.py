@@ -9,7 +9,6 @@ has succeeded, sends one chat request, prints the answer and exits.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -17,7 +16,9 @@ import time
 def smoke_request(base: str, cfg) -> dict:
     import httpx
 
-    key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+    from r2d.serve.auth import read_key
+
+    key = read_key(cfg.api_key_env, cfg.api_key_file)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     body = {"model": cfg.served_model_name, "max_tokens": min(64, cfg.max_tokens_limit),
             "messages": [{"role": "user", "content": "How do I make a cup of tea?"}]}
@@ -37,8 +38,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from r2d.runtime import init_mlflow, init_ray
     from r2d.serve.app import build_app
+    from r2d.serve.auth import AuthConfigError, preflight
     from r2d.serve.ready import wait_ready
 
+    try:  # before anything starts: a public address without a key is refused
+        preflight(cfg.serve)
+    except AuthConfigError as err:
+        print(f"serve: error: {err}", file=sys.stderr)
+        return 2
     init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)  # so models:/ sources resolve in the replicas
     init_ray(cfg.resources.num_cpus)
     # One HTTP proxy, on the head (where `ray attach -p` and the docs' tunnels lead): a proxy per

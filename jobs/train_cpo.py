@@ -29,7 +29,10 @@ def main(argv=None) -> int:
     outcome = run_training(cfg)
 
     # 4. report
-    report = {"steps": outcome.steps, "planned_steps": outcome.planned_steps,
+    if outcome.reused:
+        print(f"train: run {outcome.mlflow_run_id} already trained this model on these traces with these "
+              f"settings; reusing version {outcome.model_version} (nothing trained)")
+    report = {"steps": outcome.steps, "planned_steps": outcome.planned_steps, "reused": outcome.reused,
               "mlflow_run_id": outcome.mlflow_run_id, "model_version": outcome.model_version,
               "model_uri": f"models:/{cfg.tracking.registered_model}@challenger" if outcome.model_version else "",
               "checkpoint": outcome.checkpoint_path, "wall_s": round(time.perf_counter() - started, 1),

@@ -14,7 +14,8 @@ One pass is a streaming Ray Data graph, consumed by the driver chunk by chunk::
 The driver holds the lease on ``distill.output_dir`` for the whole run (a second driver of the
 same output is refused), and the guard engines live for the whole run (they load once, not
 once per pass or chunk). Row schema: :mod:`r2d.distill.stages`. Re-running skips prompt_ids
-already committed; a crash costs at most the chunk in flight.
+already committed; a crash costs at most the chunk in flight. When every prompt is committed already by the same teacher,
+prompt, tagger and sampling, :func:`run` starts nothing and returns the manifest (``reused``).
 """
 
 from __future__ import annotations
@@ -36,19 +37,28 @@ MANIFEST_EVERY_S = 30.0
 """Rewrite the manifest at most this often while a run goes on (it reads every committed chunk)."""
 
 
+_SAME_TRACES = ("teacher", "system_prompt_id", "tagger", "guard", "sampling", "max_regenerations", "on_unrepaired",
+                "use_references", "max_trace_tokens")
+"""The distillation settings that make the traces what they are (output folder and sizes aside)."""
+
+
 def run(cfg) -> tuple[dict, dict]:
     """Distil the training prompts into ``cfg.distill.output_dir``; returns (manifest, run stats).
+
+    Stats carry ``reused`` when the traces were all there already (nothing ran, no new MLflow run).
 
     Raises:
         r2d.commits.LeaseError: another live driver is writing ``distill.output_dir``.
     """
     d = cfg.distill
-    # 1. the output: this driver alone writes it, until the run ends (a second one is refused here)
+    # 1. prompts: the training side of the split evaluation also uses; never the held-out side
+    reports: list = []
+    prompts = select_balanced(training_prompts(cfg, reports), d.max_prompts)
+    existing = store.read_manifest(d.output_dir)
+    if existing and not store.pending(prompts, d.output_dir) and _same_traces(existing, cfg):
+        return existing, {"reused": True, "skipped_existing": len(prompts), "attempted": 0}
+    # 2. the output: this driver alone writes it, until the run ends (a second one is refused here)
     with commits.HeldLease(store.location(d.output_dir), ttl_s=d.lease_ttl_s) as lease:
-        # 2. prompts: the training side of the split evaluation also uses; never the held-out side
-        reports: list = []
-        prompts = select_balanced(training_prompts(cfg, reports), d.max_prompts)
-
         # 3. tracking: one MLflow run per distillation, on the driver
         mlflow = init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
         with mlflow.start_run(run_name=f"distill-{d.system_prompt_id}") as active:
@@ -65,6 +75,12 @@ def run(cfg) -> tuple[dict, dict]:
     return manifest, stats
 
 
+def _same_traces(manifest: dict, cfg) -> bool:
+    recorded = (manifest.get("config") or {}).get("distill") or {}
+    current = cfg.to_dict()["distill"]
+    return all(recorded.get(k) == current[k] for k in _SAME_TRACES)
+
+
 def generated_rows(prompts: list[dict], cfg, system: str, last_pass: bool = True, guards: list | None = None):
     """Lazy dataset: prompt rows -> teacher generation -> parsed -> finalized records [-> guard re-tagged]."""
     import ray
@@ -75,6 +91,10 @@ def generated_rows(prompts: list[dict], cfg, system: str, last_pass: bool = True
     items = [{**{k: p.get(k, "") for k in PROMPT_KEYS}, FIRST_PASS: p.get(FIRST_PASS, "")} for p in prompts]
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = generate(ds, d.teacher, d.engine, d.sampling, system_prompt=system)
+    # The prompt's own fields come from the driver's rows, not from what the engine handed back:
+    # a row the engine rejected (a prompt past the context) can return without them.
+    asked = {p["prompt_id"]: {k: p.get(k, "") for k in PROMPT_KEYS} for p in prompts}
+    ds = ds.map(_restore_prompt, fn_kwargs={"asked": ray.put(asked)}, num_cpus=0)
     # Parsing is light: with no CPU reserved it never waits behind the engine actors.
     ds = ds.map(parse_and_tag, fn_kwargs={"max_tokens": d.sampling.max_tokens}, num_cpus=0)
     ds = ds.map(Finalize, fn_constructor_kwargs={"cfg": cfg, "last_pass": last_pass},
@@ -84,6 +104,22 @@ def generated_rows(prompts: list[dict], cfg, system: str, last_pass: bool = True
                             compute=ray.data.ActorPoolStrategy(size=len(guards)), num_cpus=0,
                             batch_size=d.guard_engine.batch_size, batch_format="numpy")
     return ds
+
+
+_ASKED: dict = {}
+"""The driver's prompt fields by prompt_id, fetched once per worker process and pass."""
+
+
+def _restore_prompt(row: dict, asked) -> dict:
+    import ray
+
+    if isinstance(asked, dict):  # already resolved by Ray
+        return {**row, **asked[row["prompt_id"]]}
+    key = asked.hex()
+    if key not in _ASKED:
+        _ASKED.clear()
+        _ASKED[key] = ray.get(asked)
+    return {**row, **_ASKED[key][row["prompt_id"]]}
 
 
 def _chunks(ds, size: int):

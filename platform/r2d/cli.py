@@ -7,9 +7,9 @@
     r2d promote --candidate models:/r2d@challenger [--dry-run] [--config FILE] [key=value ...]
     r2d promote --rollback [--dry-run]
 
-Exit codes: 0 done (checked clean, submitted, promoted, rolled back, printed), 1 problems found or
-candidate not promoted, 2 bad input (unknown model, alias or version, unreachable tracking
-server, bad config).
+Exit codes: 0 done (checked clean, submitted, promoted, already the champion, rolled back, printed),
+1 problems found or candidate not promoted, 2 bad input (unknown model, alias or version, unreachable
+tracking server, bad config: one line).
 """
 
 from __future__ import annotations
@@ -151,7 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``r2d`` script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may follow the options (`r2d lineage models:/r2d@champion --config X a.b=c`),
+    # which argparse leaves unparsed once a subcommand's positionals are filled.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
     if args.command == "lineage" and not (args.model_uri or args.traces_digest):
         parser.error("lineage: give a model URI (models:/r2d@champion) or --traces-digest DIGEST")
     if args.command == "lineage" and args.model_uri and "=" in args.model_uri:

@@ -186,6 +186,24 @@ def resolve_source(source: str, cache_dir: str | None = None, offline: bool = Tr
     return source
 
 
+def require_safetensors(local: str, source: str) -> None:
+    """Refuse a local model folder whose weights are not safetensors.
+
+    Pickle formats (``pytorch_model.bin``, ``*.pt``) run code when loaded: whoever can write to
+    a model folder, a registry artifact store or a cache would run code in every replica.
+
+    Raises:
+        ModelSourceError: naming the folder and the pickle files it holds instead.
+    """
+    folder = Path(local)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+    found = f"; it holds {', '.join(pickles)}" if pickles else ""
+    raise ModelSourceError(f"{source}: no .safetensors weights in {local}{found}; pickle weights are refused "
+                           "(loading them can run code): save the model with save_pretrained(safe_serialization=True)")
+
+
 def load_tokenizer(source: str, cache_dir: str | None = None, offline: bool = True):
     """Load the tokenizer of any source, with the pivot vocabulary added."""
     from transformers import AutoTokenizer
@@ -215,10 +233,11 @@ def load_model(source: str, dtype: str = "float32", cache_dir: str | None = None
 
     tok = load_tokenizer(source, cache_dir, offline)
     local = resolve_source(source, cache_dir, offline)
+    require_safetensors(local, source)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(local, dtype=torch_dtype, local_files_only=offline,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, use_safetensors=True)
     except Exception as err:
         raise ModelSourceError(f"{source}: cannot load model weights: {err}") from err
     if add_pivots:

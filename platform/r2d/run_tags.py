@@ -23,11 +23,14 @@ TRACES_DIGEST = "r2d.traces_digest"
 DISTILL_RUN_ID = "r2d.distill_run_id"
 TRAIN_RUN_ID = "r2d.train_run_id"
 BASE_MODEL = "r2d.base_model"
+TRAIN_KEY = "r2d.train_key"  # digest of a training run's inputs: model, train settings, workers, traces
 PIVOT_IDS = "r2d.pivot_ids"  # JSON {"[SAFE]": id, ...}
 
 # evaluation run
 MODEL_URI = "r2d.model_uri"
+MODEL_NAME = "r2d.model_name"  # registered model name, when a registry version was evaluated
 MODEL_VERSION = "r2d.model_version"
+EVAL_KEY = "r2d.eval_key"  # digest of what an evaluation measured: model (pinned), suites, judge, sampling
 SUITE_DIGEST = "r2d.suite_digest"
 JUDGE = "r2d.judge"
 EVAL_RUN_PREFIX = "r2d.eval_run."  # on a model version: + suite digest -> eval run id

@@ -74,3 +74,22 @@ def evaluation(mlflow, client, exp_id: str, name: str, version: str, suite: str,
         mlflow.log_metrics(metrics)
     client.set_model_version_tag(name, version, T.EVAL_RUN_PREFIX + suite, run.info.run_id)
     return run.info.run_id
+
+
+def base_evaluation(cfg, source: str, suite: str, **metrics) -> str:
+    """A real evaluation run of the base model ``source``, findable as promotion finds one (its eval key)."""
+    import dataclasses
+
+    from r2d.eval.evaluate import eval_key
+    from r2d.eval.runner import make_targets
+    from r2d.runtime import init_mlflow
+
+    mlflow = init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
+    base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, source=source))
+    key = eval_key(base_cfg, make_targets(base_cfg, [source])[0], suite)
+    with mlflow.start_run(run_name="eval-base") as run:
+        mlflow.set_tags({T.STAGE: "eval", T.MODEL_URI: source, T.SUITE_DIGEST: suite, T.JUDGE: cfg.eval.judge,
+                         T.EVAL_KEY: key})
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict({"model_uri": source, "suite_digest": suite, **metrics}, "result.json")
+    return run.info.run_id

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _overrides(model_dir: Path, out: Path, n: int, extra: list[str] = ()) -> list[str]:
     return [f"data.sources=[{{name: benign, limit: {n}}}, {{name: harmbench, split: val, limit: {n}}}]",
-            "data.eval_fraction=0.2", "data.heldout_categories=[]", f"model.source={model_dir}", f"distill.teacher.source={model_dir}",
+            "data.heldout_categories=[]", "data.eval_fraction=0.2", f"model.source={model_dir}", f"distill.teacher.source={model_dir}",
             "distill.engine={kind: transformers, batch_size: 4, concurrency: 1, num_cpus: 1}",
             "distill.sampling.max_tokens=16", f"distill.output_dir={out}", "resources.num_cpus=2", *extra]
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from registry_chain import SOURCES, distill, evaluation, train
+from registry_chain import SOURCES, base_evaluation, distill, evaluation, train
 
 from r2d import run_tags as T
 from r2d.config import load_config
@@ -58,14 +58,23 @@ def registry(state_dir, tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture()
 def cfg():
-    return load_config(ROOT / "jobs/configs/tiny.yaml", [f"tracking.registered_model={NAME}"])
+    # The fixture's numbers sit above the default ASR ceilings; these tests are about the flow.
+    return load_config(ROOT / "jobs/configs/tiny.yaml", [f"tracking.registered_model={NAME}", "gates.max_asr=0.5",
+                                                         "gates.max_attack_asr=0.5"])
 
 
 def test_promote_reject_and_roll_back(registry, cfg):
     client, (v1, v2, v3, v4) = registry["client"], registry["v"]
-    # No champion yet: absolute gates only.
+    # No champion yet: without the base model's evaluation nothing is promoted...
+    blind = promote(cfg, client, f"models:/{NAME}/{v1}", suite_digest=SUITE, evaluate=False, dry_run=True)
+    assert not blind.decision.promoted and blind.decision.missing == ["base evaluation"]
+    # ...and the base model it was trained from (its r2d.base_model tag) must be beaten.
+    base_run = base_evaluation(cfg, "tiny-llama", SUITE, asr=0.9, asr_none=0.9, asr_base64=0.9, over_refusal=0.0,
+                               discrimination=0.05)
     first = promote(cfg, client, f"models:/{NAME}/{v1}", suite_digest=SUITE, evaluate=False)
-    assert first.decision.promoted and first.champion_version is None
+    assert first.decision.promoted and first.champion_version is None, first.decision.reason
+    assert first.evaluations["base"].run_id == base_run and first.evaluations["base"].reused
+    assert {"asr_vs_base", "discrimination_vs_base"} <= {g.name for g in first.decision.gates}
     assert str(resolve_version(client, f"models:/{NAME}@champion").version) == v1
     # A better candidate, given as an alias, reuses both evaluation runs.
     client.set_registered_model_alias(NAME, "challenger", v2)
@@ -95,6 +104,8 @@ def test_promote_reject_and_roll_back(registry, cfg):
     assert "asr[base64] rose by +0.200 (0.200 -> 0.400); exceeds by 0.180 tolerance 0.020" in tags[T.REASON]
     assert str(resolve_version(client, f"models:/{NAME}@champion").version) == v2
 
+    # An evaluation tag that points at another version's run is no evaluation of this one.
+    client.set_model_version_tag(NAME, v4, T.EVAL_RUN_PREFIX + SUITE, registry["evals"][v3])
     # No evaluation and no evaluating: partial data, never promoted, still recorded.
     fourth = promote(cfg, client, f"models:/{NAME}/{v4}", suite_digest=SUITE, evaluate=False)
     assert not fourth.decision.promoted and "candidate evaluation" in fourth.decision.missing
@@ -102,9 +113,12 @@ def test_promote_reject_and_roll_back(registry, cfg):
                                                                         "candidate evaluation")
     assert str(resolve_version(client, f"models:/{NAME}@champion").version) == v2
 
-    # Promoting the champion itself is refused.
-    with pytest.raises(PromotionError, match=f"version {v2}, which already is the champion"):
-        promote(cfg, client, f"models:/{NAME}@champion", suite_digest=SUITE, evaluate=False)
+    # Promoting the champion itself is an outcome, not an error: nothing changes.
+    tags_before = dict(client.get_model_version(NAME, v2).tags)
+    again = promote(cfg, client, f"models:/{NAME}@champion", suite_digest=SUITE, evaluate=False)
+    assert again.outcome == "already_champion" and again.is_champion and not again.acted
+    assert again.report().startswith(f"ALREADY CHAMPION: {NAME} v{v2} already is the champion")
+    assert dict(client.get_model_version(NAME, v2).tags) == tags_before
 
     # Roll back: champion returns to v1, the demoted version says why.
     out = rollback(cfg, client, NAME)

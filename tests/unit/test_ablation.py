@@ -1,8 +1,13 @@
 """Ablation aggregation: means, sds and the paired CPO effect, checked by hand."""
 
+from pathlib import Path
+
 import pytest
 
-from r2d.eval.ablation import aggregate, markdown_table, mean_sd, paired_effect, portable_reports, verdict
+from r2d.eval.ablation import (aggregate, load_variants, markdown_table, mean_sd, paired_effect, portable_reports,
+                               verdict)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_mean_sd_by_hand():
@@ -64,3 +69,16 @@ def test_portable_reports_relative_under_root_only(tmp_path):
     assert out["base"][0] == {"asr": 0.9, "report": ".r2d/eval/run-1/report.md"}
     assert out["SFT only"] == [{"asr": 0.3, "report": "/elsewhere/report.md"}, {"asr": 0.2}]
     assert runs["base"][0]["report"] == str(inside)  # the saved runs are not changed
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "variants").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_variants_file_applies_to_the_tiny_config(path):
+    from r2d.config import load_config
+    from r2d.data.splits import prompt_sets
+
+    variants, baseline = load_variants(str(path))
+    assert baseline in variants and len(variants) >= 2
+    for name, overrides in variants.items():
+        cfg = load_config(ROOT / "jobs/configs/tiny.yaml", overrides)
+        train, _, _ = prompt_sets(cfg)  # a data mix that names no held-out category fails here
+        assert train, name

@@ -287,10 +287,12 @@ def test_load_source_dispatches_every_name(tmp_path):
         "benign_lookalike": len(load_source({"name": "benign_lookalike"})),
         "alpaca_seed": len(load_source({"name": "alpaca_seed", "path": str(ALPACA)})),
         "file": len(load_source({"name": "file", "path": str(path), "label": "benign"})),
+        "contrast": len(load_source({"name": "contrast"})),
+        "harmful_short": len(load_source({"name": "harmful_short"})),
     }
     assert counts == {"harmbench": 60, "strongreject": 60, "benign": len(load_benign()),
                       "benign_lookalike": len(load_benign(lookalike=True)),
-                      "alpaca_seed": 175, "file": 3}
+                      "alpaca_seed": 175, "file": 3, "contrast": 540, "harmful_short": 160}
     assert set(SOURCES) == set(counts) | {"hf"}
 
 

@@ -425,3 +425,26 @@ def test_service_serves_the_recipe_with_matching_replicas():
     assert _gpus(group) >= cfg.serve.engine.num_gpus == 1
     assert group["maxReplicas"] >= cfg.serve.max_replicas
     assert group["minReplicas"] >= cfg.serve.min_replicas
+
+def test_service_binds_publicly_only_with_keys_read_from_a_mounted_secret():
+    """The RayService listens on 0.0.0.0: the ingress needs the API key, read from files on every pod, never env."""
+    from pathlib import PurePosixPath
+
+    from r2d.serve.auth import preflight
+
+    doc = _load("rayservice-serve.yaml")
+    serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    (app,) = _serve_apps(doc)
+    args = dict(app["args"])
+    cfg = load_config(ROOT / args.pop("config"), [f"{k}={v}" for k, v in args.items()])
+    assert cfg.serve.host == serve_cfg["http_options"]["host"] == "0.0.0.0"
+    preflight(cfg.serve)  # refused without a key; the key file is set
+    spec = doc["spec"]["rayClusterConfig"]
+    for group in (spec["headGroupSpec"], *spec["workerGroupSpecs"]):
+        mounts = {m["mountPath"]: m["name"] for m in _container(group).get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        secret = volumes[mounts[str(PurePosixPath(cfg.serve.api_key_file).parent)]]["secret"]
+        assert secret["secretName"] == "r2d-secrets"
+        assert {i["path"] for i in secret["items"]} >= {PurePosixPath(cfg.serve.api_key_file).name,
+                                                       PurePosixPath(cfg.serve.admin_key_file).name}
+        assert not any("KEY" in e["name"] for e in _container(group)["env"]), "keys travel as files, not env"

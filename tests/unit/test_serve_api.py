@@ -31,7 +31,7 @@ def forced_engine(tiny_model_dir, tmp_path_factory):
 
 def make_client(engine, **overrides) -> TestClient:
     cfg = ServeConfig(**{"max_tokens_limit": 64, "default_max_tokens": 8, "engine": EngineConfig(max_model_len=256),
-                         **overrides})
+                         "api_key_env": "", "admin_key_env": "", **overrides})
     return TestClient(create_api(cfg, LocalClient(engine)))
 
 
@@ -52,7 +52,7 @@ def test_completion_shape_and_metadata(engine):
 
 def test_stream_adds_up_to_the_non_streaming_answer(engine):
     """Greedy decoding: the streamed deltas must concatenate to the non-streaming content."""
-    client = make_client(engine)
+    client = make_client(engine, mode="show")
     full = client.post("/v1/chat/completions", json={**CHAT, "r2d_mode": "show"}).json()
     r = client.post("/v1/chat/completions", json={**CHAT, "r2d_mode": "show", "stream": True,
                                                   "stream_options": {"include_usage": True}})
@@ -67,15 +67,17 @@ def test_stream_adds_up_to_the_non_streaming_answer(engine):
     assert events[-2]["usage"] == full["usage"]
 
 
-def test_guard_refuses_when_the_model_says_unsafe(forced_engine):
-    client = make_client(forced_engine)
+def test_guard_refuses_when_the_model_says_unsafe(forced_engine, monkeypatch):
+    monkeypatch.setenv("R2D_TEST_ADMIN", "admin-s3cret")
+    client = make_client(forced_engine, mode="guard", allowed_modes=["show"], admin_key_env="R2D_TEST_ADMIN")
     guarded = client.post("/v1/chat/completions", json={**CHAT, "r2d_mode": "guard"}).json()
     assert guarded["choices"][0]["message"]["content"] == REFUSAL
     assert guarded["r2d"]["guarded"] is True and guarded["r2d"]["guard_reason"] == "unsafe_answer"
     assert guarded["r2d"]["pivots"]["unsafe"] == 6
-    shown = client.post("/v1/chat/completions", json={**CHAT, "r2d_mode": "show"}).json()
+    shown = client.post("/v1/chat/completions", json={**CHAT, "r2d_mode": "show"},
+                        headers={"X-R2D-Admin-Key": "admin-s3cret"}).json()
     assert shown["choices"][0]["message"]["content"] == "[UNSAFE]" * 6
-    stream = client.post("/v1/chat/completions", json={**CHAT, "r2d_mode": "guard", "stream": True})
+    stream = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
     events = sse_events(stream.text)
     content = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e.get("choices"))
     assert content == REFUSAL and events[-2]["r2d"]["guarded"] is True
@@ -84,12 +86,26 @@ def test_guard_refuses_when_the_model_says_unsafe(forced_engine):
     assert metrics.total("r2d_serve_pivots") == 18
 
 
-def test_mode_from_config_and_allowed_modes(forced_engine):
-    client = make_client(forced_engine, mode="show", allowed_modes=["show", "guard"])
-    assert client.post("/v1/chat/completions", json=CHAT).json()["r2d"]["mode"] == "show"
-    r = client.post("/v1/chat/completions", json={**CHAT, "r2d_mode": "hide"})
-    assert r.status_code == 403 and "not allowed" in r.json()["error"]["message"]
-    r = client.post("/v1/chat/completions", json={**CHAT, "r2d_mode": "loud"})
+def test_clients_get_the_configured_mode_and_weaker_ones_need_the_admin_key(forced_engine, monkeypatch):
+    """A server configured to guard cannot be switched to show by a client."""
+    monkeypatch.setenv("R2D_TEST_ADMIN", "admin-s3cret")
+    strict = make_client(forced_engine, mode="guard", admin_key_env="R2D_TEST_ADMIN")
+    assert strict.post("/v1/chat/completions", json=CHAT).json()["r2d"]["mode"] == "guard"
+    for mode in ("show", "hide"):
+        r = strict.post("/v1/chat/completions", json={**CHAT, "r2d_mode": mode},
+                        headers={"X-R2D-Admin-Key": "admin-s3cret"})  # not listed: even the admin key cannot
+        assert r.status_code == 403 and "not allowed" in r.json()["error"]["message"], r.text
+    listed = make_client(forced_engine, mode="guard", allowed_modes=["show"], admin_key_env="R2D_TEST_ADMIN")
+    for headers in ({}, {"X-R2D-Admin-Key": "wrong"}):
+        r = listed.post("/v1/chat/completions", json={**CHAT, "r2d_mode": "show"}, headers=headers)
+        assert r.status_code == 403 and "admin key" in r.json()["error"]["message"], r.text
+    ok = listed.post("/v1/chat/completions", json={**CHAT, "r2d_mode": "show"},
+                     headers={"X-R2D-Admin-Key": "admin-s3cret"})
+    assert ok.status_code == 200 and ok.json()["r2d"]["mode"] == "show"
+    # A stronger mode than the configured one only needs to be listed.
+    hiding = make_client(forced_engine, mode="hide", allowed_modes=["guard"])
+    assert hiding.post("/v1/chat/completions", json={**CHAT, "r2d_mode": "guard"}).json()["r2d"]["guarded"] is True
+    r = hiding.post("/v1/chat/completions", json={**CHAT, "r2d_mode": "loud"})
     assert r.status_code == 422 and r.json()["error"]["param"] == "r2d_mode"
 
 
@@ -100,6 +116,11 @@ def test_mode_from_config_and_allowed_modes(forced_engine):
     ({**CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, 422, "role"),
     ({**CHAT, "messages": [{"role": "user", "content": 42}]}, 422, "content"),
     ({**CHAT, "temperature": 5}, 422, "temperature"),
+    ({**CHAT, "temperature": 1e-300}, 422, "temperature"),
+    ({**CHAT, "seed": 2**70}, 422, "seed"),
+    ({**CHAT, "seed": -1}, 422, "seed"),
+    ({**CHAT, "top_p": 1e-300}, 422, "top_p"),
+    ({**CHAT, "max_tokens": 0}, 422, "max_tokens"),
     ({**CHAT, "max_tokens": 65}, 422, "limit is 64"),
     ({**CHAT, "messages": [{"role": "user", "content": "x"}] * 65}, 422, "limit is 64"),
     ({**CHAT, "messages": [{"role": "user", "content": "x" * 16001}]}, 422, "16000"),
@@ -115,6 +136,11 @@ def test_bad_requests_get_a_reason(engine, payload, status, needle):
 
 def test_malformed_and_oversized_bodies(engine):
     client = make_client(engine, max_body_bytes=2048)
+    for content_type in ("text/plain", "", "application/x-www-form-urlencoded", "application/jsonx"):
+        r = client.post("/v1/chat/completions", content=json.dumps(CHAT), headers={"content-type": content_type})
+        assert r.status_code == 415 and "JSON" in r.json()["error"]["message"], content_type
+    json_like = {"content-type": "application/vnd.api+json; charset=utf-8"}
+    assert client.post("/v1/chat/completions", content=json.dumps(CHAT), headers=json_like).status_code == 200
     headers = {"content-type": "application/json"}
     assert client.post("/v1/chat/completions", content=b"{not json", headers=headers).status_code == 400
     assert client.post("/v1/chat/completions", content=b"[1, 2]", headers=headers).status_code == 400
@@ -139,13 +165,51 @@ def test_api_key(engine, monkeypatch):
     wrong = client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
     assert client.get("/v1/models").status_code == 401
-    assert client.post("/admin/reload").status_code == 401
+    assert client.post("/admin/reload").status_code == 403  # no admin key configured: the admin API is off
+    assert client.post("/admin/reload", headers={"Authorization": "Bearer s3cret"}).status_code == 403
     ok = client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200
+    # 401 comes before 415: an anonymous client learns nothing about the API
+    assert client.post("/v1/chat/completions", content=b"x", headers={"content-type": "text/plain"}).status_code == 401
 
 
-def test_models_health_and_reload(engine, tiny_model_dir):
-    client = make_client(engine, served_model_name="defended")
+def test_admin_key_is_separate_and_read_from_a_file(engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("R2D_TEST_KEY", "s3cret")
+    (tmp_path / "admin").write_text("admin-from-file\n")
+    client = make_client(engine, api_key_env="R2D_TEST_KEY", admin_key_file=str(tmp_path / "admin"))
+    assert client.post("/admin/reload", headers={"Authorization": "Bearer s3cret"}).status_code == 401
+    r = client.post("/admin/reload", headers={"Authorization": "Bearer admin-from-file"})
+    assert r.status_code == 200 and r.json()["reloaded"] is True
+    chat = client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer admin-from-file"})
+    assert chat.status_code == 401  # the admin key is not an API key
+
+
+def test_a_public_address_without_a_key_is_refused(engine, tmp_path, monkeypatch, caplog):
+    from r2d.serve.auth import AuthConfigError, preflight
+
+    monkeypatch.delenv("R2D_API_KEY", raising=False)
+    for host in ("0.0.0.0", "10.1.2.3", "::", "example.org"):
+        with pytest.raises(AuthConfigError, match=f"serve.host: got '{host}'.*no API key"):
+            make_client(engine, host=host)
+        with pytest.raises(AuthConfigError, match="serve.host"):
+            preflight(ServeConfig(host=host))
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        make_client(engine, host=host)
+    (tmp_path / "key").write_text("k")
+    make_client(engine, host="0.0.0.0", api_key_file=str(tmp_path / "key"))
+    with pytest.raises(AuthConfigError, match="cannot be read"):
+        make_client(engine, host="127.0.0.1", api_key_file=str(tmp_path / "missing"))  # a typo never disables auth
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(AuthConfigError, match="is empty"):
+        make_client(engine, api_key_file=str(tmp_path / "empty"))
+    with caplog.at_level(logging.WARNING, logger="r2d.serve"):
+        make_client(engine, host="0.0.0.0", insecure=True)
+    assert "INSECURE" in caplog.text
+
+
+def test_models_health_and_reload(engine, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("R2D_TEST_ADMIN", "admin")
+    client = make_client(engine, served_model_name="defended", admin_key_env="R2D_TEST_ADMIN")
     models = client.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["defended"] and models["data"][0]["root"] == str(tiny_model_dir)
     first = client.get("/healthz")
@@ -155,7 +219,7 @@ def test_models_health_and_reload(engine, tiny_model_dir):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert first.status_code in (200, 503)
     before = engine._current
-    r = client.post("/admin/reload")
+    r = client.post("/admin/reload", headers={"Authorization": "Bearer admin"})
     assert r.status_code == 200 and r.json()["reloaded"] is True
     assert engine._current is not before and engine._current.version == before.version
 

@@ -3,12 +3,13 @@
     cfg = load_config("jobs/configs/tiny.yaml", ["train.max_steps=10"])
 """
 
-from r2d.config.loading import field_docs, flatten, help_text, load_config, parse_job_args, parse_override
+from r2d.config.loading import (field_docs, flatten, help_text, load_config, load_config_or_exit, parse_job_args,
+                                parse_override)
 from r2d.config.schema import (Config, ConfigError, DataConfig, DistillConfig, EngineConfig, EvalConfig, GateConfig,
                                LoraConfig, ModelConfig, ResourcesConfig, SamplingConfig, ServeConfig, SourceConfig,
                                TrackingConfig, TrainConfig)
 
 __all__ = ["Config", "ConfigError", "DataConfig", "DistillConfig", "EngineConfig", "EvalConfig", "GateConfig",
            "LoraConfig", "ModelConfig", "ResourcesConfig", "SamplingConfig", "ServeConfig", "SourceConfig",
-           "TrackingConfig", "TrainConfig", "field_docs", "flatten", "help_text", "load_config", "parse_job_args",
-           "parse_override"]
+           "TrackingConfig", "TrainConfig", "field_docs", "flatten", "help_text", "load_config", "load_config_or_exit",
+           "parse_job_args", "parse_override"]

@@ -225,8 +225,26 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def load_config_or_exit(path: str | Path | None, overrides: list[str] | None, prog: str) -> Config:
+    """:func:`load_config` for entry points: a bad config prints one line and exits with status 2.
+
+    The line names the dotted field, the value and what was expected; a traceback would
+    bury it, and status 2 is what argparse uses for bad usage.
+    """
+    import sys
+
+    try:
+        return load_config(path, overrides)
+    except ConfigError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def parse_job_args(argv: list[str] | None, description: str) -> tuple[Config, list[str]]:
-    """Shared job CLI: ``--config FILE`` plus ``key=value`` overrides; ``--help`` lists every field."""
+    """Shared job CLI: ``--config FILE`` plus ``key=value`` overrides; ``--help`` lists every field.
+
+    A bad config exits with status 2 and one line naming the field (:func:`load_config_or_exit`).
+    """
     import argparse
 
     parser = argparse.ArgumentParser(description=description, epilog="config fields:\n" + help_text(),
@@ -235,5 +253,5 @@ def parse_job_args(argv: list[str] | None, description: str) -> tuple[Config, li
                         help="YAML config file (defaults when omitted); repeat to lay an override file over it")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
     args, rest = parser.parse_known_args(argv)
-    return load_config(args.config, args.overrides), rest
+    return load_config_or_exit(args.config, args.overrides, parser.prog), rest
 

@@ -50,7 +50,7 @@ class TransformersGenerator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from r2d.models import resolve_source
+        from r2d.models import require_safetensors, resolve_source
         from r2d.runtime import set_threads
 
         threads = engine_cfg.threads or max(1, int(engine_cfg.num_cpus))
@@ -64,10 +64,11 @@ class TransformersGenerator:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        require_safetensors(local, model_cfg.source)
         dtype = "auto" if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype)
         self.device = "cuda" if engine_cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(
-            local, dtype=dtype, local_files_only=model_cfg.offline,
+            local, dtype=dtype, local_files_only=model_cfg.offline, use_safetensors=True,
             trust_remote_code=model_cfg.trust_remote_code).to(self.device).eval()
         self.sampling = sampling_cfg
         self.max_model_len = engine_cfg.max_model_len

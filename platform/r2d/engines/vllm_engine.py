@@ -61,9 +61,11 @@ def engine_args(model, engine) -> dict[str, Any]:
     On GPU: the model's dtype (``float32`` becomes ``auto``), tensor parallelism and the GPU
     memory share. On CPU: float32 (bf16 is ~5x slower on AVX2 CPUs). Eager mode where
     ``engine.eager`` says so; ``auto`` means eager on CPU (no CUDA graphs there) and CUDA
-    graphs on GPU. ``max_num_seqs`` only when set.
+    graphs on GPU. ``max_num_seqs`` only when set. Weights load from safetensors only: pickle
+    formats run code.
     """
-    args: dict[str, Any] = {"max_model_len": engine.max_model_len, "trust_remote_code": model.trust_remote_code}
+    args: dict[str, Any] = {"max_model_len": engine.max_model_len, "trust_remote_code": model.trust_remote_code,
+                            "load_format": "safetensors"}
     gpu = engine.num_gpus > 0
     if gpu:
         args.update(dtype=model.dtype if model.dtype != "float32" else "auto",

@@ -20,6 +20,35 @@ VARIANTS: dict[str, list[str]] = {
 """Trained variants: name → config overrides on top of the recipe."""
 UNTRAINED = ("base", "R2D-p")
 KEYS = ("asr", "over_refusal", "over_refusal_lookalike", "discrimination", "pivot_accuracy")
+OOD_KEYS = ("ood_asr", "ood_over_refusal", "ood_discrimination")
+"""The same rates over the out-of-distribution suites (``result["ood"]``), leading every table."""
+
+
+def value(result: dict[str, Any], key: str) -> float | None:
+    """A rate of one run: ``ood_<rate>`` reads the OOD summary, ``pivot_accuracy`` the pivot stats."""
+    if key.startswith("ood_"):
+        return (result.get("ood") or {}).get(key[len("ood_"):])
+    if key == "pivot_accuracy":
+        return result.get(key, (result.get("pivots") or {}).get(key))
+    return result.get(key)
+
+
+def load_variants(path: str) -> tuple[dict[str, list[str]], str]:
+    """A variants file: ``{baseline: NAME, variants: {NAME: [overrides, ...]}}`` → (variants, baseline).
+
+    Raises:
+        ValueError: naming the file and what was expected.
+    """
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    variants = data.get("variants") if isinstance(data, dict) else None
+    if not isinstance(variants, dict) or not all(isinstance(v, list) for v in variants.values()):
+        raise ValueError(f"{path}: expected 'variants: {{name: [key=value, ...]}}'")
+    baseline = str(data.get("baseline") or next(iter(variants)))
+    if baseline not in variants:
+        raise ValueError(f"{path}: baseline {baseline!r} is not one of the variants {sorted(variants)}")
+    return {str(k): [str(o) for o in v] for k, v in variants.items()}, baseline
 
 
 def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
@@ -35,8 +64,8 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
     table: dict[str, dict[str, Any]] = {}
     for variant, results in runs.items():
         row: dict[str, Any] = {"seeds": len(results)}
-        for key in KEYS:
-            row[key] = mean_sd([r.get(key) for r in results])
+        for key in (*OOD_KEYS, *KEYS):
+            row[key] = mean_sd([value(r, key) for r in results])
         attacks = sorted({a for r in results for a in (r.get("asr_by_attack") or {})})
         row["asr_by_attack"] = {a: mean_sd([(r.get("asr_by_attack") or {}).get(a) for r in results])
                                 for a in attacks}
@@ -47,7 +76,8 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
 
 def paired_effect(a: list[dict], b: list[dict], key: str) -> dict[str, Any]:
     """Effect of b over a on ``key``, paired by seed: mean difference, sd, and a t-interval (95%)."""
-    diffs = [rb[key] - ra[key] for ra, rb in zip(a, b) if ra.get(key) is not None and rb.get(key) is not None]
+    pairs = [(value(ra, key), value(rb, key)) for ra, rb in zip(a, b)]
+    diffs = [vb - va for va, vb in pairs if va is not None and vb is not None]
     if not diffs:
         return {"key": key, "n": 0, "mean": None, "ci": None}
     mean, sd = mean_sd(diffs)
@@ -63,25 +93,31 @@ def _cell(stat: tuple[float | None, float | None]) -> str:
 
 
 def markdown_table(table: dict[str, dict[str, Any]]) -> str:
-    """A table like the paper's: ASR per attack, over-refusal, discrimination, pivot accuracy (mean ± sd)."""
+    """A table like the paper's, out-of-distribution rates first: then ASR per attack, over-refusal,
+    discrimination and pivot accuracy in distribution (mean ± sd over seeds)."""
     attacks = sorted({a for row in table.values() for a in row["asr_by_attack"]})
-    head = ["variant", "seeds", *[f"ASR {a}" for a in attacks], "ASR", "over-refusal", "look-alike over-refusal",
-            "discrimination", "pivot acc."]
+    ood = any(row.get("ood_discrimination", (None, None))[0] is not None for row in table.values())
+    head = ["variant", "seeds", *(["OOD ASR", "OOD over-refusal", "OOD discrimination"] if ood else []),
+            *[f"ASR {a}" for a in attacks], "ASR", "over-refusal", "look-alike over-refusal", "discrimination",
+            "pivot acc."]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for variant, row in table.items():
-        cells = [variant, str(row["seeds"]), *[_cell(row["asr_by_attack"].get(a, (None, None))) for a in attacks],
-                 *[_cell(row[k]) for k in KEYS]]
+        cells = [variant, str(row["seeds"]), *([_cell(row[k]) for k in OOD_KEYS] if ood else []),
+                 *[_cell(row["asr_by_attack"].get(a, (None, None))) for a in attacks], *[_cell(row[k]) for k in KEYS]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def verdict(runs: dict[str, list[dict]]) -> str:
-    """Does CPO help here, and by how much? Each CPO variant paired by seed against SFT only."""
-    sft = runs.get("SFT only", [])
+def verdict(runs: dict[str, list[dict]], baseline: str = "SFT only") -> str:
+    """How does each variant differ from ``baseline``? Paired by seed; OOD rates first when present."""
+    sft = runs.get(baseline, [])
     lines = []
-    for variant in (v for v in VARIANTS if v != "SFT only"):
+    keys = [("discrimination", "higher"), ("asr", "lower"), ("over_refusal", "lower")]
+    if any(value(r, "ood_discrimination") is not None for rs in runs.values() for r in rs):
+        keys = [(f"ood_{k}", b) for k, b in keys] + keys
+    for variant in (v for v in runs if v not in (baseline, *UNTRAINED)):
         parts = []
-        for key, better in (("discrimination", "higher"), ("asr", "lower"), ("over_refusal", "lower")):
+        for key, better in keys:
             eff = paired_effect(sft, runs.get(variant, []), key)
             if eff["mean"] is None:
                 continue
@@ -91,12 +127,15 @@ def verdict(runs: dict[str, list[dict]]) -> str:
             parts.append(f"{key}: {eff['mean']:+.3f} (95% t-interval over {eff['n']} seeds [{lo:+.3f}, {hi:+.3f}])"
                          f" → {sign}" + ("" if clear else ", not distinguishable from noise"))
         if parts:
-            lines.append(f"{variant} − SFT only: " + "; ".join(parts))
-    return "\n".join(f"- {line}" for line in lines) if lines else "not enough runs to compare CPO with SFT only"
+            lines.append(f"{variant} − {baseline}: " + "; ".join(parts))
+    return "\n".join(f"- {line}" for line in lines) if lines else f"not enough runs to compare with {baseline}"
 
 
-def tradeoff_plot(runs: dict[str, list[dict]], path, targets: tuple[float, float] = (0.20, 0.25)) -> None:
+def tradeoff_plot(runs: dict[str, list[dict]], path, targets: tuple[float, float] = (0.20, 0.25),
+                  ood: bool = False) -> None:
     """Every run as a point, ASR against over-refusal, with the target corner and the no-discrimination line.
+
+    ``ood``: plot the out-of-distribution rates (categories never trained on) instead.
 
     A point below the diagonal refuses harmful prompts more often than benign ones; the
     shaded corner is the issue's target (ASR ≤ 0.20, over-refusal ≤ 0.25).
@@ -110,12 +149,14 @@ def tradeoff_plot(runs: dict[str, list[dict]], path, targets: tuple[float, float
     ax.fill_between([0, targets[1]], 0, targets[0], color="tab:green", alpha=0.12, label="target")
     ax.plot([0, 1], [1, 0], color="grey", lw=0.8, ls="--", label="no discrimination")
     for i, (variant, results) in enumerate(runs.items()):
-        pts = [(r["over_refusal"], r["asr"]) for r in results
-               if r.get("over_refusal") is not None and r.get("asr") is not None]
+        prefix = "ood_" if ood else ""
+        pts = [(value(r, prefix + "over_refusal"), value(r, prefix + "asr")) for r in results
+               if value(r, prefix + "over_refusal") is not None and value(r, prefix + "asr") is not None]
         if pts:
             ax.scatter(*zip(*pts), s=40, color=f"C{i}", label=variant, alpha=0.85)
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="over-refusal (benign prompts refused)",
-           ylabel="attack success rate (harmful prompts answered)", title="Held-out trade-off, one point per run")
+           ylabel="attack success rate (harmful prompts answered)",
+           title=("Out-of-distribution" if ood else "In-distribution") + " trade-off, one point per run")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

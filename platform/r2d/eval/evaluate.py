@@ -9,11 +9,17 @@
 4. write the Markdown report, charts and JSON; log one MLflow parent run with a
    child run per model, and tag each registered model version it scored with
    ``r2d.eval_run.<suite_digest>`` = the child run's id, so promotion can reuse it.
+
+Re-running is cheap: a model whose evaluation already exists for the same inputs (the
+pinned version or the same files, the same suites, judge, sampling and filter: its
+:func:`eval_key`) is not generated again; its numbers come back from that run's
+``result.json``, marked ``reused``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import tempfile
@@ -30,7 +36,7 @@ from r2d.eval.report import output_json, write_report
 from r2d.eval.runner import Target, make_targets, run_target
 from r2d.eval.suites import Suite, load_suites, suite_digest
 
-__all__ = ["contamination_report", "evaluate_models", "traces_prompts"]
+__all__ = ["contamination_report", "eval_key", "evaluate_models", "find_reusable", "traces_prompts"]
 
 
 def traces_prompts(path: str) -> list[str] | None:
@@ -94,6 +100,58 @@ def _pin_versions(targets: list[Target]) -> dict[str, str]:
     return versions
 
 
+def _fingerprint(source: str) -> list:
+    """What identifies a non-registry source's weights: the files' sizes and times (a folder can be rebuilt)."""
+    from r2d.models import BUNDLED, bundled_gguf
+
+    if source.startswith("bundled:") and source.split(":", 1)[1] in BUNDLED:
+        path = bundled_gguf(source.split(":", 1)[1])
+        return [path.name, path.stat().st_size, path.stat().st_mtime_ns]
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in folder.iterdir()
+                      if f.suffix in (".safetensors", ".json"))
+    return []
+
+
+def eval_key(cfg, target: Target, digest: str) -> str:
+    """A digest of everything an evaluation's numbers depend on, for one target (after pinning).
+
+    The model (a pinned ``models:/name/N``, or a source and its files), its system prompt,
+    the suites' digest, the judge and its model, sampling, the output filter and the general tasks.
+    """
+    e = cfg.eval
+    payload = {"source": target.model.source, "files": _fingerprint(target.model.source),
+               "dtype": target.model.dtype, "system_prompt": target.system_prompt, "suite_digest": digest,
+               "engine": target.engine.kind, "judge": e.judge,
+               "judge_model": dataclasses.asdict(e.judge_model) if e.judge != "refusal" else None,
+               "sampling": dataclasses.asdict(e.sampling), "output_filter": e.output_filter,
+               "general": [e.general_tasks, e.general_limit]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def find_reusable(cfg, key: str) -> dict[str, Any] | None:
+    """The result entry of the newest finished evaluation run with this :func:`eval_key`, or None."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from r2d.runtime import init_mlflow
+
+    init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    runs = MlflowClient().search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"],
+                                      filter_string=f"tags.`{T.EVAL_KEY}` = '{key}' and "
+                                                    "attributes.status = 'FINISHED'", max_results=5)
+    for run in runs:
+        try:
+            entry = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/result.json")
+        except Exception:  # an evaluation logged before results were stored: not reusable
+            continue
+        return {**entry, "run_id": run.info.run_id, "parent_run_id": run.data.tags.get("mlflow.parentRunId", ""),
+                "reused": True, "records": []}
+    return None
+
+
 def _metric_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
@@ -153,16 +211,20 @@ def _log_mlflow(cfg, results: dict[str, dict], paths: dict[str, Path], meta: dic
         for p in shared:
             mlflow.log_artifact(str(p))
         for name, entry in results.items():
-            model_tags = {**common, T.MODEL_URI: entry["model_uri"], T.JUDGE: entry["judge"]}
+            if entry.get("reused"):
+                continue  # its run already holds it
+            model_tags = {**common, T.MODEL_URI: entry["model_uri"], T.JUDGE: entry["judge"],
+                          T.EVAL_KEY: entry["eval_key"]}
+            registered = entry["model_uri"][len("models:/"):].split("@")[0].split("/")[0]
             if entry.get("model_version"):
-                model_tags[T.MODEL_VERSION] = entry["model_version"]
+                model_tags.update({T.MODEL_VERSION: entry["model_version"], T.MODEL_NAME: registered})
             with mlflow.start_run(run_name=f"eval-{name}"[:250], nested=True, tags=model_tags) as child:
                 mlflow.log_metrics(model_metrics(entry))
                 for p in shared + [paths[f"records:{name}"]]:
                     mlflow.log_artifact(str(p))
                 entry["run_id"], entry["parent_run_id"] = child.info.run_id, parent.info.run_id
+                mlflow.log_dict(output_json({name: entry})[name], "result.json")
             if entry.get("model_version"):
-                registered = entry["model_uri"][len("models:/"):].split("@")[0].split("/")[0]
                 client.set_model_version_tag(registered, entry["model_version"], T.EVAL_RUN_PREFIX + digest,
                                              entry["run_id"])
         # Re-log the JSON so the copy in MLflow carries the run ids too.
@@ -174,7 +236,7 @@ def _log_mlflow(cfg, results: dict[str, dict], paths: dict[str, Path], meta: dic
 def evaluate_models(cfg, models: list[str], suites: list[str] | None = None, *, output: str | None = None,
                     prompt_only_baseline: bool = False, traces: str | None = None,
                     allow_contamination: bool | None = None, out_dir: str | None = None,
-                    log_mlflow: bool = True) -> dict[str, dict[str, Any]]:
+                    log_mlflow: bool = True, reuse: bool = True) -> dict[str, dict[str, Any]]:
     """Evaluate ``models`` on ``suites`` (same prompts for all) and report.
 
     Args:
@@ -187,6 +249,8 @@ def evaluate_models(cfg, models: list[str], suites: list[str] | None = None, *, 
         allow_contamination: Override ``eval.allow_contamination``.
         out_dir: Report folder; default ``<eval.output_dir>/<time>-<digest>``.
         log_mlflow: Log the MLflow runs and tag model versions.
+        reuse: Take a model's numbers from an earlier evaluation with the same :func:`eval_key`
+            instead of generating again (needs ``log_mlflow``).
 
     Returns:
         ``{model: {"asr", "asr_by_attack", "over_refusal", "discrimination", "discrimination_ci",
@@ -209,15 +273,19 @@ def evaluate_models(cfg, models: list[str], suites: list[str] | None = None, *, 
                                          cfg.eval.contamination_threshold, allow)
     held_out = contamination["clean"] if contamination["checked"] else None
     versions = _pin_versions(targets) if log_mlflow else {}
-    # 3. generate, judge, score
-    init_ray(cfg.resources.num_cpus)
+    # 3. generate, judge, score (or reuse an earlier evaluation of the same inputs)
     results: dict[str, dict[str, Any]] = {}
     for target in targets:
-        entry = run_target(rows, target, cfg)
-        entry.update(model_version=versions.get(target.name, ""), suite_digest=digest, held_out=held_out,
+        key = eval_key(cfg, target, digest)
+        entry = find_reusable(cfg, key) if reuse and log_mlflow else None
+        if entry is None:
+            init_ray(cfg.resources.num_cpus)
+            entry = run_target(rows, target, cfg)
+            entry["general"] = (general_ability(target.source, cfg) if not target.baseline_of else
+                                {"status": "skipped", "reason": f"R2D-p shares the weights of {target.baseline_of}"})
+        entry.update(model_uri=target.source, model_version=versions.get(target.name, ""), suite_digest=digest,
+                     held_out=held_out, eval_key=key,
                      contamination={k: contamination.get(k) for k in ("checked", "exact", "near", "traces")})
-        entry["general"] = (general_ability(target.source, cfg) if not target.baseline_of else
-                            {"status": "skipped", "reason": f"R2D-p shares the weights of {target.baseline_of}"})
         results[target.name] = entry
     # 4. report
     from r2d.run_tags import git_commit
@@ -230,7 +298,7 @@ def evaluate_models(cfg, models: list[str], suites: list[str] | None = None, *, 
     # Reports are drawn on local disk (matplotlib writes files), then go where the config says.
     with tempfile.TemporaryDirectory(prefix="r2d-eval-") as tmp:
         paths = write_report(results, folder if st.is_local(folder) else tmp, meta)
-        if log_mlflow:
+        if log_mlflow and not all(e.get("reused") for e in results.values()):
             _log_mlflow(cfg, results, paths, meta)
         if not st.is_local(folder):
             st.copy_tree(tmp, folder)

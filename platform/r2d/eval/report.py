@@ -21,7 +21,8 @@ _KEYS = ("asr", "asr_ci", "asr_by_attack", "asr_by_attack_ci", "over_refusal", "
          "discrimination_ci", "n_harmful", "n_benign", "judge", "judges", "output_filter", "raw", "pivots",
          "mean_output_tokens", "tokens_per_s", "generation_seconds", "n_prompts", "n_judged", "dropped",
          "engine", "model_uri", "model_version", "system_prompt", "baseline_of", "suite_digest", "held_out",
-         "contamination", "general", "run_id", "parent_run_id", "ood", "by_suite", "in_distribution_empty")
+         "contamination", "general", "run_id", "parent_run_id", "eval_key", "reused", "ood", "by_suite",
+         "in_distribution_empty")
 
 
 def output_json(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

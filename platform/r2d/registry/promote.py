@@ -4,11 +4,18 @@ The flow (``jobs/promote.py``, ``r2d promote``):
 
 1. Resolve the candidate (``models:/r2d@challenger``) and the current ``champion``, if any.
 2. Find both evaluations on the same suites: a version tagged ``r2d.eval_run.<suite digest>``
-   reuses that evaluation run; otherwise the evaluation runner scores it now.
+   reuses that evaluation run, provided the run itself says it evaluated this very version
+   of this model on this suite digest with the configured judge; otherwise the evaluation
+   runner scores it now. With no champion, the base model the candidate was trained from
+   (its ``r2d.base_model`` tag) is found or evaluated the same way: a first champion must
+   beat it.
 3. :func:`r2d.registry.gates.decide` applies the gates from ``cfg.gates``.
 4. Record the decision, the numbers and the reason as tags on the candidate version, always
    (except in a dry run); on a pass, move ``champion`` and append to the registered model's
    ``r2d.champion_history`` so that :func:`rollback` can move it back.
+
+A candidate that already is the champion is an outcome (``already_champion``, exit 0), not
+an error: re-running a pipeline must not fail at its last step.
 
 A dry run changes nothing anywhere: it neither evaluates nor writes tags or aliases, so a
 missing evaluation shows up as partial data.
@@ -30,7 +37,7 @@ _HISTORY_LIMIT = 100
 
 
 class PromotionError(TrackingError):
-    """Promotion cannot proceed: nothing to compare, nothing to roll back, or a race."""
+    """Promotion cannot proceed: nothing to roll back, an evaluation failed, or a race."""
 
 
 @dataclass
@@ -55,15 +62,25 @@ class PromotionResult:
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
     acted: bool = False
     notes: list[str] = field(default_factory=list)
+    outcome: str = ""
+    """promoted | rejected | already_champion (set by :func:`promote`)."""
+
+    @property
+    def is_champion(self) -> bool:
+        """The candidate holds ``champion`` now (promoted here, or already before)."""
+        return self.outcome in ("promoted", "already_champion")
 
     def report(self) -> str:
         """A short human-readable report."""
+        if self.outcome == "already_champion":
+            return f"ALREADY CHAMPION: {self.name} v{self.candidate_version} already is the {CHAMPION}; nothing to do"
         champ = f"v{self.champion_version}" if self.champion_version else "none"
         lines = [f"candidate {self.name} v{self.candidate_version} vs champion {champ} "
                  f"(suite digest {self.suite_digest or 'unknown'})"]
         for role, ev in sorted(self.evaluations.items()):
             how = "reused" if ev.reused else "evaluated now"
-            lines.append(f"  {role}: v{ev.version} evaluation run {ev.run_id} ({how})")
+            what = ev.version if role == "base" else f"v{ev.version}"
+            lines.append(f"  {role}: {what} evaluation run {ev.run_id} ({how})")
         for gate in self.decision.gates:
             lines.append(f"  [{'PASS' if gate.passed else 'FAIL'}] {gate.detail}")
         lines += [f"  note: {n}" for n in self.notes]
@@ -82,9 +99,17 @@ def suite_digest_for(cfg) -> str:
     return suite_digest(load_suites(cfg.eval.suites, cfg))
 
 
-def find_evaluation(client, version, digest: str, ability_key: str = "ability") -> Evaluation | None:
-    """Reuse the evaluation run a version is tagged with for ``digest``, if it still exists."""
+def find_evaluation(client, version, digest: str, ability_key: str = "", judge: str | None = None
+                    ) -> Evaluation | None:
+    """Reuse the evaluation run a version is tagged with for ``digest``, if that run really is its evaluation.
+
+    A tag is only a pointer: the run it names must still exist and its own tags must name
+    this registered model, this version and this suite digest (and ``judge``, when given).
+    Anything else (a run of another version, of other suites, a deleted run) is no evaluation.
+    """
     from mlflow.exceptions import MlflowException
+
+    from r2d.tracking import parse_model_uri
 
     run_id = (version.tags or {}).get(T.EVAL_RUN_PREFIX + digest)
     if not run_id:
@@ -93,9 +118,59 @@ def find_evaluation(client, version, digest: str, ability_key: str = "ability") 
         run = client.get_run(run_id)
     except MlflowException:
         return None
-    if run.info.lifecycle_stage == "deleted":
+    tags = run.data.tags or {}
+    try:
+        name = tags.get(T.MODEL_NAME) or parse_model_uri(tags.get(T.MODEL_URI, "")).name
+    except TrackingError:
+        name = ""
+    if (run.info.lifecycle_stage == "deleted" or tags.get(T.STAGE) != "eval" or name != version.name
+            or tags.get(T.MODEL_VERSION) != str(version.version) or tags.get(T.SUITE_DIGEST) != digest
+            or (judge is not None and tags.get(T.JUDGE) != judge)):
         return None
     return Evaluation(str(version.version), run_id, summary_from_metrics(run.data.metrics, ability_key), True)
+
+
+def base_source(cfg, candidate) -> str:
+    """The model the candidate was trained from: its ``r2d.base_model`` tag, else ``model.source``."""
+    return (candidate.tags or {}).get(T.BASE_MODEL) or cfg.model.source
+
+
+def base_evaluation(cfg, client, source: str, digest: str | None, evaluate: bool,
+                    evaluate_fn: Callable | None = None) -> Evaluation | None:
+    """The base model's evaluation on the suite: an earlier one with the same inputs, or a new one."""
+    import dataclasses
+
+    from r2d.eval.evaluate import eval_key, find_reusable
+    from r2d.eval.runner import make_targets
+
+    if not digest:
+        return None
+    base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, source=source))
+    target = make_targets(base_cfg, [source])[0]
+    entry = find_reusable(cfg, eval_key(base_cfg, target, digest))
+    if entry is None and evaluate:
+        entry = (evaluate_fn or _evaluate_source)(base_cfg, source, digest)
+    if entry is None:
+        return None
+    metrics = client.get_run(entry["run_id"]).data.metrics
+    return Evaluation(source, entry["run_id"], summary_from_metrics(metrics, cfg.gates.ability_metric),
+                      bool(entry.get("reused")))
+
+
+def _evaluate_source(cfg, source: str, digest: str) -> dict:
+    from r2d.eval.contamination import ContaminationError
+    from r2d.eval.evaluate import evaluate_models
+    from r2d.eval.suites import SuiteError
+    from r2d.models import ModelSourceError
+
+    try:
+        entry = evaluate_models(cfg, [source], cfg.eval.suites)[source]
+    except (ContaminationError, SuiteError, ModelSourceError) as err:
+        raise PromotionError(f"evaluation of the base model {source} failed, nothing promoted: {err}") from None
+    if entry.get("suite_digest") != digest or not entry.get("run_id"):
+        raise PromotionError(f"the base model {source} was evaluated on suite digest {entry.get('suite_digest')}, "
+                             f"expected {digest}; nothing promoted")
+    return entry
 
 
 def shared_digest(client, versions: list) -> str | None:
@@ -152,7 +227,8 @@ def gather_evaluations(cfg, client, name: str, versions: dict[str, Any], digest:
                        evaluate: bool, evaluate_fn: Callable | None = None) -> dict[str, Evaluation]:
     """Reuse or produce an evaluation for each role ("candidate", "champion") on the same suite."""
     ability = cfg.gates.ability_metric
-    found = {role: find_evaluation(client, mv, digest, ability) if digest else None for role, mv in versions.items()}
+    found = {role: find_evaluation(client, mv, digest, ability, cfg.eval.judge) if digest else None
+             for role, mv in versions.items()}
     todo = {role: versions[role] for role, ev in found.items() if ev is None}
     if todo and evaluate:
         found.update((evaluate_fn or _evaluate_now)(cfg, client, name, todo, digest))
@@ -188,7 +264,8 @@ def _record(client, name: str, version: str, decision: str, reason: str, numbers
 # ---------------------------------------------------------------- promote and roll back
 
 def promote(cfg, client, candidate_uri: str, dry_run: bool = False, evaluate: bool = True,
-            suite_digest: str | None = None, evaluate_fn: Callable | None = None) -> PromotionResult:
+            suite_digest: str | None = None, evaluate_fn: Callable | None = None,
+            base_evaluate_fn: Callable | None = None) -> PromotionResult:
     """Gate ``candidate_uri`` against the champion; on a pass move ``champion``.
 
     Args:
@@ -199,29 +276,45 @@ def promote(cfg, client, candidate_uri: str, dry_run: bool = False, evaluate: bo
         evaluate: score versions that lack a reusable evaluation (else: partial data).
         suite_digest: the suite digest to look up; None computes it from ``cfg.eval.suites``.
         evaluate_fn: replaces the evaluation runner (same signature as ``_evaluate_now``).
+        base_evaluate_fn: replaces the base model's evaluation (same signature as ``_evaluate_source``).
+
+    Returns:
+        The result; ``outcome`` is ``already_champion`` when the candidate holds the alias already.
 
     Raises:
         TrackingError: unknown model, alias or version, or an unreachable store.
-        PromotionError: the candidate already is the champion, or the champion moved meanwhile.
+        PromotionError: an evaluation failed, or the champion moved meanwhile.
     """
     candidate = resolve_version(client, candidate_uri)
     name, cand_v = candidate.name, str(candidate.version)
     champ_v = alias_version(client, name, CHAMPION)
     if champ_v == cand_v:
-        raise PromotionError(f"{candidate_uri} is version {cand_v}, which already is the {CHAMPION}")
+        decision = Decision(False, f"{candidate_uri} is version {cand_v}, which already is the {CHAMPION}")
+        return PromotionResult(name, cand_v, champ_v, None, decision, acted=False, outcome="already_champion")
     versions = {"candidate": candidate}
     if champ_v:
         versions["champion"] = client.get_model_version(name, champ_v)
     notes: list[str] = []
     digest = suite_digest or _digest_or_note(cfg, client, list(versions.values()), notes)
-    evals = gather_evaluations(cfg, client, name, versions, digest, evaluate and not dry_run, evaluate_fn)
+    run_evaluations = evaluate and not dry_run
+    evals = gather_evaluations(cfg, client, name, versions, digest, run_evaluations, evaluate_fn)
     for role in versions:
         if role not in evals:
             notes.append(f"{role} v{versions[role].version} has no evaluation for suite digest {digest}")
+    base = None
+    if not champ_v:
+        source = base_source(cfg, candidate)
+        base = base_evaluation(cfg, client, source, digest, run_evaluations, base_evaluate_fn)
+        if base is None:
+            notes.append(f"the base model {source} has no evaluation for suite digest {digest}")
+        else:
+            evals["base"] = base
     champion_summary = evals["champion"].summary if "champion" in evals else ({} if champ_v else None)
     decision = decide(evals["candidate"].summary if "candidate" in evals else None, champion_summary,
-                      cfg.gates, cfg.gates.ability_metric)
-    result = PromotionResult(name, cand_v, champ_v, digest, decision, evals, acted=not dry_run, notes=notes)
+                      cfg.gates, cfg.gates.ability_metric, base.summary if base else None)
+    outcome = "promoted" if decision.promoted else "rejected"
+    result = PromotionResult(name, cand_v, champ_v, digest, decision, evals, acted=not dry_run, notes=notes,
+                             outcome=outcome)
     if dry_run:
         return result
     numbers = gate_numbers(decision, cfg.gates.ability_metric)
@@ -229,7 +322,7 @@ def promote(cfg, client, candidate_uri: str, dry_run: bool = False, evaluate: bo
                    eval_runs={role: ev.run_id for role, ev in evals.items()})
     if decision.promoted:
         _move_champion(client, name, cand_v, champ_v)
-    _record(client, name, cand_v, "promoted" if decision.promoted else "rejected", decision.reason, numbers)
+    _record(client, name, cand_v, outcome, decision.reason, numbers)
     return result
 
 
@@ -297,4 +390,4 @@ def run_promotion(cfg, candidate: str, dry_run: bool = False, roll_back: bool = 
         verb = "rolled back" if out["acted"] else "would roll back (dry run)"
         return 0, f"{verb}: {out['name']} champion v{out['from_version']} -> v{out['to_version']}"
     result = promote(cfg, client, candidate, dry_run=dry_run, evaluate=not reuse_only, suite_digest=suite_digest)
-    return (0 if result.decision.promoted else 1), result.report()
+    return (0 if result.is_champion else 1), result.report()

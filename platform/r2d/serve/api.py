@@ -1,34 +1,50 @@
 """The OpenAI-compatible HTTP API as a plain FastAPI app, independent of Ray.
 
 :func:`create_api` takes the serving config and an engine *client* (anything with
-``stream(GenRequest)`` and ``call(name, *args)``): a Serve deployment handle in
-production (:class:`HandleClient`), or an engine object in-process
+``stream(GenRequest)``, ``close(stream)`` and ``call(name, *args)``): a Serve deployment
+handle in production (:class:`HandleClient`), or an engine object in-process
 (:class:`LocalClient`) so that unit tests drive the real app with a real tiny model
 and no Ray.
 
-Every failure becomes an OpenAI-style error body with a 4xx or 503 status; the
-routes never let an exception escape as a 500.
+The safety boundary lives here, in front of any engine:
+
+- keys (:mod:`r2d.serve.auth`): the API key on every route but ``/healthz``; the admin key
+  on ``/admin/*`` and on a request that asks for a mode weaker than ``serve.mode``;
+- modes: a request gets ``serve.mode`` unless it asks for one listed in ``serve.allowed_modes``;
+- limits: JSON bodies only (415), body size, messages, characters, every sampling number;
+- time: a deadline per request, and generation stops when the client goes away;
+- guard mode streams through :class:`r2d.serve.pivot_modes.GuardStream`, the same view as
+  the non-streaming answer.
+
+Every failure becomes an OpenAI-style error body with a 4xx, 503 or 504 status; the
+routes never let an exception escape as a 500. A stream that fails after its first byte
+ends with an error event and no ``[DONE]``, so a client can tell it from a finished one.
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import inspect
 import json
 import logging
-import os
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from r2d.serve.auth import ADMIN_HEADER, bearer, check_exposure, read_key, same_key
 from r2d.serve.metrics import ServeMetrics
-from r2d.serve.pivot_modes import MODES, HideStream, apply_mode
-from r2d.serve.schemas import (ChatCompletionRequest, GenRequest, chunk_body, completion_body, completion_id,
+from r2d.serve.openapi import RESPONSES, chat_operation, openapi
+from r2d.serve.pivot_modes import STRENGTH, GuardStream, HideStream, apply_mode
+from r2d.serve.schemas import (ChatCompletionRequest, Delta, GenRequest, chunk_body, completion_body, completion_id,
                                deliver, error_body, usage_body)
+from r2d.serve.transport import (ClientGone, DeadlineExceeded, SSEResponse, chain, delta_body, event, first_delta,
+                                 timed, until_disconnect)
 
 log = logging.getLogger("r2d.serve")
+_DEADLINE_GRACE_S = 10.0
+"""How long past a request's deadline the ingress waits for an engine that should have stopped it."""
 
 
 class ApiError(Exception):
@@ -53,6 +69,9 @@ class LocalClient:
     def stream(self, req: GenRequest):
         return deliver(self.engine.stream_one(req), req.stream)
 
+    async def close(self, stream) -> None:
+        await stream.aclose()  # runs the engine generator's cleanup: the request stops generating
+
     async def call(self, name: str, *args):
         result = getattr(self.engine, name)(*args)
         return await result if inspect.isawaitable(result) else result
@@ -67,21 +86,29 @@ class HandleClient:
     def stream(self, req: GenRequest):
         return self.handle.options(stream=True).generate.remote(req)
 
+    async def close(self, stream) -> None:
+        stream.cancel()  # Serve cancels the replica's generator; the engine aborts the request
+
     async def call(self, name: str, *args):
         return await getattr(self.handle, name).remote(*args)
 
 
 def create_api(cfg, client, metrics: ServeMetrics | None = None) -> FastAPI:
-    """Build the API for a :class:`r2d.config.ServeConfig` and an engine client."""
+    """Build the API for a :class:`r2d.config.ServeConfig` and an engine client.
+
+    Raises:
+        r2d.serve.auth.AuthConfigError: a key file is unreadable, or ``cfg.host`` is not
+            loopback and no API key is set (and ``cfg.insecure`` is off).
+    """
     api = FastAPI(title="R2D chat completions", version="1", docs_url=None, redoc_url=None)
     state = _State(cfg, client, metrics or ServeMetrics())
     api.state.r2d = state
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=chat_operation(), responses=RESPONSES)
     async def chat_completions(request: Request):
         return await state.guarded(request, state.chat)
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses=RESPONSES)
     async def models(request: Request):
         return await state.guarded(request, state.models)
 
@@ -89,47 +116,64 @@ def create_api(cfg, client, metrics: ServeMetrics | None = None) -> FastAPI:
     async def healthz(request: Request):
         return await state.health()
 
-    @api.post("/admin/reload")
+    @api.post("/admin/reload", responses=RESPONSES)
     async def reload(request: Request):
-        return await state.guarded(request, state.reload)
+        return await state.guarded(request, state.reload, admin=True)
 
+    api.openapi = lambda: openapi(api, cfg)
     return api
 
 
 class _State:
-    """What the routes share: config, engine client, readiness, counters."""
+    """What the routes share: config, keys, engine client, readiness, counters."""
 
     def __init__(self, cfg, client, metrics: ServeMetrics) -> None:
         self.cfg, self.client, self.metrics = cfg, client, metrics
-        self.api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+        self.api_key = read_key(cfg.api_key_env, cfg.api_key_file, "API key")
+        self.admin_key = read_key(cfg.admin_key_env, cfg.admin_key_file, "admin key")
+        check_exposure(cfg.host, self.api_key, cfg.insecure)
         self.ready = False
         self._warmup = None
 
     # ------------------------------------------------------------ plumbing
 
-    async def guarded(self, request: Request, handler):
-        """Authenticate, run the handler, and turn every failure into a 4xx/503 error body."""
+    async def guarded(self, request: Request, handler, admin: bool = False):
+        """Authenticate, run the handler, and turn every failure into a 4xx/503/504 error body."""
         try:
-            self._authenticate(request)
+            self._authenticate(request, admin)
             return await handler(request)
         except ApiError as err:
             self.metrics.request(err.status, "-", False)
             return err.response()
+        except ClientGone:
+            self.metrics.request(499, "-", False)
+            return Response(status_code=499)  # nobody reads it; the status is for the access log
+        except DeadlineExceeded as err:
+            self.metrics.request(504, "-", False)
+            return ApiError(504, str(err), "server_error").response()
         except Exception as err:  # the engine died, a replica is gone, a bug: never a 500
             log.warning("request failed: %s: %s", type(err).__name__, err)
             self.metrics.request(503, "-", False)
             return ApiError(503, f"the model backend failed: {type(err).__name__}", "server_error").response()
 
-    def _authenticate(self, request: Request) -> None:
-        if not self.api_key:
+    def _authenticate(self, request: Request, admin: bool) -> None:
+        token = bearer(request.headers.get("authorization", ""))
+        if admin:
+            if not self.admin_key:
+                raise ApiError(403, "the admin API is off: no admin key is configured (serve.admin_key_file or "
+                                    "serve.admin_key_env)", "permission_error")
+            if not same_key(token, self.admin_key):
+                raise ApiError(401, "missing or wrong admin key (Authorization: Bearer <admin key>)",
+                               "authentication_error", code="invalid_api_key")
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        if self.api_key and not same_key(token, self.api_key):
             raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)", "authentication_error",
                            code="invalid_api_key")
 
     async def _read_json(self, request: Request) -> dict:
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+            raise ApiError(415, f"content type {media or 'none'!r} is not JSON; send Content-Type: application/json")
         limit = self.cfg.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -162,8 +206,6 @@ class _State:
 
     async def health(self):
         """Ready once a real generation has succeeded; until then a warm-up runs in the background."""
-        import asyncio
-
         if self.ready:
             return {"status": "ok"}
         try:
@@ -179,7 +221,7 @@ class _State:
 
     async def chat(self, request: Request):
         body = self._parse(await self._read_json(request))
-        mode = self._mode(body)
+        mode = self._mode(body, request)
         gen = self._gen_request(body)
         if self.cfg.log_prompts:
             log.info("request %s prompt=%r", gen.request_id, gen.messages)
@@ -187,14 +229,21 @@ class _State:
             log.info("request %s: %d messages, max_tokens=%d, mode=%s", gen.request_id, len(gen.messages),
                      gen.max_tokens, mode)
         stream = self.client.stream(gen)
-        first = await _first(stream)
-        if first.error:
-            raise ApiError(400, first.error, param="messages", code="context_length_exceeded")
-        if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            self.metrics.request(200, mode, True)
-            return StreamingResponse(self._sse(first, stream, mode, include_usage), media_type="text/event-stream")
-        return await self._complete(first, stream, mode)
+        deltas = timed(stream, gen.deadline + _DEADLINE_GRACE_S)
+        try:
+            first = await until_disconnect(request, first_delta(deltas))
+            if first.error:
+                raise ApiError(400, first.error, param=first.param or "messages",
+                               code=None if first.param else "context_length_exceeded")
+            if body.stream:
+                include_usage = bool((body.stream_options or {}).get("include_usage"))
+                self.metrics.request(200, mode, True)
+                events = self._sse(first, deltas, stream, mode, include_usage)
+                return SSEResponse(events, media_type="text/event-stream")
+            return await until_disconnect(request, self._complete(first, deltas, mode))
+        except BaseException:
+            await self.client.close(stream)
+            raise
 
     # ------------------------------------------------------------ validation
 
@@ -223,13 +272,19 @@ class _State:
                            param="max_tokens")
         return body
 
-    def _mode(self, body: ChatCompletionRequest) -> str:
-        mode = body.r2d_mode or self.cfg.mode
-        if mode not in MODES:
-            raise ApiError(422, f"r2d_mode: {mode!r} is not a mode; expected one of {list(MODES)}", param="r2d_mode")
+    def _mode(self, body: ChatCompletionRequest, request: Request) -> str:
+        """The configured mode; another one only when listed, and a weaker one only with the admin key."""
+        mode, configured = body.r2d_mode or self.cfg.mode, self.cfg.mode
+        if mode == configured:
+            return mode
         if mode not in self.cfg.allowed_modes:
-            raise ApiError(403, f"r2d_mode: {mode!r} is not allowed on this server; allowed: "
-                                f"{list(self.cfg.allowed_modes)}", "permission_error", param="r2d_mode")
+            allowed = [configured, *(m for m in self.cfg.allowed_modes if m != configured)]
+            raise ApiError(403, f"r2d_mode: {mode!r} is not allowed on this server; allowed: {allowed}",
+                           "permission_error", param="r2d_mode")
+        if STRENGTH[mode] < STRENGTH[configured] and not same_key(request.headers.get(ADMIN_HEADER, ""),
+                                                                  self.admin_key):
+            raise ApiError(403, f"r2d_mode: {mode!r} shows more than this server's mode {configured!r}; it needs "
+                                f"the admin key in the {ADMIN_HEADER} header", "permission_error", param="r2d_mode")
         return mode
 
     def _gen_request(self, body: ChatCompletionRequest) -> GenRequest:
@@ -239,15 +294,15 @@ class _State:
         return GenRequest(messages=messages, max_tokens=body.wanted_tokens() or self.cfg.default_max_tokens,
                           temperature=body.temperature if body.temperature is not None else 0.0,
                           top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed,
-                          stream=bool(body.stream))
+                          stream=bool(body.stream), deadline=time.time() + self.cfg.request_timeout_s)
 
     # ------------------------------------------------------------ responses
 
-    async def _complete(self, first, stream, mode: str) -> dict:
+    async def _complete(self, first: Delta, deltas, mode: str) -> dict:
         text, last = first.text, first
-        async for delta in stream:
+        async for delta in deltas:
             text, last = text + delta.text, delta
-        result = apply_mode(text, mode)
+        result = apply_mode(text, mode, stopped=last.finish_reason == "stop")
         self._record(result, 200, mode, False)
         message = {"role": "assistant", "content": result.content,
                    "reasoning_content": result.reasoning, "reasoning": result.reasoning}
@@ -255,38 +310,41 @@ class _State:
         return completion_body(completion_id(), self.cfg.served_model_name, message, last.finish_reason or "stop",
                                usage, result.meta())
 
-    async def _sse(self, first, stream, mode: str, include_usage: bool):
-        """SSE chunks; an error after the first byte can only be reported in-band, then [DONE]."""
+    async def _sse(self, first: Delta, deltas, stream, mode: str, include_usage: bool):
+        """SSE chunks; the engine request is closed however the stream ends (finished, failed, or the client left)."""
         cid, created, model = completion_id(), int(time.time()), self.cfg.served_model_name
-        yield _event(chunk_body(cid, model, created, {"role": "assistant", "content": ""}))
-        view, raw, last = HideStream(), "", first
+        view = GuardStream() if mode == "guard" else HideStream()
+        raw, last = "", first
         try:
-            pending = [first]
-            async for delta in _chain(pending, stream):
+            yield event(chunk_body(cid, model, created, {"role": "assistant", "content": ""}))
+            async for delta in chain([first], deltas):
                 raw, last = raw + delta.text, delta
-                if mode == "guard" or not delta.text:
-                    continue  # guard decides on the whole answer: nothing leaves before the end
+                if not delta.text:
+                    continue
                 if mode == "show":
-                    yield _event(chunk_body(cid, model, created, {"content": delta.text}))
+                    yield event(chunk_body(cid, model, created, {"content": delta.text}))
                     continue
                 reasoning, content = view.feed(delta.text)
                 if reasoning or content:
-                    yield _event(chunk_body(cid, model, created, _delta(reasoning, content)))
-            result = apply_mode(raw, mode)
-            tail = view.feed("", final=True) if mode == "hide" else (
-                (result.reasoning or "", result.content) if mode == "guard" else ("", ""))
+                    yield event(chunk_body(cid, model, created, delta_body(reasoning, content)))
+            stopped = last.finish_reason == "stop"
+            result = apply_mode(raw, mode, stopped)
+            tail = ("", "") if mode == "show" else view.feed("", final=True, stopped=stopped)
             if tail[0] or tail[1]:
-                yield _event(chunk_body(cid, model, created, _delta(*tail)))
+                yield event(chunk_body(cid, model, created, delta_body(*tail)))
             self._record(result, 200, mode, True, count_request=False)
-            yield _event(chunk_body(cid, model, created, {}, last.finish_reason or "stop", {"r2d": result.meta()}))
+            yield event(chunk_body(cid, model, created, {}, last.finish_reason or "stop", {"r2d": result.meta()}))
             if include_usage:
                 usage = usage_body(last.prompt_tokens, last.completion_tokens)
-                yield _event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                yield event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                               "choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
         except Exception as err:
             log.warning("stream failed: %s: %s", type(err).__name__, err)
-            yield _event(error_body(f"the model backend failed: {type(err).__name__}", "server_error"))
-        yield "data: [DONE]\n\n"
+            message = str(err) if isinstance(err, DeadlineExceeded) else f"the model backend failed: {type(err).__name__}"
+            yield event(error_body(message, "server_error"))
+        finally:
+            await self.client.close(stream)
 
     def _record(self, result, status: int, mode: str, stream: bool, count_request: bool = True) -> None:
         self.ready = True
@@ -295,32 +353,3 @@ class _State:
         self.metrics.pivots(result.pivots)
         if result.guarded:
             self.metrics.guard_refusal(result.guard_reason or "unknown")
-
-
-def _delta(reasoning: str, content: str) -> dict:
-    delta: dict = {}
-    if reasoning:
-        delta["reasoning_content"] = delta["reasoning"] = reasoning
-    if content:
-        delta["content"] = content
-    return delta
-
-
-def _event(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-async def _first(stream):
-    """The first delta of a stream (so errors before any output get a real status code)."""
-    from r2d.serve.schemas import Delta
-
-    async for delta in stream:
-        return delta
-    return Delta("", "stop")
-
-
-async def _chain(pending: list, stream):
-    for item in pending:
-        yield item
-    async for item in stream:
-        yield item

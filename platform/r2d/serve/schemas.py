@@ -5,6 +5,12 @@ get a 422 naming the field. Unknown OpenAI parameters (``logprobs``, ``user``,
 ``tools``…) are ignored, as OpenAI's own server tolerates fields it does not
 use; ``n > 1`` is rejected because one request yields one choice here.
 
+Every number is bounded to what both engines accept (:data:`SEED_MAX`,
+:data:`MIN_TEMPERATURE`…): torch refuses seeds above 2**64-1 and vLLM's engine core fails
+on seeds from 2**63, and a temperature of 1e-300 turns logits into inf/NaN. The engines
+check the same bounds again (:func:`sampling_error`), per request, so a value that slips
+past the ingress fails its own request and never the batch it shares.
+
 Generation travels between the ingress and the engine as a :class:`GenRequest`
 (plain dataclass: cheap to pickle through a Serve handle) and comes back as a
 stream of :class:`Delta` items.
@@ -14,12 +20,37 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+SEED_MAX = 2**63 - 1
+"""Largest seed: vLLM's engine core fails from 2**63 (torch from 2**64)."""
+MIN_TEMPERATURE = 0.01
+"""Smallest non-zero temperature: logits / 1e-300 overflow to inf (and fp16 logits already at 1e-4)."""
+MAX_TEMPERATURE = 2.0
+MIN_TOP_P = 0.001
+"""Smallest top-p: below it a float32 top-p of 0 is all an engine sees."""
+
+
+def sampling_error(temperature: float, top_p: float, seed: int | None, max_tokens: int) -> str | None:
+    """Why an engine must not run these sampling values (None: it may). Checked per request in both engines."""
+    import math
+
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) or not (
+            temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        return f"temperature: got {temperature!r}, expected 0 or a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]"
+    if not (isinstance(top_p, (int, float)) and math.isfinite(top_p)) or not MIN_TOP_P <= top_p <= 1:
+        return f"top_p: got {top_p!r}, expected a number in [{MIN_TOP_P}, 1]"
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX):
+        return f"seed: got {seed!r}, expected an integer in [0, 2**63-1]"
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        return f"max_tokens: got {max_tokens!r}, expected an integer >= 1"
+    return None
 
 
 class TextPart(BaseModel):
@@ -47,19 +78,27 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(BaseModel):
     """The subset of OpenAI's chat completion request that the server acts on."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
     model: str = ""
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
+    """0 is greedy; otherwise at least MIN_TEMPERATURE."""
+    top_p: float | None = Field(default=None, ge=MIN_TOP_P, le=1.0)
     n: int | None = Field(default=None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
-    r2d_mode: str | None = None
-    """Per-request pivot mode (show, hide, guard), limited to the server's allowed modes."""
+    r2d_mode: Literal["show", "hide", "guard"] | None = None
+    """Per-request pivot mode: the server's own mode, or one its config allows (a weaker one needs the admin key)."""
+
+    @field_validator("temperature")
+    @classmethod
+    def greedy_or_bounded(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"expected 0 (greedy) or a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
+        return value
 
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -77,6 +116,14 @@ class GenRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     stream: bool = True
     """False: the client wants the whole completion, so the replica sends it as one delta."""
+    deadline: float = 0.0
+    """Wall-clock time (``time.time()``) at which the engine stops this request; 0: no deadline."""
+
+    def sampling_error(self) -> str | None:
+        return sampling_error(self.temperature, self.top_p, self.seed, self.max_tokens)
+
+    def past_deadline(self) -> bool:
+        return bool(self.deadline) and time.time() >= self.deadline
 
 
 @dataclass
@@ -89,6 +136,8 @@ class Delta:
     completion_tokens: int = 0
     error: str | None = None
     """Why the engine could not run this request (the client's fault: a 400)."""
+    param: str | None = None
+    """The request field ``error`` is about."""
 
 
 def merge(a: "Delta", b: "Delta") -> "Delta":
@@ -96,7 +145,7 @@ def merge(a: "Delta", b: "Delta") -> "Delta":
     if a.error:
         return a
     return Delta(a.text + b.text, b.finish_reason or a.finish_reason, b.prompt_tokens or a.prompt_tokens,
-                 b.completion_tokens or a.completion_tokens, b.error)
+                 b.completion_tokens or a.completion_tokens, b.error, b.param)
 
 
 async def deliver(deltas, stream: bool):
@@ -105,13 +154,14 @@ async def deliver(deltas, stream: bool):
     Each yielded item is one message between the replica and the ingress; a whole
     completion needs only one, not one per token.
     """
-    if stream:
+    async with aclosing(deltas):  # closing this stream closes the engine's: the request stops generating
+        if stream:
+            async for delta in deltas:
+                yield delta
+            return
+        whole = None
         async for delta in deltas:
-            yield delta
-        return
-    whole = None
-    async for delta in deltas:
-        whole = delta if whole is None else merge(whole, delta)
+            whole = delta if whole is None else merge(whole, delta)
     if whole is not None:
         yield whole
 

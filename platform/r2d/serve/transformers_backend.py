@@ -7,6 +7,12 @@ back to the event loop, so a batch streams token by token::
 
     [GenRequest, ...] -> stream_batch -> per step: [Delta | StopIteration, ...]
 
+One request never fails its batch: a row whose sampling values or prompt the engine
+cannot run answers with its own error delta, and the others generate. A row stops (a
+stopping criterion per row, read inside ``generate``) at its own ``max_tokens``, at its
+deadline, or when its client is gone (:meth:`TransformersEngine.cancel`); ``generate``
+ends when every row has stopped.
+
 :class:`TransformersServer` is the Serve deployment: ``@serve.batch`` gathers
 concurrent calls into one ``stream_batch``.
 """
@@ -15,14 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from ray import serve
 
 from r2d.config import EngineConfig, ModelConfig
-from r2d.models import source_version
-from r2d.serve.replica import EngineCalls, poll_reload
+from r2d.serve.replica import EngineCalls, Reloader, first_answer, load_at_start, poll_reload
 from r2d.serve.schemas import Delta, GenRequest, deliver
 
 log = logging.getLogger("r2d.serve")
@@ -40,13 +45,15 @@ class _Loaded:
 class _StepStreamer:
     """A transformers streamer that forwards each generated step's token ids to an asyncio queue."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-        self._loop, self._queue, self._prompt_seen = loop, queue, False
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, on_step=None) -> None:
+        self._loop, self._queue, self._prompt_seen, self._on_step = loop, queue, False, on_step
 
     def put(self, value) -> None:
         if not self._prompt_seen:  # the first call carries the prompt ids
             self._prompt_seen = True
             return
+        if self._on_step is not None:
+            self._on_step()
         self._loop.call_soon_threadsafe(self._queue.put_nowait, value.reshape(-1).tolist())
 
     def end(self) -> None:
@@ -78,6 +85,23 @@ def _row_sampler(temperatures: list[float], top_ps: list[float]):
     return RowSampling()
 
 
+def _row_stop(checks: list, prompt_len: int, max_tokens: list[int]):
+    """A stopping criterion with a verdict per row: its own max_tokens reached, or ``checks[i]()`` true."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class RowStop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            made = input_ids.shape[1] - prompt_len
+            return torch.tensor([made >= limit or check() for check, limit in zip(checks, max_tokens)],
+                                dtype=torch.bool, device=input_ids.device)
+
+        def __deepcopy__(self, memo):  # shares the live cancellation state, never a copy of it
+            return self
+
+    return StoppingCriteriaList([RowStop()])
+
+
 class TransformersEngine:
     """A causal LM behind a batched, streaming ``generate``; the model can be swapped live.
 
@@ -96,10 +120,19 @@ class TransformersEngine:
         set_threads(threads)
         self.source, self.dtype, self.cache_dir, self.max_model_len = source, dtype, cache_dir, max_model_len
         self.ready = False
-        self._reload_lock = threading.Lock()
-        self._current = self._load(source_version(source))
+        self._cancelled: set[str] = set()
+        self._running: set[str] = set()
+        """Request ids whose ``generate`` thread is still running."""
+        self.steps = 0
+        """Decoding steps run since start (all batches): what the engine has spent."""
+        _, self._current = load_at_start(source, self.load)
+        self.reloader = Reloader(self, source)
 
-    def _load(self, version: str) -> _Loaded:
+    @property
+    def version(self) -> str:
+        return self._current.version
+
+    def load(self, version: str) -> _Loaded:
         from r2d.models import load_model
 
         model, tok = load_model(version, self.dtype, self.cache_dir)
@@ -111,20 +144,35 @@ class TransformersEngine:
         return _Loaded(model, tok, version, frozenset(i for i in eos_ids if i is not None))
 
     def info(self) -> dict:
-        return {"source": self.source, "version": self._current.version, "ready": self.ready, "engine": "transformers"}
+        return {"source": self.source, "version": self._current.version, "ready": self.ready, "engine": "transformers",
+                "active": len(self._running), "steps": self.steps, "reload_failures": self.reloader.failures}
 
     async def reload(self, force: bool = False) -> dict:
-        """Load the model the source points at now, then swap it in; running batches keep the old one."""
-        version = await asyncio.to_thread(source_version, self.source)
-        if version == self._current.version and not force:
-            return {"reloaded": False, **self.info()}
-        loaded = await asyncio.to_thread(self._load_locked, version)
-        self._current = loaded  # one reference swap: in-flight batches hold their own reference
-        return {"reloaded": True, **self.info()}
+        """Load the model the source points at now, warm it up, then swap it in (:class:`Reloader`)."""
+        return await self.reloader.reload(force)
 
-    def _load_locked(self, version: str) -> _Loaded:
-        with self._reload_lock:
-            return self._load(version)
+    async def warm(self, loaded: _Loaded) -> None:
+        """One real generation on ``loaded`` before it takes traffic."""
+        req = GenRequest(messages=[{"role": "user", "content": "Hello"}], max_tokens=1)
+        async with aclosing(self._stream_batch(loaded, [req])) as steps:
+            async for step in steps:
+                if step[0] is not StopIteration and step[0].error:
+                    raise RuntimeError(f"warm-up generation failed: {step[0].error}")
+
+    def swap(self, loaded: _Loaded) -> _Loaded:
+        old, self._current = self._current, loaded  # in-flight batches hold their own reference
+        return old
+
+    def retire(self, old: _Loaded) -> None:
+        pass  # freed when the last batch holding it ends
+
+    def discard(self, loaded: _Loaded) -> None:
+        pass
+
+    def cancel(self, request_id: str) -> None:
+        """Stop generating for a request whose client is gone (a no-op once it has finished)."""
+        if request_id in self._running:
+            self._cancelled.add(request_id)
 
     async def warmup(self) -> bool:
         """Run one real generation; readiness means this has succeeded once."""
@@ -135,41 +183,57 @@ class TransformersEngine:
         return self.ready
 
     async def stream_one(self, req: GenRequest):
-        """Stream one request's deltas (a batch of one)."""
-        async for step in self.stream_batch([req]):
-            if step[0] is StopIteration:
-                return
-            yield step[0]
+        """Stream one request's deltas (a batch of one); closing the stream stops its generation."""
+        async with aclosing(self.stream_batch([req])) as steps:
+            async for step in steps:
+                if step[0] is StopIteration:
+                    return
+                yield step[0]
 
     async def stream_batch(self, reqs: list[GenRequest]):
         """Generate for a batch; yield one list per step with a Delta (or StopIteration when done) per request."""
-        cur = self._current
+        async with aclosing(self._stream_batch(self._current, reqs)) as steps:
+            async for step in steps:
+                yield step
+        if not self.ready:
+            self.ready = True
+            first_answer(self)
+
+    async def _stream_batch(self, cur: _Loaded, reqs: list[GenRequest]):
         prompts, errors = self._encode(cur, reqs)
         live = [i for i, err in enumerate(errors) if err is None]
         if len(live) < len(reqs):  # rejected rows answer at once, the rest still generate
-            yield [Delta("", "error", error=err) if err else Delta("") for err in errors]
+            yield [Delta("", "error", error=err[0], param=err[1]) if err else Delta("") for err in errors]
         if not live:
             return
-        async for step in self._generate(cur, reqs, live, prompts):
-            yield [step.get(i, StopIteration) for i in range(len(reqs))]
-        self.ready = True
+        async with aclosing(self._generate(cur, reqs, live, prompts)) as steps:
+            async for step in steps:
+                yield [step.get(i, StopIteration) for i in range(len(reqs))]
 
     def _encode(self, cur: _Loaded, reqs: list[GenRequest]) -> tuple[list, list]:
         from r2d.pivots import render_conversation
 
         prompts, errors = [], []
         for req in reqs:
-            try:
-                ids = cur.tokenizer(render_conversation(cur.tokenizer, req.messages), add_special_tokens=False)
-                n = len(ids["input_ids"])
-                err = None if n + req.max_tokens <= self.max_model_len else (
-                    f"prompt ({n} tokens) plus max_tokens ({req.max_tokens}) exceeds the model's "
-                    f"context of {self.max_model_len} tokens")
-            except Exception as exc:  # a template that rejects the roles, for instance
-                ids, err = None, f"cannot render the conversation: {exc}"
+            ids, err = None, None
+            bad = req.sampling_error()
+            if bad:
+                err = (bad, bad.split(":", 1)[0])
+            else:
+                try:
+                    ids = cur.tokenizer(render_conversation(cur.tokenizer, req.messages), add_special_tokens=False)
+                    n = len(ids["input_ids"])
+                    if n + req.max_tokens > self.max_model_len:
+                        err = (f"prompt ({n} tokens) plus max_tokens ({req.max_tokens}) exceeds the model's "
+                               f"context of {self.max_model_len} tokens", None)
+                except Exception as exc:  # a template that rejects the roles, for instance
+                    ids, err = None, (f"cannot render the conversation: {exc}", "messages")
             prompts.append(ids)
             errors.append(err)
         return prompts, errors
+
+    def _should_stop(self, req: GenRequest) -> bool:
+        return req.request_id in self._cancelled or req.past_deadline()
 
     async def _generate(self, cur: _Loaded, reqs: list[GenRequest], live: list[int], prompts: list):
         """Run generate in a thread; yield {row: Delta} per step for rows still running."""
@@ -177,29 +241,48 @@ class TransformersEngine:
         batch = tok.pad({"input_ids": [prompts[i]["input_ids"] for i in live]}, return_tensors="pt")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         kwargs = self._sampling_kwargs([reqs[i] for i in live])
+        kwargs["stopping_criteria"] = _row_stop([lambda r=reqs[i]: self._should_stop(r) for i in live],
+                                                batch["input_ids"].shape[1], [reqs[i].max_tokens for i in live])
         max_new = max(reqs[i].max_tokens for i in live)
+        ids = {reqs[i].request_id for i in live}
+        self._running |= ids
         done = loop.run_in_executor(None, self._run_generate, cur.model, batch, kwargs, max_new, tok,
-                                    _StepStreamer(loop, queue), loop, queue)
+                                    _StepStreamer(loop, queue, self._count_step), loop, queue)
+        done.add_done_callback(lambda _: self._finished(ids))
         state = {i: {"ids": [], "sent": "", "open": True} for i in live}
         n_prompt = {i: len(prompts[i]["input_ids"]) for i in live}
-        while True:
-            item = await queue.get()
-            if item is _END:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            step = {}
-            for row, token in zip(live, item):
-                st = state[row]
-                if not st["open"]:
-                    continue
-                step[row] = self._advance(tok, cur, st, token, reqs[row].max_tokens, n_prompt[row])
-            if step:
-                yield step
-        await done
-        for row in live:  # generate stopped (all rows ended) before some row saw its own end
-            if state[row]["open"]:
-                yield {row: Delta("", "length", n_prompt[row], len(state[row]["ids"]))}
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                step = {}
+                for row, token in zip(live, item):
+                    st = state[row]
+                    if not st["open"]:
+                        continue
+                    step[row] = self._advance(tok, cur, st, token, reqs[row].max_tokens, n_prompt[row])
+                    if st["open"] and self._should_stop(reqs[row]):  # deadline or client gone: cut here
+                        st["open"] = False
+                        step[row].finish_reason = "length"
+                if step:
+                    yield step
+            await done
+            for row in live:  # generate stopped (all rows ended) before some row saw its own end
+                if state[row]["open"]:
+                    yield {row: Delta("", "length", n_prompt[row], len(state[row]["ids"]))}
+        finally:
+            if not done.done():  # the consumer left early: stop every row of this call
+                self._cancelled |= ids & self._running
+
+    def _count_step(self) -> None:
+        self.steps += 1
+
+    def _finished(self, ids: set[str]) -> None:
+        self._running -= ids
+        self._cancelled -= ids
 
     @staticmethod
     def _advance(tok, cur: _Loaded, st: dict, token: int, max_tokens: int, n_prompt: int) -> Delta:
@@ -248,18 +331,23 @@ class TransformersServer(EngineCalls):
     """Serve deployment around :class:`TransformersEngine`: ``@serve.batch`` fills ``engine.batch_size``."""
 
     async def __init__(self, source: str, model: ModelConfig, engine: EngineConfig, batch_wait_s: float = 0.02,
-                       reload_poll_s: float = 0.0) -> None:
+                       reload_poll_s: float = 0.0, reload_backoff_s: float = 30.0) -> None:
         threads = engine.threads or (max(1, int(engine.num_cpus)) if engine.num_cpus else 0)
         self.engine = await asyncio.to_thread(TransformersEngine, source, model.dtype, model.cache_dir,
                                               engine.max_model_len, threads)
         self._batched.set_max_batch_size(engine.batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_s)
-        self._poller = asyncio.create_task(poll_reload(self.engine, reload_poll_s)) if reload_poll_s > 0 else None
+        self._poller = (asyncio.create_task(poll_reload(self.engine.reloader, reload_poll_s, reload_backoff_s))
+                        if reload_poll_s > 0 else None)
 
     async def generate(self, req: GenRequest):
         # A real async generator: Serve's streaming handle rejects the sync function @serve.batch returns.
-        async for delta in deliver(self._batched(req), req.stream):
-            yield delta
+        try:
+            async with aclosing(deliver(self._batched(req), req.stream)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        finally:  # cancelled by the ingress (client gone): the batch goes on, this row stops
+            self.engine.cancel(req.request_id)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def _batched(self, reqs: list[GenRequest]):

@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from contextlib import aclosing
 
 from ray import serve
 
 from r2d.config import EngineConfig, ModelConfig
-from r2d.models import source_version
-from r2d.serve.replica import EngineCalls, poll_reload
+from r2d.serve.replica import EngineCalls, Reloader, first_answer, load_at_start, poll_reload
 from r2d.serve.schemas import Delta, GenRequest, deliver
 
 log = logging.getLogger("r2d.serve")
@@ -32,6 +33,11 @@ log = logging.getLogger("r2d.serve")
 
 class VLLMEngine:
     """A vLLM ``AsyncLLM`` with the same streaming interface as :class:`TransformersEngine`.
+
+    A request the engine must not run (sampling values out of range, a prompt too long)
+    answers with an error delta before it reaches vLLM, whose engine core would otherwise
+    fail for every request it holds. A request stops at its deadline, and is aborted in
+    vLLM as soon as its stream is closed (the client went away).
 
     Args:
         source: any model source :mod:`r2d.models` resolves.
@@ -45,9 +51,18 @@ class VLLMEngine:
         self.model, self.engine = model or ModelConfig(), engine or EngineConfig(kind="vllm")
         self.max_model_len = self.engine.max_model_len
         self.ready = False
-        self._current = self._start(source_version(source))
+        self.engines_alive = 0
+        """vLLM engines started and not yet shut down (2 only while an old one drains after a reload)."""
+        self._running: set[str] = set()
+        _, self._current = load_at_start(source, self.load)
+        self.reloader = Reloader(self, source)
 
-    def _start(self, version: str) -> dict:
+    @property
+    def version(self) -> str:
+        return self._current["version"]
+
+    def load(self, version: str) -> dict:
+        """Start an engine on ``version`` (in a thread: it blocks for the engine's start-up)."""
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -59,41 +74,90 @@ class VLLMEngine:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.engine.kv_cache_gb)
         kwargs = {**engine_args(self.model, self.engine), "disable_log_stats": True}
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=local, tokenizer=local, **kwargs))
+        self.engines_alive += 1
         log.info("vLLM engine started for %s", version)
         return {"engine": engine, "tokenizer": load_tokenizer(local, self.model.cache_dir), "version": version}
 
     def info(self) -> dict:
-        return {"source": self.source, "version": self._current["version"], "ready": self.ready, "engine": "vllm"}
+        try:  # what vLLM itself still holds: aborted requests leave it at once
+            unfinished = self._current["engine"].output_processor.get_num_unfinished_requests()
+        except AttributeError:
+            unfinished = None
+        return {"source": self.source, "version": self._current["version"], "ready": self.ready, "engine": "vllm",
+                "active": len(self._running), "unfinished": unfinished, "engines": self.engines_alive,
+                "reload_failures": self.reloader.failures}
 
     async def reload(self, force: bool = False) -> dict:
-        """Start an engine on the new version, swap it in, then retire the old one once idle."""
-        version = await asyncio.to_thread(source_version, self.source)
-        if version == self._current["version"] and not force:
-            return {"reloaded": False, **self.info()}
-        old, self._current = self._current, await asyncio.to_thread(self._start, version)
-        asyncio.create_task(_retire(old["engine"]))
-        return {"reloaded": True, **self.info()}
+        """Start an engine on the new version, warm it up, swap it in; the old one retires once idle."""
+        return await self.reloader.reload(force)
+
+    async def warm(self, loaded: dict) -> None:
+        req = GenRequest([{"role": "user", "content": "Hello"}], max_tokens=1)
+        async with aclosing(self._stream(loaded, req)) as deltas:
+            async for delta in deltas:
+                if delta.error:
+                    raise RuntimeError(f"warm-up generation failed: {delta.error}")
+
+    def swap(self, loaded: dict) -> dict:
+        old, self._current = self._current, loaded
+        return old
+
+    def retire(self, old: dict) -> None:
+        asyncio.ensure_future(self._retire(old["engine"]))
+
+    def discard(self, loaded: dict) -> None:
+        self._shutdown(loaded["engine"])
+
+    def _shutdown(self, engine) -> None:
+        engine.shutdown()
+        self.engines_alive -= 1
+
+    async def _retire(self, engine, grace_s: float = 600.0) -> None:
+        """Shut an engine down once its last request has finished (or after a grace period)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while loop.time() < deadline:
+            try:
+                if not engine.output_processor.has_unfinished_requests():
+                    break
+            except AttributeError:  # an engine without that view: wait out the grace period
+                pass
+            await asyncio.sleep(1.0)
+        self._shutdown(engine)
 
     async def warmup(self) -> bool:
         if not self.ready:
-            async for _ in self.stream_one(GenRequest([{"role": "user", "content": "Hello"}], max_tokens=1)):
-                pass
+            async with aclosing(self.stream_one(GenRequest([{"role": "user", "content": "Hello"}],
+                                                           max_tokens=1))) as deltas:
+                async for _ in deltas:
+                    pass
         return self.ready
 
     async def stream_one(self, req: GenRequest):
-        """Stream one request's deltas; a prompt the engine rejects yields one error delta."""
+        """Stream one request's deltas; a request the engine must not run yields one error delta."""
+        async with aclosing(self._stream(self._current, req)) as deltas:
+            async for delta in deltas:
+                yield delta
+        if not self.ready:
+            self.ready = True
+            first_answer(self)
+
+    async def _stream(self, cur: dict, req: GenRequest):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         from r2d.pivots import render_conversation
 
-        cur = self._current
+        bad = req.sampling_error()
+        if bad:
+            yield Delta("", "error", error=bad, param=bad.split(":", 1)[0])
+            return
         tok = cur["tokenizer"]
         try:
             ids = tok(render_conversation(tok, req.messages), add_special_tokens=False)["input_ids"]
         except Exception as exc:
-            yield Delta("", "error", error=f"cannot render the conversation: {exc}")
+            yield Delta("", "error", error=f"cannot render the conversation: {exc}", param="messages")
             return
         if len(ids) + req.max_tokens > self.max_model_len:
             yield Delta("", "error", error=f"prompt ({len(ids)} tokens) plus max_tokens ({req.max_tokens}) "
@@ -102,40 +166,47 @@ class VLLMEngine:
         # A non-streaming request needs only the final output: with DELTA the replica's event loop would
         # wake for every token, taking the cores from the engine's threads on a small machine.
         kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
-        params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                seed=req.seed, skip_special_tokens=False, output_kind=kind)
-        n_out = 0
-        async for out in cur["engine"].generate(TokensPrompt(prompt_token_ids=ids), params, req.request_id):
-            piece = out.outputs[0]
-            n_out += len(piece.token_ids)
-            finish = piece.finish_reason if out.finished else None
-            yield Delta(piece.text, finish, len(ids), n_out)
-        self.ready = True
-
-
-async def _retire(engine, grace_s: float = 600.0) -> None:
-    """Shut an engine down once its last request has finished (or after a grace period)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + grace_s
-    while loop.time() < deadline:
         try:
-            if not engine.output_processor.has_unfinished_requests():
-                break
-        except AttributeError:  # an engine without that view: wait out the grace period
-            pass
-        await asyncio.sleep(1.0)
-    engine.shutdown()
+            params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                    seed=req.seed, skip_special_tokens=False, output_kind=kind)
+        except (ValueError, TypeError) as exc:
+            yield Delta("", "error", error=f"sampling parameters: {exc}")
+            return
+        engine, n_out, finished = cur["engine"], 0, False
+        outputs = engine.generate(TokensPrompt(prompt_token_ids=ids), params, req.request_id)
+        self._running.add(req.request_id)
+        try:
+            while True:
+                timeout = max(0.0, req.deadline - time.time()) if req.deadline else None
+                try:
+                    out = await asyncio.wait_for(outputs.__anext__(), timeout)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:  # the deadline: what was generated stands, cut short
+                    yield Delta("", "length", len(ids), n_out)
+                    break
+                piece = out.outputs[0]
+                n_out += len(piece.token_ids)
+                finished = out.finished
+                yield Delta(piece.text, piece.finish_reason if out.finished else None, len(ids), n_out)
+        finally:
+            self._running.discard(req.request_id)
+            if not finished:  # deadline, or the consumer left: free the engine's slot now
+                await outputs.aclose()
+                await engine.abort(req.request_id)
 
 
 @serve.deployment(name="r2d-vllm")
 class VLLMServer(EngineCalls):
     """Serve deployment around :class:`VLLMEngine`."""
 
-    async def __init__(self, source: str, model: ModelConfig, engine: EngineConfig, reload_poll_s: float = 0.0) -> None:
+    async def __init__(self, source: str, model: ModelConfig, engine: EngineConfig, reload_poll_s: float = 0.0,
+                       reload_backoff_s: float = 30.0) -> None:
         self.engine = await asyncio.to_thread(VLLMEngine, source, model, engine)
-        self._poller = asyncio.create_task(poll_reload(self.engine, reload_poll_s)) if reload_poll_s > 0 else None
+        self._poller = (asyncio.create_task(poll_reload(self.engine.reloader, reload_poll_s, reload_backoff_s))
+                        if reload_poll_s > 0 else None)
 
     async def generate(self, req: GenRequest):
-        async for delta in deliver(self.engine.stream_one(req), req.stream):
-            yield delta
-
+        async with aclosing(deliver(self.engine.stream_one(req), req.stream)) as deltas:
+            async for delta in deltas:
+                yield delta

@@ -21,9 +21,25 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
             for k, v in config_flatten(tree, prefix).items()}
 
 
+def train_key(cfg: Config, traces_digest: str) -> str:
+    """A digest of everything a training run's result depends on: the same key, the same model.
+
+    The student, every ``train`` setting but where checkpoints go, the worker count (it sets
+    the global batch) and the traces' content digest.
+    """
+    import dataclasses
+    import hashlib
+
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("storage_path", "traces")}
+    payload = {"model": dataclasses.asdict(cfg.model), "train": train, "traces_digest": traces_digest,
+               "workers": cfg.resources.train_workers, "use_gpu": cfg.resources.use_gpu}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def lineage_tags(cfg: Config, lineage: dict, pivot_ids: dict[str, int] | None = None) -> dict[str, str]:
     """The lineage contract's tags for the training run and the model version."""
     out = {
+        T.TRAIN_KEY: train_key(cfg, lineage.get("traces_digest", "")),
         T.STAGE: "train",
         T.CONFIG_DIGEST: cfg.digest(),
         T.GIT_COMMIT: lineage.get("git_commit", "unknown"),

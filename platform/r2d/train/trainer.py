@@ -37,6 +37,8 @@ class TrainOutcome:
     """Where the final checkpoint lives (local path or URI)."""
     metrics: dict
     """Last reported metrics."""
+    reused: bool = False
+    """True when a finished run of the same inputs was found and nothing was trained."""
 
 
 def traces_uri(cfg: Config) -> str:
@@ -119,11 +121,13 @@ def build_trainer(cfg: Config, dataset, total_steps: int, lineage_info: dict, ho
                         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"))
 
 
-def run_training(cfg: Config, hooks: dict | None = None) -> TrainOutcome:
+def run_training(cfg: Config, hooks: dict | None = None, reuse: bool = True) -> TrainOutcome:
     """Train on the traces with Ray Train; resumes when ``train.run_name`` already has checkpoints.
 
     The driver holds a lease on the run's checkpoint folder while it trains: a second driver of
     the same run is refused rather than writing checkpoints beside the first.
+    With ``reuse``, a finished run of the same inputs (:func:`r2d.train.run_log.train_key`)
+    that registered a version is returned as it is, and nothing starts.
 
     Raises:
         FileNotFoundError: the traces folder holds no Parquet files.
@@ -133,14 +137,56 @@ def run_training(cfg: Config, hooks: dict | None = None) -> TrainOutcome:
     manifest = read_manifest(uri)
     n_rows, dataset = read_traces(uri)
     total = planned_steps(cfg, n_rows)
+    info = lineage(cfg, uri, manifest)
+    found = finished_run(cfg, info["traces_digest"], total) if reuse and cfg.train.register else None
+    if found is not None:
+        from mlflow import MlflowClient
+
+        from r2d.train.register import ALIAS
+
+        # What a fresh run would leave behind: its version as the challenger.
+        MlflowClient().set_registered_model_alias(cfg.tracking.registered_model, ALIAS, found.model_version)
+        return found
     with HeldLease(run_folder(cfg), ttl_s=LEASE_TTL_S):
-        result = build_trainer(cfg, dataset, total, lineage(cfg, uri, manifest), hooks).fit()
+        result = build_trainer(cfg, dataset, total, info, hooks).fit()
     return _outcome(cfg, result, total)
 
 
 def run_folder(cfg: Config) -> str:
     """Where Ray Train keeps this run's checkpoints: ``train.storage_path/train.run_name``."""
     return st.join(st.absolute(cfg.train.storage_path), cfg.train.run_name)
+
+
+def finished_run(cfg: Config, traces_digest: str, total: int) -> TrainOutcome | None:
+    """The newest finished training run with these inputs whose registered version still exists."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from r2d import run_tags as T
+    from r2d.runtime import init_mlflow
+    from r2d.train.loop import REGISTERED_TAG
+    from r2d.train.run_log import train_key
+
+    if not traces_digest:
+        return None
+    mlflow = init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
+    client = MlflowClient()
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=10,
+                              filter_string=f"tags.`{T.TRAIN_KEY}` = '{train_key(cfg, traces_digest)}' and "
+                                            "attributes.status = 'FINISHED'")
+    for run in runs:
+        version = run.data.tags.get(REGISTERED_TAG)
+        if not version:
+            continue
+        try:
+            client.get_model_version(cfg.tracking.registered_model, version)
+        except MlflowException:
+            continue  # deleted since
+        return TrainOutcome(steps=total, planned_steps=total, mlflow_run_id=run.info.run_id, model_version=version,
+                            checkpoint_path=run_folder(cfg),
+                            metrics=dict(run.data.metrics), reused=True)
+    return None
 
 
 def _outcome(cfg: Config, result, total: int) -> TrainOutcome:

@@ -1,0 +1,106 @@
+"""How answers travel: SSE events, a watcher for clients that leave, and the backstop deadline.
+
+Plain asyncio and ASGI, no FastAPI state: :mod:`r2d.serve.api` composes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from starlette.responses import StreamingResponse
+
+from r2d.serve.schemas import Delta
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+class DeadlineExceeded(Exception):
+    """The engine did not finish (or stop) a request by its deadline."""
+
+
+class SSEResponse(StreamingResponse):
+    """A streaming response that stops its body, and so the engine request, as soon as the client leaves.
+
+    Starlette notices a disconnect only when it next sends; guard mode may send nothing for
+    many tokens, so a watcher task waits for ``http.disconnect`` alongside the body.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        body = asyncio.ensure_future(self.stream_response(send))
+        gone = asyncio.ensure_future(disconnected(receive))
+        try:
+            await asyncio.wait({body, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if body.done() and not body.cancelled() and not isinstance(body.exception(), OSError):
+                body.result()
+        finally:
+            for task in (body, gone):
+                task.cancel()
+            await asyncio.gather(body, gone, return_exceptions=True)
+            await self.body_iterator.aclose()
+
+
+def delta_body(reasoning: str, content: str) -> dict:
+    delta: dict = {}
+    if reasoning:
+        delta["reasoning_content"] = delta["reasoning"] = reasoning
+    if content:
+        delta["content"] = content
+    return delta
+
+
+def event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def disconnected(receive) -> None:
+    """Return when the client has gone (the body was already read, so only ``http.disconnect`` is left)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request, coro):
+    """Await ``coro``, or cancel it and raise :class:`ClientGone` when the client disconnects first."""
+    work = asyncio.ensure_future(coro)
+    gone = asyncio.ensure_future(disconnected(request.receive))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        raise ClientGone()
+    finally:
+        for task in (work, gone):
+            task.cancel()
+        await asyncio.gather(work, gone, return_exceptions=True)
+
+
+async def timed(stream, deadline: float):
+    """The stream's items; past ``deadline`` (wall clock) an engine that did not stop is abandoned."""
+    iterator = stream.__aiter__()
+    while True:
+        try:
+            item = await asyncio.wait_for(iterator.__anext__(), max(0.001, deadline - time.time()))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("the model did not answer within the request deadline") from None
+        yield item
+
+
+async def first_delta(deltas) -> Delta:
+    """The first delta of a stream (so errors before any output get a real status code)."""
+    async for delta in deltas:
+        return delta
+    return Delta("", "stop")
+
+
+async def chain(pending: list, stream):
+    for item in pending:
+        yield item
+    async for item in stream:
+        yield item
