@@ -1,6 +1,6 @@
 """How answers travel: SSE events, a watcher for clients that leave, and the backstop deadline.
 
-Plain asyncio and ASGI, no FastAPI state: :mod:`r2d.serve.api` composes them.
+Plain asyncio and ASGI (FastAPI's streaming response), no FastAPI state: :mod:`r2d.serve.api` composes them.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 
-from starlette.responses import StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from r2d.serve.schemas import Delta
 
