@@ -64,9 +64,11 @@ def _flash_varlen(query, key, value, cu_seq_lens, max_length: int, scaling: floa
 
 def _per_trace(query, key, value, bounds: list[int], scaling: float) -> torch.Tensor:
     gqa = query.shape[1] != key.shape[1]
-    parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-                                            scale=scaling, enable_gqa=gqa)
-             for a, b in zip(bounds[:-1], bounds[1:])]
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    # split, not slicing: a slice's backward writes its gradient into a zeroed copy of the whole
+    # row (one memset of the row per trace, per tensor, per layer); split's backward is one cat.
+    parts = [F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+             for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value)))]
     return torch.cat(parts, dim=2).transpose(1, 2)
 
 
