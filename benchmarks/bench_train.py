@@ -1,19 +1,26 @@
-"""Training throughput in real (non-padding) tokens/s: our step against its baselines.
+"""Training throughput in real (non-padding) tokens/s: the packed step against today's and the baselines.
 
-One process, the same student (the tiny config's LoRA + trainable pivot rows), the same
-traces, batch and max length:
+One process, the same student (the tiny config's LoRA + trainable pivot rows), the same traces
+and windows (``batch_size x grad_accum`` traces a step). Variants:
 
-- our SFT+CPO step (``r2d.train.steps.optimizer_step``) against our SFT-only step
-  (``cpo_weight=0``, the ablation) — what CPO costs;
-- against a plain Hugging Face-style loop (same model, HF's own loss, AdamW, batches in
-  arrival order — no length grouping): the floor any trainer must beat;
-- against TRL's ``SFTTrainer`` when ``trl`` is importable (optional; not a dependency).
+- ``padded``: today's step, the reference (padded rows grouped by length, full logits);
+- ``packed``: packed padding-free rows cut by ``micro_batch_tokens``, the chunked LM head
+  (``train.packing`` + ``train.chunked_ce``); ``packed, full logits`` isolates the packing;
+- ``packed, SFT only`` (``cpo_weight=0``): what CPO costs on the packed step;
+- a plain Hugging Face-style loop (the model's own loss, AdamW), on the same padded rows and
+  on the same packed rows (position ids only: transformers' own packed-sequence mask);
+- TRL's ``SFTTrainer`` when ``trl`` is importable (the bench extra), padded and with its own
+  best-fit-decreasing packing into blocks of ``micro_batch_tokens``.
+On CUDA, also the packed step with bf16 adapters, with ``torch.compile``, and with gradient
+checkpointing: the knobs a GPU run chooses by measurement.
 
-Our variants and the plain loop run step by step in turn on the same windows, so the
-machine's noise falls on all of them alike. Traces vary in length (1–4× the reasoning
-steps) like real ones, which is where length grouping pays.
+The traces have the tiny demo's length profile (``r2d.train.synthetic.demo_like_rows``: the
+training side's real prompts, one teacher-length step, the repaired answer). Our variants and the
+plain loops run step by step in turn on the same windows, so the machine's noise falls on all of
+them alike.
 
     python benchmarks/bench_train.py [--quick]
+    python benchmarks/bench_train.py --gpu-only --arch smollm2-1.7b --set train.batch_size=32
 """
 
 from __future__ import annotations
@@ -32,22 +39,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Row, cuda_available, per_second, repo_path, torch_profile  # noqa: E402
 
 SECTION = "train"
-SIZES = {"full": {"rows": 64, "steps": 6}, "quick": {"rows": 32, "steps": 4}}
+SIZES = {"full": {"rows": 160, "steps": 6}, "quick": {"rows": 96, "steps": 4}}
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
 """Dense bf16 peak per GPU, for MFU."""
-
-
-def traces_rows(n: int) -> list[dict]:
-    """``n`` traces rows of varied length: the synthetic rows with their reasoning repeated 1–4 times."""
-    from r2d.train.synthetic import synthetic_rows
-
-    rows = synthetic_rows(n, seed=1)
-    for i, row in enumerate(rows):
-        k = 1 + (i * 7) % 4
-        row["reasoning_steps"] = [s for _ in range(k) for s in row["reasoning_steps"]]
-        row["step_pivots"] = [p for _ in range(k) for p in row["step_pivots"]]
-        row["teacher_pivots"] = list(row["step_pivots"])
-    return rows
+PACKED = {"packing": True, "chunked_ce": True}
+VARIANTS = {
+    "padded": ({"packing": False, "chunked_ce": False}, "ours"),
+    "packed": (PACKED, "ours"),
+    "packed, full logits": ({"packing": True, "chunked_ce": False}, "ours"),
+    "packed, SFT only": ({**PACKED, "cpo_weight": 0.0}, "ours"),
+    "plain loop": ({"packing": False, "chunked_ce": False}, "plain"),
+    "plain loop, packed": ({"packing": False, "chunked_ce": False}, "plain, packed"),
+}
+"""name -> (train.* overrides, step kind: ours, plain, or plain on packed rows with transformers' own attention)."""
+GPU_VARIANTS = {
+    "packed, bf16 adapters": ({**PACKED, "lora.fp32_weights": False}, "ours"),
+    "packed, compiled": ({**PACKED, "compile": True}, "ours"),
+    "packed, checkpointing": ({**PACKED, "gradient_checkpointing": True}, "ours"),
+}
 
 
 def train_config(use_gpu: bool, overrides: list[str] = ()):
@@ -57,6 +66,14 @@ def train_config(use_gpu: bool, overrides: list[str] = ()):
     extra = ["resources.use_gpu=true", "resources.gpus_per_worker=1"] if use_gpu else []
     return load_config(str(Path(__file__).resolve().parent.parent / "jobs/configs/tiny.yaml"),
                        extra + list(overrides))
+
+
+def with_train(cfg, overrides: dict):
+    """``cfg`` with ``train.*`` fields replaced (``lora.x`` keys reach ``train.lora``)."""
+    lora = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("lora.")}
+    plain = {k: v for k, v in overrides.items() if not k.startswith("lora.")}
+    train = dataclasses.replace(cfg.train, **plain, lora=dataclasses.replace(cfg.train.lora, **lora))
+    return dataclasses.replace(cfg, train=train)
 
 
 def random_model(arch: str, tokenizer: str) -> str:
@@ -69,30 +86,57 @@ def random_model(arch: str, tokenizer: str) -> str:
 
 
 class Variant:
-    """One model + optimizer trained by one kind of step, timed step by step."""
+    """One model + optimizer trained by one kind of step on its own layout of the windows, timed step by step."""
 
-    def __init__(self, name: str, cfg, device, step_fn) -> None:
+    def __init__(self, name: str, cfg, device, kind: str) -> None:
+        from r2d.train.loop import loss_settings
         from r2d.train.model import build_model
         from r2d.train.steps import make_optimizer
 
-        self.name, self.step_fn, self.device = name, step_fn, device
+        self.name, self.cfg, self.device, self.kind = name, cfg, device, kind
         self.model, self.tok, self.pivots = build_model(cfg, device)
+        self.settings = loss_settings(cfg, self.pivots)
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.train.learning_rate, 0.0, "constant", 0.0,
                                                         1000)
-        self.seconds, self.tokens = [], []
+        self.seconds, self.tokens, self.windows = [], [], []
 
-    def step(self, window, record: bool) -> None:
-        sync = _sync(self.device)
+    def prepare(self, windows: list) -> None:
+        """Collate the shared windows (lists of micro-batches of examples) the way this variant trains on them."""
+        from r2d.train.steps import collate_window
+
+        t = self.cfg.train
+        if self.kind.startswith("plain"):
+            self.windows = [_plain_window(w, self.tok.pad_token_id, self.device, self.kind == "plain, packed",
+                                          t.micro_batch_tokens) for w in windows]
+        else:
+            self.windows = [collate_window(w, self.tok.pad_token_id, self.device, self.settings, packing=t.packing,
+                                           micro_batch_tokens=t.micro_batch_tokens, targets=t.chunked_ce)
+                            for w in windows]
+
+    def step(self, i: int, record: bool) -> None:
+        from r2d.train.steps import optimizer_step
+
+        window, sync = self.windows[i], _sync(self.device)
         start = time.perf_counter()
-        self.step_fn(self, window)
+        if self.kind.startswith("plain"):
+            _plain(self, window)
+        else:
+            t = self.cfg.train
+            optimizer_step(self.model, self.optimizer, self.scheduler, window, self.settings,
+                           ce_chunk=t.ce_chunk_tokens if t.chunked_ce else 0)
         sync()
         if record:
             self.seconds.append(time.perf_counter() - start)
-            self.tokens.append(sum(float(b["attention_mask"].sum()) for b in window))
+            self.tokens.append(_real_tokens(window))
 
     @property
     def tok_s(self) -> float:
         return per_second(sum(self.tokens), sum(self.seconds))
+
+
+def _real_tokens(window: list[dict]) -> float:
+    return float(sum(b["host"]["tokens"] if "host" in b else b["real_tokens"] if "real_tokens" in b
+                     else b["attention_mask"].sum() for b in window))
 
 
 def torch_name() -> str:
@@ -107,12 +151,26 @@ def _sync(device):
     return torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
 
 
-def _ours(settings):
-    from r2d.train.steps import optimizer_step
+def _plain_window(window: list[list[dict]], pad_id: int, device, packed: bool, budget: int) -> list[dict]:
+    """The plain loop's batches: padded rows as they come, or the same packed rows as ours with labels and
+    position ids only (transformers then builds its own packed-sequence mask)."""
+    import torch
 
-    def step(v: Variant, window) -> None:
-        optimizer_step(v.model, v.optimizer, v.scheduler, window, settings)
-    return step
+    from r2d.losses import IGNORE_INDEX
+    from r2d.train.batching import collate
+    from r2d.train.packing import pack
+
+    if not packed:
+        return [{**collate(m, pad_id, device)} for m in window]
+    out = []
+    for micro in pack([e for m in window for e in m], budget):
+        ids = [t for e in micro for t in e["input_ids"]]
+        # A trace's first token never carries a label, so no position predicts across a boundary.
+        labels = [t for e in micro for t in [IGNORE_INDEX] + e["labels"][1:]]
+        positions = [p for e in micro for p in range(len(e["input_ids"]))]
+        out.append({"input_ids": torch.tensor([ids], device=device), "labels": torch.tensor([labels], device=device),
+                    "position_ids": torch.tensor([positions], device=device), "real_tokens": len(ids)})
+    return out
 
 
 def _plain(v: Variant, window) -> None:
@@ -120,51 +178,61 @@ def _plain(v: Variant, window) -> None:
     import torch
 
     for batch in window:
-        out = v.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        (out.loss / len(window)).backward()
+        inputs = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "position_ids") if k in batch}
+        (v.model(**inputs).loss / len(window)).backward()
     torch.nn.utils.clip_grad_norm_([p for p in v.model.parameters() if p.requires_grad], 1.0)
     v.optimizer.step()
     v.optimizer.zero_grad(set_to_none=True)
 
 
-def _windows(rows, v: Variant, cfg, grouping: bool) -> list:
-    from r2d.train.steps import collate_window, windows
+def shared_windows(cfg, rows, v: Variant) -> list:
+    """The windows every variant trains on: examples grouped by length as the training loop does."""
+    from r2d.train.steps import windows
 
     t = cfg.train
-    stream = windows(rows, v.tok, v.pivots, max_length=t.max_length, batch_size=t.batch_size,
-                     grad_accum=t.grad_accum, dropped=Counter(), length_grouping=grouping, seed=t.seed)
-    return [collate_window(w, v.tok.pad_token_id, v.device) for w in stream]
+    return list(windows(rows, v.tok, v.pivots, max_length=t.max_length, batch_size=t.batch_size,
+                        grad_accum=t.grad_accum, dropped=Counter(), length_grouping=True, seed=t.seed))
 
 
-def run_ours_and_plain(cfg, rows, steps: int, device) -> tuple[dict[str, Variant], dict]:
-    """SFT+CPO, SFT-only and the plain loop, one step each in turn; the first step is warm-up."""
-    import dataclasses
-
-    from r2d.train.loop import loss_settings
-
-    variants = {}
-    for name, weight in (("sft+cpo", 1.0), ("sft-only", 0.0)):
-        c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cpo_weight=weight))
-        probe = Variant(name, c, device, None)
-        probe.step_fn = _ours(loss_settings(c, probe.pivots))
-        variants[name] = probe
-    variants["plain"] = Variant("plain", cfg, device, _plain)
-    grouped = _windows(rows, variants["sft+cpo"], cfg, grouping=True)
-    arrival = _windows(rows, variants["plain"], cfg, grouping=False)
-    padding = {"grouped": _padding(grouped), "arrival": _padding(arrival)}
-    n = min(steps, len(grouped), len(arrival))
-    if str(device).startswith("cuda"):
-        # Untimed pass first: the first step at each new shape pays for the caching allocator's
-        # new blocks and cuBLAS's plans, which the variants in the same process then share.
+def run_variants(cfg, rows, steps: int, device, gpu: bool, log=print, knobs: bool = True
+                 ) -> tuple[dict[str, Variant], dict]:
+    """Every variant one step in turn, each going first in turn; the first step is warm-up."""
+    specs = {**VARIANTS, **(GPU_VARIANTS if gpu and knobs else {})}
+    variants, failed = {}, {}
+    for name, (overrides, kind) in specs.items():
+        try:
+            variants[name] = Variant(name, with_train(cfg, overrides), device, kind)
+        except Exception as err:  # an optional knob that does not work here must not sink the section
+            failed[name] = f"{type(err).__name__}: {err}"[:300]
+    windows = shared_windows(cfg, rows, variants["padded"])
+    windows = [w for w in windows if sum(len(m) for m in w) == cfg.train.batch_size * cfg.train.grad_accum]
+    for v in variants.values():
+        v.prepare(windows)
+    n = min(steps, len(windows))
+    if gpu:
+        # Untimed pass first: the first step at each new shape pays for the caching allocator's new
+        # blocks, cuBLAS's plans and compilation, which the variants in the process then share.
         for i in range(n):
-            for name, v in variants.items():
-                v.step(arrival[i] if name == "plain" else grouped[i], record=False)
+            for name, v in list(variants.items()):
+                _guarded(variants, failed, name, lambda: v.step(i, record=False))
     order = list(variants)
     for i in range(n):
-        # Each variant goes first in turn, so none always pays (or dodges) what a step leaves behind.
         for name in order[i % len(order):] + order[:i % len(order)]:
-            variants[name].step(arrival[i] if name == "plain" else grouped[i], record=i > 0)
-    return variants, padding
+            if name in variants:
+                _guarded(variants, failed, name, lambda: variants[name].step(i, record=i > 0))
+    for name, why in failed.items():
+        log(f"  {name}: failed ({why})")
+    return variants, {"failed": failed, "padding": _padding(variants["padded"].windows),
+                      "traces_per_step": cfg.train.batch_size * cfg.train.grad_accum,
+                      "micro_batches": {k: len(v.windows[0]) if v.windows else 0 for k, v in variants.items()}}
+
+
+def _guarded(variants: dict, failed: dict, name: str, fn) -> None:
+    try:
+        fn()
+    except Exception as err:
+        failed[name] = f"{type(err).__name__}: {err}"[:300]
+        variants.pop(name)
 
 
 def _padding(windows: list) -> float:
@@ -174,8 +242,12 @@ def _padding(windows: list) -> float:
     return 1 - real / max(total, 1)
 
 
-def run_trl(cfg, rows, steps: int, device) -> dict | None:
-    """TRL's SFTTrainer on the same PEFT model, rows, batch and max length; None without trl."""
+def run_trl(cfg, rows, steps: int, device, packed: bool) -> dict | None:
+    """TRL's SFTTrainer on the same PEFT model, rows and traces a step; None without trl.
+
+    ``packed``: TRL's own best-fit-decreasing packing into blocks of ``micro_batch_tokens``, one block a
+    micro-batch (padding-free; transformers' packed-sequence mask).
+    """
     try:
         from trl import SFTConfig, SFTTrainer
     except Exception:
@@ -190,8 +262,8 @@ def run_trl(cfg, rows, steps: int, device) -> dict | None:
     # TRL's fused LM head reads ``lm_head.bias``, which peft's trainable-token wrapper (our
     # pivot rows) does not expose: TRL gets the same LoRA without the pivot rows, a little
     # less work per step than ours.
-    lora = dataclasses.replace(cfg.train.lora, train_pivot_rows=False)
-    model, tok, _ = build_model(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lora=lora)), device)
+    base = with_train(cfg, {"packing": False, "chunked_ce": False, "lora.train_pivot_rows": False})
+    model, tok, _ = build_model(base, device)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                                "completion": [{"role": "assistant", "content": render_assistant(row_to_trace(r))}]}
                               for r in rows])
@@ -203,28 +275,34 @@ def run_trl(cfg, rows, steps: int, device) -> dict | None:
             marks.append(time.perf_counter())
 
     t = cfg.train
-    args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="r2d-bench-trl-"), per_device_train_batch_size=t.batch_size,
-                     gradient_accumulation_steps=t.grad_accum, max_length=t.max_length, max_steps=steps,
+    shape = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "max_length": t.micro_batch_tokens,
+             "packing": True} if packed else \
+        {"per_device_train_batch_size": t.batch_size, "gradient_accumulation_steps": t.grad_accum,
+         "max_length": t.max_length}
+    args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="r2d-bench-trl-"), max_steps=steps,
                      learning_rate=t.learning_rate, lr_scheduler_type="constant", report_to="none",
                      save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=not cuda_available(),
-                     bf16=cuda_available(), dataloader_num_workers=0, seed=t.seed)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                         callbacks=[Clock()])
-    lengths = [min(len(x), t.max_length) for x in trainer.train_dataset["input_ids"]]
+                     bf16=cuda_available(), dataloader_num_workers=0, seed=t.seed, **shape)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()])
+    lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
     trainer.train()
-    per_row = sum(lengths) / len(lengths)
+    per_block = sum(lengths) / len(lengths)
     measured = len(marks) - 1  # the first step is warm-up, as for ours
     seconds = marks[-1] - marks[0]
-    tokens = per_row * t.batch_size * t.grad_accum * measured
-    return {"tok_s": per_second(tokens, seconds), "steps": measured, "mean_row_tokens": per_row,
-            "note": "LoRA without pivot rows; tokens = mean row length x rows per step"}
+    rows_a_step = 1 if packed else t.batch_size * t.grad_accum
+    tokens = per_block * rows_a_step * measured
+    note = ("LoRA without pivot rows; " + (f"bfd packing into {t.micro_batch_tokens}-token blocks, "
+                                            f"{per_block:.0f} tokens a block" if packed else
+                                            "tokens = mean row length x rows a step"))
+    return {"tok_s": per_second(tokens, seconds), "steps": measured, "mean_block_tokens": per_block, "note": note}
 
 
 def flops_per_token(model) -> float:
     """Matmul FLOPs per trained token: 2N forward, 2N for the input gradients, 2 per trainable weight.
 
     Full fine-tuning gives the usual 6N; LoRA, whose frozen weights need no weight gradient,
-    about 4N. Attention's sequence-length term is left out, as in the usual 6N.
+    about 4N. Attention's sequence-length term is left out, as in the usual 6N. Model FLOPs, not
+    hardware FLOPs: the chunked head skips the unlabelled positions and is still credited with them.
     """
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -244,13 +322,51 @@ def _mfu(v: Variant, device) -> float | None:
     return flops_per_token(v.model) * v.tok_s / peak
 
 
+def _rows(section: str, variants: dict[str, Variant], info: dict, trl: dict, cfg, device, trl_asked: bool
+          ) -> list[Row]:
+    t = cfg.train
+    lora = f"LoRA r={t.lora.r}" if t.lora.enabled else "full fine-tuning"
+    note = (f"{info['traces_per_step']} traces a step (batch {t.batch_size} x accum {t.grad_accum}), max_length "
+            f"{t.max_length}, micro_batch_tokens {t.micro_batch_tokens}, {lora}")
+    tok_s = {name: v.tok_s for name, v in variants.items()}
+    got = lambda name: tok_s.get(name)  # noqa: E731
+    out = [Row(section, "packed SFT+CPO step vs today's padded step", got("packed"), "tok/s", "padded step",
+               got("padded"), 1.3, note=note, extra=info),
+           Row(section, "packed step with full logits vs padded step (packing alone)", got("packed, full logits"),
+               "tok/s", "padded step", got("padded")),
+           Row(section, "packed SFT+CPO vs packed SFT only (what CPO costs)", got("packed"), "tok/s",
+               "packed SFT only", got("packed, SFT only"), 0.95),
+           Row(section, "packed SFT+CPO vs plain HF loop (padded rows)", got("packed"), "tok/s",
+               "plain loop", got("plain loop"), 1.0),
+           Row(section, "packed SFT+CPO vs plain HF loop on the same packed rows", got("packed"), "tok/s",
+               "plain loop, packed", got("plain loop, packed"), 1.0)]
+    for key, label in (("padded", "padded"), ("packed", "packed")):
+        r = trl.get(key)
+        out.append(Row(section, f"packed SFT+CPO vs TRL SFTTrainer ({label})", got("packed") if r else None, "tok/s",
+                       f"TRL {label}" if r else "", r["tok_s"] if r else None, 1.0 if r else None,
+                       note=r["note"] if r else "skipped: " + ("trl not installed" if trl_asked else "--skip-trl"),
+                       extra=r or {}))
+    for name in GPU_VARIANTS:
+        if name in variants:
+            out.append(Row(section, f"{name} vs packed", got(name), "tok/s", "packed", got("packed")))
+    for name in ("packed", "padded", *[n for n in GPU_VARIANTS if n in variants]):
+        mfu = _mfu(variants[name], device) if name in variants else None
+        if mfu is not None:
+            out.append(Row(section, f"MFU, {name} (model FLOPs x tokens/s / bf16 peak)", mfu, "fraction",
+                           note=f"{flops_per_token(variants[name].model) / 1e9:.2f} GFLOP/token; {torch_name()}"))
+    return out
+
+
 def run(quick: bool = False, log=print, profile_dir: Path | None = None, gpu: bool = False,
-        overrides: list[str] = (), label: str = "") -> list[Row]:
+        overrides: list[str] = (), label: str = "", trl: bool = True, knobs: bool = True) -> list[Row]:
     """The training section; ``gpu`` runs it on CUDA in bf16 (skipped without CUDA).
 
     ``overrides`` change the tiny config (``train.batch_size=16``, ``model.source=...``);
-    ``label`` names such a variant in the section's name.
+    ``label`` names such a variant in the section's name; ``trl`` and ``knobs`` (the GPU-only
+    variants) can be left out to save time.
     """
+    from r2d.train.synthetic import demo_like_rows
+
     section = SECTION + ("-gpu" if gpu else "") + (f"[{label}]" if label else "")
     if gpu and not cuda_available():
         return [Row(section, "training on GPU", None, "tok/s", note="skipped: no CUDA")]
@@ -258,41 +374,35 @@ def run(quick: bool = False, log=print, profile_dir: Path | None = None, gpu: bo
     cfg = train_config(gpu, overrides)
     device = "cuda" if gpu else "cpu"
     if not gpu:
-        from r2d.runtime import set_threads
         import os
 
+        from r2d.runtime import set_threads
+
         set_threads(os.cpu_count() or 1)
-    rows = traces_rows(size["rows"])
-    variants, padding = run_ours_and_plain(cfg, rows, size["steps"], device)
+    # Enough traces for every timed step plus the warm-up one (the training side holds 731 prompts).
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    rows = demo_like_rows(cfg, max(size["rows"], int(1.1 * per_step * (size["steps"] + 1))))
+    variants, info = run_variants(cfg, rows, size["steps"], device, gpu, log, knobs)
     for v in variants.values():
         log(f"  {v.name}: {v.tok_s:.0f} tok/s over {len(v.seconds)} steps")
-    log(f"  padding: {padding['grouped']:.1%} with length grouping, {padding['arrival']:.1%} in arrival order")
-    trl = run_trl(cfg, rows, size["steps"], device)
-    ours, sft, plain = variants["sft+cpo"], variants["sft-only"], variants["plain"]
-    lora = f"LoRA r={cfg.train.lora.r}" if cfg.train.lora.enabled else "full fine-tuning"
-    note = f"batch {cfg.train.batch_size}, max_length {cfg.train.max_length}, {lora}"
-    out = [
-        Row(section, "SFT+CPO step vs SFT-only step", ours.tok_s, "tok/s", "sft-only", sft.tok_s, 0.95, note=note,
-            extra={"padding": padding, "steps": len(ours.seconds)}),
-        Row(section, "SFT+CPO step vs plain HF loop (no grouping)", ours.tok_s, "tok/s", "plain loop", plain.tok_s,
-            1.0),
-    ]
-    if trl is not None:
-        log(f"  TRL SFTTrainer: {trl['tok_s']:.0f} tok/s over {trl['steps']} steps")
-        out.append(Row(section, "SFT+CPO step vs TRL SFTTrainer", ours.tok_s, "tok/s", "TRL SFTTrainer",
-                       trl["tok_s"], 1.0, note=trl["note"], extra=trl))
-    else:
-        out.append(Row(section, "SFT+CPO step vs TRL SFTTrainer", None, "tok/s", note="skipped: trl not installed"))
-    mfu = _mfu(ours, device)
-    if mfu is not None:
-        out.append(Row(section, "MFU (matmul FLOPs x tokens/s / bf16 peak)", mfu, "fraction",
-                       note=f"{flops_per_token(ours.model) / 1e9:.2f} GFLOP/token; {torch_name()}"))
+    log(f"  padding of the padded step: {info['padding']:.1%}; micro-batches a step: {info['micro_batches']}")
+    trl_rows = {}
+    for packed in (False, True) if trl else ():
+        try:
+            got = run_trl(cfg, rows, size["steps"], device, packed)
+        except Exception as err:
+            got = None
+            log(f"  TRL ({'packed' if packed else 'padded'}) failed: {type(err).__name__}: {err}")
+        if got is not None:
+            trl_rows["packed" if packed else "padded"] = got
+            log(f"  TRL SFTTrainer ({'packed' if packed else 'padded'}): {got['tok_s']:.0f} tok/s")
+    out = _rows(section, variants, info, trl_rows, cfg, device, trl)
     missed = [r for r in out if r.met is False]
-    if (missed or gpu) and profile_dir is not None:
+    if (missed or gpu) and profile_dir is not None and "packed" in variants:
         # On the GPU the profile is kept whatever the targets: it is where MFU's shortfall shows.
-        window = _windows(rows, ours, cfg, grouping=True)[0]
-        name = re.sub(r"[^\w.-]+", "_", section) + "-sft_cpo_step.txt"
-        path = torch_profile(lambda: ours.step_fn(ours, window), profile_dir / name,
+        ours = variants["packed"]
+        name = re.sub(r"[^\w.-]+", "_", section) + "-packed_step.txt"
+        path = torch_profile(lambda: ours.step(0, record=False), profile_dir / name,
                              sort_by="device_time_total" if gpu else "cpu_time_total")
         for r in missed or out[-1:]:
             r.extra["profile"] = repo_path(path)
@@ -311,15 +421,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default="bundled:smollm2-135m", help="tokenizer source for --arch")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override the tiny config, e.g. train.batch_size=16 (repeatable)")
+    parser.add_argument("--skip-trl", action="store_true", help="leave TRL's SFTTrainer out")
+    parser.add_argument("--skip-knobs", action="store_true", help="leave the GPU-only variants out (bf16 adapters, "
+                        "compile, checkpointing)")
     args = parser.parse_args(argv)
     overrides = list(args.set)
     if args.arch:
         overrides.append(f"model.source={random_model(args.arch, args.tokenizer)}")
     label = ",".join([args.arch] + args.set) if overrides else ""
-    rows = [] if args.gpu_only else run(args.quick, profile_dir=Path(args.profile_dir), overrides=overrides,
-                                        label=label)
+    kwargs = {"profile_dir": Path(args.profile_dir), "overrides": overrides, "label": label, "trl": not args.skip_trl,
+              "knobs": not args.skip_knobs}
+    rows = [] if args.gpu_only else run(args.quick, **kwargs)
     if args.gpu or args.gpu_only:
-        rows += run(args.quick, profile_dir=Path(args.profile_dir), gpu=True, overrides=overrides, label=label)
+        rows += run(args.quick, gpu=True, **kwargs)
     emit(rows, args.rows_json)
     return 0
 

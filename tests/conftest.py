@@ -59,3 +59,58 @@ def ray_session(state_dir):
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+_HEADER_TEMPLATE = (
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def _header_tokenizer(out: Path):
+    """A byte-level BPE trained here on the benign set, with a Llama-3-style header template.
+
+    Unlike SmolLM2's ChatML it has no default system turn, and the tokenizer (not the
+    template) adds the BOS token.
+    """
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|pad|>"]
+    benign = Path(__file__).resolve().parent.parent / "platform/r2d/data/benign.jsonl"
+    texts = [" ".join((r["prompt"], r["reference"])) for r in map(json.loads, benign.read_text().splitlines())]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2000, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bpe.token_to_id("<|begin_of_text|>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                  pad_token="<|pad|>", chat_template=_HEADER_TEMPLATE)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def qwen_model_dir(tmp_path_factory) -> Path:
+    """A second tiny model, built here without downloads: a 2-layer random Qwen2 (attention biases, an untied
+    LM head) with its own tokenizer and chat template (:func:`_header_tokenizer`) and the pivot vocabulary."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from r2d.pivots import add_pivot_tokens, resize_for_pivots
+
+    out = tmp_path_factory.mktemp("models") / "tiny-qwen2"
+    tok = _header_tokenizer(out)
+    add_pivot_tokens(tok)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    model = Qwen2ForCausalLM(config)
+    resize_for_pivots(model, tok)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -61,3 +61,66 @@ def test_bf16_steps_learn(tiny_model_dir):
     assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in history)
     assert history[-1]["loss"] < 0.95 * history[0]["loss"]
     assert history[-1]["pivot_acc"] >= history[0]["pivot_acc"]
+
+
+def _packed_runner(model_dir, *extra, rows=None):
+    """A step over one window of 16 traces (batch 8 x accum 2) on the GPU in bf16, laid out as ``extra`` says."""
+    cfg = load_config(None, [f"model.source={model_dir}", "train.lora.dropout=0.0", "train.max_length=512",
+                             "resources.use_gpu=true", "resources.gpus_per_worker=1", *extra])
+    torch.manual_seed(0)
+    model, tok, pivots = build_model(cfg, "cuda")
+    optimizer, scheduler = make_optimizer(model, 1e-2, 0.0, "constant", 0.0, 100)
+    tc, settings = cfg.train, loss_settings(cfg, pivots)
+    stream = windows(rows or synthetic_rows(16), tok, pivots, max_length=512, batch_size=8, grad_accum=2,
+                     dropped=Counter(), length_grouping=False)
+    window = collate_window(next(iter(stream)), tok.pad_token_id, "cuda", settings, packing=tc.packing,
+                            micro_batch_tokens=tc.micro_batch_tokens, targets=tc.chunked_ce)
+    chunk = tc.ce_chunk_tokens if tc.chunked_ce else 0
+    return model, (lambda: optimizer_step(model, optimizer, scheduler, window, settings, ce_chunk=chunk))
+
+
+def test_packed_chunked_bf16_step_matches_the_padded_step(tiny_model_dir):
+    """Packed rows through PyTorch's varlen flash attention and the chunked head: the padded reference
+    step's losses on the same window, within bf16 rounding (both in bf16 on the GPU)."""
+    _, padded = _packed_runner(tiny_model_dir)
+    _, packed = _packed_runner(tiny_model_dir, "train.packing=true", "train.chunked_ce=true",
+                               "train.micro_batch_tokens=1024", "train.ce_chunk_tokens=256")
+    a, b = padded(), packed()
+    for key in ("loss", "sft_loss", "cpo_loss", "pivot_margin"):
+        assert math.isfinite(b[key])
+        assert b[key] == pytest.approx(a[key], rel=3e-2, abs=1e-2), key
+    assert b["tokens"] == a["tokens"] and b["n_pivots"] == a["n_pivots"]
+
+
+def test_packed_step_reads_nothing_back_from_the_gpu(tiny_model_dir, monkeypatch):
+    """Under ``set_sync_debug_mode("error")`` any call that waits for the GPU raises: after one warm-up
+    step (which fills the cached index tensors), a packed step runs its forwards, backwards, clipping and
+    AdamW update without one; only the metrics read at its end waits."""
+    from r2d.train import steps
+
+    _, step = _packed_runner(tiny_model_dir, "train.packing=true", "train.chunked_ce=true",
+                             "train.micro_batch_tokens=1024")
+    step()
+    read = steps._window_metrics
+
+    def read_after_the_step(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode(0)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "_window_metrics", read_after_the_step)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        metrics = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert math.isfinite(metrics["loss"])
+
+
+def test_packed_steps_learn_with_bf16_adapters_and_compile(tiny_model_dir):
+    """The GPU knobs the benchmark measures run and learn: bf16 adapter weights, compiled decoder layers."""
+    _, step = _packed_runner(tiny_model_dir, "train.packing=true", "train.chunked_ce=true",
+                             "train.lora.fp32_weights=false", "train.compile=true", "train.gradient_checkpointing=true")
+    history = [step() for _ in range(10)]
+    assert all(math.isfinite(h["loss"]) for h in history)
+    assert history[-1]["loss"] < 0.95 * history[0]["loss"]

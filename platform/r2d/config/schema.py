@@ -226,6 +226,9 @@ class LoraConfig:
     """Modules that get adapters."""
     train_pivot_rows: bool = True
     """Train the embedding and LM-head rows of the added pivot tokens."""
+    fp32_weights: bool = True
+    """Keep the adapter weights in float32 under a bf16 base (peft's default: a cast per projection); false keeps
+    them in the base's dtype."""
 
     def __post_init__(self) -> None:
         _require(self.r >= 1, "r", self.r, "an integer >= 1")
@@ -276,6 +279,18 @@ class TrainConfig:
     """Batch sequences of similar length together to cut padding."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    packing: bool = False
+    """Pack a step's traces into padding-free rows (position ids restart per trace, attention stays inside each
+    trace) and cut them into micro-batches by micro_batch_tokens; batch_size x grad_accum traces still make a step."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one packed micro-batch (packing only); at least max_length."""
+    chunked_ce: bool = False
+    """Run the LM head and cross-entropy over labelled positions only, in chunks, with CPO read from the pivot rows:
+    the [tokens, vocabulary] logits are never held whole. False computes the full logits (the reference)."""
+    ce_chunk_tokens: int = 1024
+    """Positions per chunk of the chunked LM head and cross-entropy."""
+    compile: bool = False
+    """torch.compile each decoder layer."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """Data-parallel strategy across workers."""
     checkpoint_every: int = 20
@@ -305,6 +320,15 @@ class TrainConfig:
         _require(self.max_length >= 32, "max_length", self.max_length, "an integer >= 32")
         _require(self.cpo_weight >= 0, "cpo_weight", self.cpo_weight, "a number >= 0")
         _require(self.max_failures >= -1, "max_failures", self.max_failures, "an integer >= -1 (-1: unlimited)")
+        _require(self.ce_chunk_tokens >= 1, "ce_chunk_tokens", self.ce_chunk_tokens, "an integer >= 1")
+        if self.packing:
+            _require(self.micro_batch_tokens >= self.max_length, "micro_batch_tokens", self.micro_batch_tokens,
+                     f"at least max_length ({self.max_length}) when packing, so that every trace fits")
+        # FSDP gathers the weights inside each forward pass: every worker must run the same number of
+        # micro-batches (packing varies it per worker), and the LM head must be used inside the forward.
+        for name in ("packing", "chunked_ce"):
+            _require(not (getattr(self, name) and self.strategy == "fsdp"), name, getattr(self, name),
+                     "false with strategy fsdp (packing and the chunked LM head run under ddp)")
 
 
 @dataclass

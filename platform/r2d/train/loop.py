@@ -149,8 +149,10 @@ def train_func_per_worker(config: dict) -> None:
             if reduce(dry).item() > 0:  # some worker's shard ran dry: everyone starts the next epoch
                 break
             _maybe_die(hooks, state["step"] + 1, rank)
-            metrics = optimizer_step(model, optimizer, scheduler, collate_window(window, tok.pad_token_id, device),
-                                     settings, world, reduce)
+            batches = collate_window(window, tok.pad_token_id, device, settings, packing=tc.packing,
+                                     micro_batch_tokens=tc.micro_batch_tokens, targets=tc.chunked_ce)
+            metrics = optimizer_step(model, optimizer, scheduler, batches, settings, world, reduce,
+                                     ce_chunk=tc.ce_chunk_tokens if tc.chunked_ce else 0)
             state["step"] += 1
             state["windows_done"] += 1
             stepped = True

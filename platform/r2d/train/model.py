@@ -13,6 +13,8 @@ import torch
 from r2d.config import Config, LoraConfig
 from r2d.models import load_model
 from r2d.pivots import PivotIds, pivot_ids
+from r2d.train.attention import VARLEN, use_varlen_attention
+from r2d.train.head import enable_hidden_states
 
 
 def train_dtype(dtype: str, use_gpu: bool) -> str:
@@ -53,7 +55,7 @@ def apply_lora(model, cfg: LoraConfig, rows: list[int]):
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                               target_modules=list(cfg.target_modules), trainable_token_indices=tokens,
                               task_type="CAUSAL_LM")
-    return get_peft_model(model, peft_cfg)
+    return get_peft_model(model, peft_cfg, autocast_adapter_dtype=cfg.fp32_weights)
 
 
 def build_model(cfg: Config, device: torch.device | str = "cpu"):
@@ -67,12 +69,21 @@ def build_model(cfg: Config, device: torch.device | str = "cpu"):
                             cfg.model.trust_remote_code)
     pivots = pivot_ids(tok)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    if cfg.train.packing:
+        use_varlen_attention(model)
     if cfg.train.lora.enabled:
         model = apply_lora(model, cfg.train.lora, pivot_rows(pivots))
+    if cfg.train.chunked_ce:
+        enable_hidden_states(model)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device).train()
+    if cfg.train.compile:
+        # Layer by layer: each decoder layer is one graph, reused by every layer of the same shape;
+        # the LM head and the loss stay eager (their shapes change with every batch's targets).
+        for layer in model.get_decoder().layers if hasattr(model, "get_decoder") else []:
+            layer.compile(dynamic=True)
     return model, tok, pivots
 
 
@@ -105,5 +116,7 @@ def merged_model(model):
     model = unwrap(model)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    if model.config._attn_implementation == VARLEN:  # packed training's attention; generation wants sdpa
+        model.set_attn_implementation("sdpa")
     model.config.use_cache = True
     return model.eval()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from r2d.losses import ANSWER, IGNORE_INDEX, REASONING, cpo_loss, pivot_sums, total_loss
 
@@ -101,4 +102,61 @@ def micro_batch_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], windo
     loss = sft + s.cpo_weight * cpo
     parts = {"loss": loss.detach(), "sft_loss": sft.detach(), "cpo_loss": cpo.detach(),
              **pivot_sums(logits, labels, s.safe_id, s.unsafe_id, s.rethink_id)}
+    return loss, parts
+
+
+def target_weights(host: dict, window: torch.Tensor, world: int, s: LossSettings
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each target's weight in the SFT term and each pivot's in the CPO term, on the host.
+
+    The same re-weighting as :func:`micro_batch_loss`, written per position: the window's
+    loss is linear in every token's NLL and every pivot's ``-log sigmoid`` margin, with
+    coefficients the host knows before the step (flat: 1 / window tokens; Eq. 3: 1 / the
+    token's part of its trace / window traces; CPO: 1 / window pivots, or 1 / the pivot's
+    class count for ``per_class``), each times ``world`` as in :func:`_share`.
+
+    Args:
+        host: the ``host`` part of a targets batch (``r2d.train.packing``).
+        window: summed counts of the window over all workers.
+
+    Returns:
+        ``(sft_weights [M], cpo_weights [P])``, float32 on the CPU.
+    """
+    inverse = lambda n: torch.where(n > 0, world / n.clamp(min=1), torch.zeros_like(n))  # noqa: E731
+    seq, seg = host["target_seq"], host["target_seg"]
+    if s.sft_mode == "flat":
+        sft = inverse(window[N_TOKENS]).expand(seq.shape).clone()
+    else:
+        in_parts = (seg == REASONING) | (seg == ANSWER)
+        group = seq * 3 + seg  # one group per (trace, segment)
+        sizes = torch.bincount(group[in_parts], minlength=3 * host["n_traces"]).to(torch.float64)
+        sft = torch.where(in_parts, inverse(window[N_SEQS]) / sizes[group].clamp(min=1), 0.0)
+    if s.cpo_variant == "mean":
+        cpo = inverse(window[N_SAFE:].sum()).expand(host["pivot_class"].shape).clone()
+    else:
+        cpo = inverse(window[N_SAFE + host["pivot_class"]])
+    return sft.float(), cpo.float()
+
+
+def targets_loss(sft: torch.Tensor, z: torch.Tensor, batch: dict, cpo_weights: torch.Tensor, s: LossSettings
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | int]]:
+    """This micro-batch's part of the window loss from ``head.forward_targets``'s outputs.
+
+    Args:
+        sft: the weighted NLL sum (the SFT term, already normalised by the window).
+        z: [P, len(class_ids)] float32 pivot logits at the pivot positions.
+        batch: the device batch (``pivot_true``, ``pivot_other``).
+        cpo_weights: [P] each pivot's weight (:func:`target_weights`), on the device.
+
+    Returns:
+        As :func:`micro_batch_loss`: the tensor to call ``backward`` on, and its parts.
+    """
+    true = z.gather(1, batch["pivot_true"][:, None]).squeeze(1)
+    margin = true - z.gather(1, batch["pivot_other"][:, None]).squeeze(1)
+    cpo = (-F.logsigmoid(margin) * cpo_weights).sum()  # Eq. 4, each pivot weighed by the window
+    loss = sft + s.cpo_weight * cpo
+    with torch.no_grad():
+        correct = (z.argmax(dim=1) == batch["pivot_true"]).float().sum()
+    parts = {"loss": loss.detach(), "sft_loss": sft.detach(), "cpo_loss": cpo.detach(), "pivot_acc_sum": correct,
+             "pivot_margin_sum": margin.detach().sum(), "n_pivots": int(margin.shape[0])}
     return loss, parts

@@ -15,7 +15,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from r2d.train.batching import collate, group_by_length
-from r2d.train.objective import LossSettings, micro_batch_counts, micro_batch_loss
+from r2d.train.head import forward_targets
+from r2d.train.objective import LossSettings, micro_batch_counts, micro_batch_loss, target_weights, targets_loss
+from r2d.train.packing import collate_packed, collate_padded, pack, to_device
 from r2d.train.tokenize import tokenize_rows
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -76,21 +78,27 @@ def is_full(window: list[list[dict]] | None, batch_size: int, grad_accum: int) -
 
 
 def optimizer_step(model, optimizer, scheduler, window: list[dict[str, torch.Tensor]], s: LossSettings,
-                   world: int = 1, reduce: Reduce = no_reduce, max_grad_norm: float = 1.0) -> dict[str, float]:
+                   world: int = 1, reduce: Reduce = no_reduce, max_grad_norm: float = 1.0,
+                   ce_chunk: int = 0) -> dict[str, float]:
     """Forward and backward every micro-batch of ``window``, then one optimizer update.
 
     Args:
-        window: collated micro-batches (see ``batching.collate``).
+        window: collated micro-batches (:func:`collate_window`): padded rows (the reference
+            step) or targets batches (packed rows and/or the chunked LM head).
         world: data-parallel workers; ``reduce`` sums a tensor over them.
         max_grad_norm: gradient clipping threshold (0 disables).
+        ce_chunk: targets batches only: rows per chunk of the LM head, 0 for the full logits.
 
     Returns:
         Window metrics, already reduced over workers: ``loss``, ``sft_loss``, ``cpo_loss``,
         ``pivot_acc``, ``pivot_margin``, ``lr``, ``tokens``, ``tokens_per_s``, ``grad_norm``.
     """
     started = time.perf_counter()
-    # Every micro-batch's counts, read to the host in one copy (not one wait per count).
-    local = torch.stack([micro_batch_counts(b, s) for b in window]).cpu()
+    targets = "host" in window[0]
+    if targets:  # counted on the host when collated: nothing to wait for
+        local = torch.stack([b["host"]["counts"] for b in window])
+    else:  # every micro-batch's counts, read to the host in one copy (not one wait per count)
+        local = torch.stack([micro_batch_counts(b, s) for b in window]).cpu()
     counts = reduce(local.sum(dim=0))
     totals: Counter = Counter()
     for i, batch in enumerate(window):
@@ -98,11 +106,15 @@ def optimizer_step(model, optimizer, scheduler, window: list[dict[str, torch.Ten
         # Only the last micro-batch all-reduces gradients; the others accumulate locally.
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, parts = micro_batch_loss(logits, batch, counts, world, s, mb=local[i])
+            if targets:
+                loss, parts = _targets_micro_batch(model, batch, counts, world, s, ce_chunk)
+                totals["tokens"] += batch["host"]["tokens"]
+            else:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss, parts = micro_batch_loss(logits, batch, counts, world, s, mb=local[i])
+                totals["tokens"] += batch["attention_mask"].sum()
             loss.backward()
         totals.update(parts)  # device tensors: summed there, read once in _window_metrics
-        totals["tokens"] += batch["attention_mask"].sum()
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
     if hasattr(model, "clip_grad_norm_"):  # FSDP: the norm must be taken over all shards
         grad_norm = model.clip_grad_norm_(limit)
@@ -112,17 +124,27 @@ def optimizer_step(model, optimizer, scheduler, window: list[dict[str, torch.Ten
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return _window_metrics(totals, reduce, world, lr, float(grad_norm), time.perf_counter() - started)
+    return _window_metrics(totals, reduce, world, lr, grad_norm, time.perf_counter() - started)
 
 
-def _window_metrics(totals: Counter, reduce: Reduce, world: int, lr: float, grad_norm: float,
+def _targets_micro_batch(model, batch: dict, counts: torch.Tensor, world: int, s: LossSettings, ce_chunk: int):
+    sft_w, cpo_w = target_weights(batch["host"], counts, world, s)
+    device = batch["target_ids"].device
+    sft_w, cpo_w = to_device({"sft": sft_w, "cpo": cpo_w}, device).values()
+    sft, z = forward_targets(model, batch, s.class_ids(), ce_chunk, sft_w)
+    return targets_loss(sft, z, batch, cpo_w, s)
+
+
+def _window_metrics(totals: Counter, reduce: Reduce, world: int, lr: float, grad_norm: torch.Tensor,
                     seconds: float) -> dict[str, float]:
     keys = ["loss", "sft_loss", "cpo_loss", "pivot_acc_sum", "pivot_margin_sum", "n_pivots", "tokens"]
+    totals["grad_norm"] = grad_norm
     # The sums live on the model's device: stack them there and copy them to the host once.
     device = next((v.device for v in totals.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
-    values = torch.stack([torch.as_tensor(totals[k], dtype=torch.float64, device=device) for k in keys])
-    summed = reduce(values.cpu()).tolist()
-    got = dict(zip(keys, summed))
+    values = torch.stack([torch.as_tensor(totals[k], dtype=torch.float64, device=device)
+                          for k in keys + ["grad_norm"]]).cpu()  # the step's one read of the device
+    grad_norm = float(values[-1])
+    got = dict(zip(keys, reduce(values[:-1]).tolist()))
     n_pivots = max(got["n_pivots"], 1.0)
     # Each worker's loss part is scaled by world size (see objective._share): undo it.
     return {"loss": got["loss"] / world, "sft_loss": got["sft_loss"] / world, "cpo_loss": got["cpo_loss"] / world,
@@ -131,5 +153,21 @@ def _window_metrics(totals: Counter, reduce: Reduce, world: int, lr: float, grad
             "tokens_per_s": got["tokens"] / max(seconds, 1e-9), "grad_norm": grad_norm, "step_s": seconds}
 
 
-def collate_window(window: list[list[dict]], pad_id: int, device) -> list[dict[str, torch.Tensor]]:
+def collate_window(window: list[list[dict]], pad_id: int, device, settings: LossSettings | None = None,
+                   packing: bool = False, micro_batch_tokens: int = 0, targets: bool = False) -> list[dict]:
+    """Tensors for one window, on ``device``.
+
+    Args:
+        window: micro-batches of tokenized examples (:func:`windows`).
+        settings: the loss settings (the pivot ids); needed for packing or targets.
+        packing: lay the window's examples end to end, re-cut into micro-batches of at most
+            ``micro_batch_tokens`` tokens (``r2d.train.packing``).
+        targets: padded rows with the targets view (the chunked LM head without packing).
+            Neither: the reference step's padded rows (``batching.collate``).
+    """
+    if packing:
+        examples = [e for micro in window for e in micro]
+        return [to_device(collate_packed(m, settings), device) for m in pack(examples, micro_batch_tokens)]
+    if targets:
+        return [to_device(collate_padded(micro, pad_id, settings), device) for micro in window]
     return [collate(micro, pad_id, device) for micro in window]
