@@ -154,10 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may follow the options (`r2d lineage models:/r2d@champion --config X a.b=c`),
     # which argparse leaves unparsed once a subcommand's positionals are filled.
     args, extra = parser.parse_known_args(argv)
-    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = [*args.overrides, *extra]
+    if hasattr(args, "overrides"):  # submit takes none: everything after -- is the job's
+        args.overrides = [*args.overrides, *extra]
     if args.command == "lineage" and not (args.model_uri or args.traces_digest):
         parser.error("lineage: give a model URI (models:/r2d@champion) or --traces-digest DIGEST")
     if args.command == "lineage" and args.model_uri and "=" in args.model_uri:

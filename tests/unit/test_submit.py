@@ -34,3 +34,11 @@ def test_the_commit_travels_in_the_jobs_environment(tmp_path):
     again = submit_command(["python", "x.py"], working_dir=str(repo))
     dirty = json.loads(again[again.index("--runtime-env-json") + 1])["env_vars"][COMMIT_ENV]
     assert dirty == f"{head}+dirty" == git_commit(mark_dirty=True, cwd=str(repo))
+
+
+def test_submit_parses_through_the_cli_entry_point(capsys):
+    """`r2d submit` goes through the same main() as the other subcommands (which take dotted overrides)."""
+    from r2d.cli import main
+
+    assert main(["submit", "--address", "http://127.0.0.1:1"]) == 2  # no job after --: one line, exit 2
+    assert "give the job after --" in capsys.readouterr().err
