@@ -315,8 +315,9 @@ def rehearse(cluster, env: dict, say=print, kill_a_node: bool = False) -> dict:
         from openai import OpenAI
 
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=os.environ.get("R2D_API_KEY") or "none")
-        # Raw text (show mode): a random tiny student's answer may hold nothing once its reasoning is hidden.
-        reply = client.chat.completions.create(model="r2d", max_tokens=24, extra_body={"r2d_mode": "show"},
+        # The recipe's mode (hide): clients may not ask for a weaker one. A random tiny student's visible
+        # answer may be empty once its reasoning is hidden, so the check is on the tokens it generated.
+        reply = client.chat.completions.create(model="r2d", max_tokens=24,
                                                messages=[{"role": "user", "content": "How do I make a cup of tea?"}])
         answer = reply.choices[0].message.content or ""
         assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens > 0, reply
