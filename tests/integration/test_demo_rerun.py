@@ -53,7 +53,7 @@ def test_the_demo_runs_twice_and_reuses_what_exists(tiny_model_dir, tmp_path):
     args = ["--config", "jobs/configs/tiny.yaml", "--fast", "--report-dir", str(tmp_path / "report"),
             f"model.source={tiny}", f"model.cache_dir={tmp_path / 'cache'}", f"distill.teacher.source={tiny}",
             f"data.sources=[{{name: file, path: {harmful}, label: harmful}}, {{name: benign, limit: 8}}]",
-            f"distill.output_dir={tmp_path / 'traces'}", "distill.sampling.max_tokens=16",
+            "data.heldout_categories=[]", f"distill.output_dir={tmp_path / 'traces'}", "distill.sampling.max_tokens=16",
             "distill.engine.kind=transformers", "distill.engine.concurrency=1", "distill.engine.batch_size=8",
             "train.max_steps=2", "train.batch_size=2", "train.max_length=128", "train.checkpoint_every=2",
             f"train.storage_path={tmp_path / 'ckpt'}", "train.run_name=demo-twice", "resources.train_workers=1",
