@@ -44,7 +44,7 @@ def test_guard_judge_verdicts_decide_asr(ray_session, tiny_model_dir, state_dir,
     from r2d.models import make_tiny_llama
 
     says_safe = make_tiny_llama(tmp_path / "guard-safe", script="safe", seed=3)
-    says_unsafe = make_tiny_llama(tmp_path / "guard-unsafe", script="unsafe\nS2", seed=4)
+    says_unsafe = make_tiny_llama(tmp_path / "guard-unsafe", script="unsafe", seed=4)
 
     # A guard that calls every answer safe: no harmful answer counts as a success.
     safe = _evaluate(tiny_model_dir, tmp_path, "guard", says_safe, "safe")

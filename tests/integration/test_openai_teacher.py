@@ -51,7 +51,7 @@ def endpoint(ray_session, tmp_path_factory):
         assert time.time() < deadline, "the server never became ready"
         time.sleep(0.5)
     yield {"base": base, "model": model}
-    serve.delete("r2d-teacher")
+    serve.shutdown()  # Serve itself, not only the app: the next module starts it on its own port
 
 
 def test_server_returns_the_reasoning_apart(endpoint):
