@@ -66,31 +66,28 @@ def write_synthetic_traces(out_dir: str | Path, n: int = 32, seed: int = 0, extr
     return out
 
 
-def demo_like_rows(cfg, n: int = 300, seed: int = 0) -> list[dict]:
+def demo_like_rows(cfg, n: int = 300) -> list[dict]:
     """``n`` traces with the length profile of the tiny demo's (benchmarks; no teacher needed).
 
     The demo distils the training side of the prompt split (HarmBench, StrongREJECT, the benign
-    set), balanced, through a 135M teacher capped at 128 new tokens; nearly every trace ends up
-    with one reasoning step and a repaired answer (the refusal, or the benign row's reference).
-    Here: the same prompts (``data.*`` of ``cfg``), one step of 15-80 words drawn from the
-    prompt and its reference, and the answer the repair would give.
+    set, the contrast pairs, short harmful questions), balanced, through a 135M teacher capped
+    at 128 new tokens; nearly every trace ends up written by the repair path: analysis steps
+    from the prompt's annotations (or from the prompt alone), and the refusal or the benign
+    row's reference as the answer. Here: the same prompts (``data.*`` of ``cfg``) and the same
+    writer (:mod:`r2d.distill.reasoning`), so the lengths are the demo's.
     """
-    import random
-
     from r2d.data.splits import select_balanced, training_prompts
-    from r2d.distill.teacher import REFUSAL_ANSWER
+    from r2d.distill.reasoning import refusal, written_reasoning
 
-    rng = random.Random(seed)
     rows = []
     for p in select_balanced(training_prompts(cfg), n):
         harmful = p["label"] == "harmful"
-        words = f"{p['prompt']} {p.get('reference') or ''}".split()
-        step = " ".join(rng.choice(words) for _ in range(rng.randint(15, 80))) + "."
-        answer = REFUSAL_ANSWER if harmful else (p.get("reference") or "Sure, here is a short, practical answer.")
+        origin, steps, pivots = written_reasoning(p)
+        answer = refusal(p) if harmful else (p.get("reference") or "Sure, here is a short, practical answer.")
         pivot = UNSAFE if harmful else SAFE
         rows.append({**{k: p.get(k, "") for k in ("prompt_id", "prompt", "source", "label")}, "attack": "none",
-                     "teacher": "demo-like", "system_prompt_id": "r2d-safety-v1", "reasoning_steps": [step],
-                     "step_pivots": [pivot], "teacher_pivots": [pivot], "answer": answer, "answer_pivot": pivot,
-                     "tagger": "rules", "repaired": True, "n_tokens": 0,
+                     "teacher": "demo-like", "system_prompt_id": "r2d-safety-v1", "reasoning_steps": steps,
+                     "step_pivots": pivots, "teacher_pivots": [""] * len(steps), "answer": answer,
+                     "answer_pivot": pivot, "tagger": "rules", "repaired": True, "n_tokens": 0, "origin": origin,
                      "created_at": datetime.now(timezone.utc).isoformat()})
     return rows
