@@ -97,8 +97,9 @@ def generated_rows(prompts: list[dict], cfg, system: str, last_pass: bool = True
     ds = ds.map(_restore_prompt, fn_kwargs={"asked": ray.put(asked)}, num_cpus=0)
     # Parsing is light: with no CPU reserved it never waits behind the engine actors.
     ds = ds.map(parse_and_tag, fn_kwargs={"max_tokens": d.sampling.max_tokens}, num_cpus=0)
+    # So is finalizing, and it reserves no CPU either: an engine may hold every CPU of the node.
     ds = ds.map(Finalize, fn_constructor_kwargs={"cfg": cfg, "last_pass": last_pass},
-                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
     if guards:
         ds = ds.map_batches(guard.GuardStage, fn_constructor_kwargs={"guards": guards},
                             compute=ray.data.ActorPoolStrategy(size=len(guards)), num_cpus=0,
