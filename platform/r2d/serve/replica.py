@@ -53,15 +53,20 @@ class EngineCalls:
 
 # ---------------------------------------------------------------- registry records
 
-def _registry_version(version: str) -> tuple[str, str] | None:
-    """(name, number) of a pinned ``models:/name/N`` source; None for folders and hub ids."""
+def _model_ref(source: str):
+    """The parsed ``models:/`` URI, or None for folders and hub ids."""
     from r2d.tracking import TrackingError, parse_model_uri
 
     try:
-        ref = parse_model_uri(version)
+        return parse_model_uri(source)
     except TrackingError:
         return None
-    return (ref.name, ref.version) if ref.version else None
+
+
+def _registry_version(version: str) -> tuple[str, str] | None:
+    """(name, number) of a pinned ``models:/name/N`` source; None for anything else."""
+    ref = _model_ref(version)
+    return (ref.name, ref.version) if ref is not None and ref.version else None
 
 
 def load_error(version: str) -> str | None:
@@ -93,13 +98,9 @@ def record_load_error(version: str, err: BaseException) -> None:
 
 
 def _alias(source: str) -> tuple[str, str] | None:
-    from r2d.tracking import TrackingError, parse_model_uri
-
-    try:
-        ref = parse_model_uri(source)
-    except TrackingError:
-        return None
-    return (ref.name, ref.alias) if ref.alias else None
+    """(name, alias) of a ``models:/name@alias`` source; None for anything else."""
+    ref = _model_ref(source)
+    return (ref.name, ref.alias) if ref is not None and ref.alias else None
 
 
 def last_good(source: str) -> str | None:
