@@ -30,6 +30,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_restored():
+    """A test that points MLflow elsewhere (``init_mlflow`` sets both the env and mlflow's global) leaves the
+    next test where it found it: later tests read the runs their own jobs wrote."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+    import sys
+
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, hidden-64 random Llama with the SmolLM2 tokenizer and the pivot vocabulary."""

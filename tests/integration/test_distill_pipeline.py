@@ -102,10 +102,10 @@ def test_killed_job_resumes_without_losing_or_duplicating(state_dir, tiny_model_
     assert manifest["rows"] == len(ids) and manifest["last_run"]["skipped_existing"] == len(first)
     assert len(manifest["mlflow_run_ids"]) >= 1 and manifest["mlflow_run_id"] == manifest["mlflow_run_ids"][-1]
 
-    import mlflow
+    from mlflow import MlflowClient
 
     from r2d import run_tags as T
-    run = mlflow.get_run(manifest["mlflow_run_id"])
+    run = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).get_run(manifest["mlflow_run_id"])
     assert run.data.tags[T.TRACES_DIGEST] == manifest["digest"]
     assert run.data.tags[T.STAGE] == "distill" and run.data.metrics["rows"] == len(ids)
     assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["prompts"]
