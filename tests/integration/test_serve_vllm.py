@@ -79,6 +79,7 @@ def _info(server) -> dict:
 
 
 def test_vllm_engine_behind_the_ingress(server):
+    import openai
     from openai import OpenAI
 
     base = server["base"]
@@ -91,6 +92,17 @@ def test_vllm_engine_behind_the_ingress(server):
         shown.choices[0].message.content
     hidden = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8)
     assert hidden.model_extra["r2d"]["mode"] == "hide"
+    # stop: the answer ends before the stop string, streamed or not; an unsupported field is a 400 naming it
+    text = shown.choices[0].message.content
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, stop=[stop], **show)
+    assert cut.choices[0].message.content == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, stop=stop,
+                                                 stream=True, **show))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text[:text.find(stop)]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, logprobs=True)
+    assert err.value.body["param"] == "logprobs"
     body = {"messages": MESSAGES, "max_tokens": LIMIT + 1}
     assert httpx.post(f"{base}/v1/chat/completions", json=body, headers=_headers()).status_code == 422
     assert httpx.post(f"{base}/v1/chat/completions", json={"messages": MESSAGES, "r2d_mode": "show"},

@@ -38,9 +38,9 @@ from r2d.serve.metrics import ServeMetrics
 from r2d.serve.openapi import RESPONSES, chat_operation, openapi
 from r2d.serve.pivot_modes import STRENGTH, GuardStream, HideStream, apply_mode
 from r2d.serve.schemas import (ChatCompletionRequest, Delta, GenRequest, chunk_body, completion_body, completion_id,
-                               deliver, error_body, usage_body)
+                               deliver, error_body, unsupported_field, usage_body)
 from r2d.serve.transport import (ClientGone, DeadlineExceeded, SSEResponse, chain, delta_body, event, first_delta,
-                                 timed, until_disconnect)
+                                 timed, until_disconnect, until_stop)
 
 log = logging.getLogger("r2d.serve")
 _DEADLINE_GRACE_S = 10.0
@@ -58,6 +58,11 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
         return JSONResponse(error_body(self.message, self.kind, self.param, self.code), self.status, headers=headers)
+
+
+def _ended_by_model(last: Delta) -> bool:
+    """The model closed its output itself (not ``max_tokens``, a deadline, or the client's stop string)."""
+    return last.finish_reason == "stop" and not last.stop_string
 
 
 class LocalClient:
@@ -230,6 +235,8 @@ class _State:
                      gen.max_tokens, mode)
         stream = self.client.stream(gen)
         deltas = timed(stream, gen.deadline + _DEADLINE_GRACE_S)
+        if body.stop:
+            deltas = until_stop(deltas, body.stops())
         try:
             first = await until_disconnect(request, first_delta(deltas))
             if first.error:
@@ -240,7 +247,9 @@ class _State:
                 self.metrics.request(200, mode, True)
                 events = self._sse(first, deltas, stream, mode, include_usage)
                 return SSEResponse(events, media_type="text/event-stream")
-            return await until_disconnect(request, self._complete(first, deltas, mode))
+            result = await until_disconnect(request, self._complete(first, deltas, mode))
+            await self.client.close(stream)  # a stop string may end the answer before the engine does
+            return result
         except BaseException:
             await self.client.close(stream)
             raise
@@ -254,6 +263,9 @@ class _State:
             first = err.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
             raise ApiError(422, f"{where}: {first['msg']}", param=where) from None
+        unsupported = unsupported_field(data)
+        if unsupported:
+            raise ApiError(400, f"{unsupported}: not supported by this server; leave it out", param=unsupported)
         if body.n is not None and body.n > 1:
             raise ApiError(400, "n > 1 is not supported: one request returns one choice", param="n")
         if body.model and body.model != self.cfg.served_model_name:
@@ -294,7 +306,7 @@ class _State:
         return GenRequest(messages=messages, max_tokens=body.wanted_tokens() or self.cfg.default_max_tokens,
                           temperature=body.temperature if body.temperature is not None else 0.0,
                           top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed,
-                          stream=bool(body.stream), deadline=time.time() + self.cfg.request_timeout_s)
+                          stream=bool(body.stream or body.stop), deadline=time.time() + self.cfg.request_timeout_s)
 
     # ------------------------------------------------------------ responses
 
@@ -302,7 +314,7 @@ class _State:
         text, last = first.text, first
         async for delta in deltas:
             text, last = text + delta.text, delta
-        result = apply_mode(text, mode, stopped=last.finish_reason == "stop")
+        result = apply_mode(text, mode, stopped=_ended_by_model(last))
         self._record(result, 200, mode, False)
         message = {"role": "assistant", "content": result.content,
                    "reasoning_content": result.reasoning, "reasoning": result.reasoning}
@@ -327,7 +339,7 @@ class _State:
                 reasoning, content = view.feed(delta.text)
                 if reasoning or content:
                     yield event(chunk_body(cid, model, created, delta_body(reasoning, content)))
-            stopped = last.finish_reason == "stop"
+            stopped = _ended_by_model(last)
             result = apply_mode(raw, mode, stopped)
             tail = ("", "") if mode == "show" else view.feed("", final=True, stopped=stopped)
             if tail[0] or tail[1]:

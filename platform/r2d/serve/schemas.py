@@ -90,6 +90,8 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    """Up to 4 strings; the answer ends before the first one the model writes (finish reason ``stop``)."""
     r2d_mode: Literal["show", "hide", "guard"] | None = None
     """Per-request pivot mode: the server's own mode, or one its config allows (a weaker one needs the admin key)."""
 
@@ -100,8 +102,44 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError(f"expected 0 (greedy) or a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
         return value
 
+    @field_validator("stop")
+    @classmethod
+    def few_short_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"expected at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
+        return value
+
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+MAX_STOPS = 4
+MAX_STOP_CHARS = 64
+
+# OpenAI request fields this server cannot honour, with the values that ask for nothing (accepted
+# as sent by clients that always fill them in). Anything else gets a 400 naming the field, never
+# an answer that silently ignores what the client asked for. Unknown fields outside OpenAI's
+# request (``user``, ``metadata``, vendor extensions) are ignored.
+UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+    "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
+    "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none"),
+    "parallel_tool_calls": (None, True, False), "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "web_search_options": (None,),
+}
+
+
+def unsupported_field(data: dict) -> str | None:
+    """The first OpenAI field in ``data`` that asks for something this server does not do."""
+    for name, harmless in UNSUPPORTED_FIELDS.items():
+        value = data.get(name)
+        if name in data and not any(type(value) is type(h) and value == h for h in harmless):
+            return name
+    return None
 
 
 @dataclass
@@ -138,6 +176,8 @@ class Delta:
     """Why the engine could not run this request (the client's fault: a 400)."""
     param: str | None = None
     """The request field ``error`` is about."""
+    stop_string: str | None = None
+    """The client's stop string that ended the answer (the model did not end it itself)."""
 
 
 def merge(a: "Delta", b: "Delta") -> "Delta":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 
 from fastapi.responses import StreamingResponse
 
@@ -90,6 +91,31 @@ async def timed(stream, deadline: float):
         except asyncio.TimeoutError:
             raise DeadlineExceeded("the model did not answer within the request deadline") from None
         yield item
+
+
+async def until_stop(deltas, stops: list[str]):
+    """The deltas' text up to the first of ``stops`` (excluded), where the stream then ends.
+
+    Text that may be the start of a stop string is held back until the next delta rules it
+    out, so no part of a stop string ever reaches the client. The last delta carries finish
+    reason ``stop`` and the matched string; the caller closes the engine stream.
+    """
+    hold = max(map(len, stops)) - 1
+    text, sent = "", 0
+    async for delta in deltas:
+        if delta.error:
+            yield delta
+            return
+        start = max(0, len(text) - hold)
+        text += delta.text
+        found = [(at, s) for s in stops if (at := text.find(s, start)) >= 0]
+        if found:
+            at, matched = min(found)
+            yield replace(delta, text=text[sent:at], finish_reason="stop", stop_string=matched)
+            return
+        end = len(text) if delta.finish_reason else max(sent, len(text) - hold)
+        yield replace(delta, text=text[sent:end])
+        sent = end
 
 
 async def first_delta(deltas) -> Delta:

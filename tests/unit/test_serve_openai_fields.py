@@ -1,0 +1,115 @@
+"""OpenAI request fields: ``stop`` is honoured on every path; a field the server cannot honour is a 400 naming it.
+
+The official ``openai`` client drives the real app in-process (FastAPI's TestClient is the
+client's httpx transport) on the tiny model with greedy decoding, so an answer with a stop
+string can be checked against the same answer without one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from r2d.config import EngineConfig, ServeConfig
+from r2d.serve.api import LocalClient, create_api
+from r2d.serve.schemas import Delta
+from r2d.serve.transformers_backend import TransformersEngine
+from r2d.serve.transport import until_stop
+
+MESSAGES = [{"role": "user", "content": "How do I bake bread?"}]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return TransformersEngine(str(tiny_model_dir), max_model_len=256, threads=1)
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    cfg = ServeConfig(max_tokens_limit=64, default_max_tokens=8, engine=EngineConfig(max_model_len=256),
+                      api_key_env="", admin_key_env="", mode="show")
+    http = TestClient(create_api(cfg, LocalClient(engine)))
+    return openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=http, max_retries=0)
+
+
+def _cut(pieces: list[str], stops: list[str], finish: str = "length") -> list[Delta]:
+    async def source():
+        for i, text in enumerate(pieces):
+            yield Delta(text, finish if i == len(pieces) - 1 else None, 3, i + 1)
+
+    async def collect():
+        return [d async for d in until_stop(source(), stops)]
+
+    return asyncio.run(collect())
+
+
+def test_a_stop_string_split_across_deltas_never_reaches_the_client():
+    out = _cut(["The an", "swer: ST", "OP and more"], ["STOP"])
+    assert [d.text for d in out] == ["The", " answer:", " "]  # 3 characters held back each time
+    assert out[-1].finish_reason == "stop" and out[-1].stop_string == "STOP" and out[-1].completion_tokens == 3
+
+
+def test_the_earliest_of_several_stops_wins_and_no_match_keeps_every_character():
+    assert "".join(d.text for d in _cut(["abc", "def", "ghi"], ["gh", "cd"])) == "ab"
+    out = _cut(["abc", "dST", "x"], ["STOP", "zz"])  # "ST" held back, then released at the end
+    assert "".join(d.text for d in out) == "abcdSTx" and out[-1].finish_reason == "length"
+    assert out[-1].stop_string is None
+
+
+def test_an_engine_error_passes_through_a_stop_cut():
+    async def source():
+        yield Delta("", "error", error="seed: too large", param="seed")
+
+    async def collect():
+        return [d async for d in until_stop(source(), ["x"])]
+
+    assert asyncio.run(collect())[0].error == "seed: too large"
+
+
+def test_stop_through_the_official_client_plain_and_streamed(client, engine):
+    full = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=24, temperature=0)
+    text = full.choices[0].message.content
+    assert len(text) >= 8, text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    expected = text[:text.find(stop)]
+
+    cut = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=24, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == expected and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens <= full.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=24, temperature=0,
+                                                 stop=stop, stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].usage.completion_tokens >= 1
+    assert engine.info()["active"] == 0  # the engine request was closed at the stop, not left running
+
+
+@pytest.mark.parametrize("field, value", [
+    ("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"50256": -100}), ("presence_penalty", 0.5),
+    ("frequency_penalty", -1.0), ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("response_format", {"type": "json_object"}), ("tool_choice", "required"), ("audio", {"voice": "alloy"}),
+])
+def test_a_field_the_server_cannot_honour_is_a_400_naming_it(client, field, value):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=4, **{field: value})
+    assert err.value.status_code == 400 and err.value.body["param"] == field
+    assert field in err.value.body["message"]
+
+
+def test_fields_sent_with_values_that_ask_for_nothing_are_accepted(client):
+    r = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=4, logprobs=False,
+                                       presence_penalty=0, frequency_penalty=0.0, tools=[], tool_choice="none",
+                                       response_format={"type": "text"}, user="u1", metadata={"k": "v"}, store=False)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("stop", [["a", "b", "c", "d", "e"], [""], ["x" * 65]])
+def test_bad_stop_lists_are_refused_with_the_field(client, stop):
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=4, stop=stop)
+    assert err.value.body["param"].startswith("stop")
