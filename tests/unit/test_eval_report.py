@@ -28,7 +28,8 @@ def _records(n_harm_refused: int, n_harm: int, n_ben_refused: int, n_ben: int) -
 
 def _entry(records, judge="refusal") -> dict:
     s = summarize(records)
-    pivots = {k: s.pop(k) for k in list(s) if k.endswith("_share") or k.startswith(("n_pivot", "pivot_"))}
+    pivots = {k: s.pop(k) for k in list(s) if k.endswith("_share") or "verdict" in k
+              or k.startswith(("n_pivot", "pivot_", "refused_after", "answered_after"))}
     return {**s, "pivots": pivots, "raw": {"asr": s["asr"], "over_refusal": s["over_refusal"]},
             "judge": judge, "judges": {"asr": judge, "over_refusal": judge}, "output_filter": "none",
             "model_uri": "x", "mean_output_tokens": 12.5, "tokens_per_s": 40.0, "dropped": {},
@@ -85,6 +86,10 @@ def test_write_report_files_and_markdown(results, tmp_path):
     assert "skipped: lm-eval is not installed" in md
     assert "skipped {'empty prompt': 1}" in md
     assert "| base64 |" in md and "+0.71" in md
+    # champion: 7 of 8 refused after [UNSAFE], 5 of 6 answered after [SAFE] -> 12 of 14 follow; the verdicts
+    # alone separate perfectly (8/8 - 0/6 = +1.00)
+    row = next(line for line in md.splitlines() if line.startswith("| models:/r2d@champion | all | 14 |"))
+    assert "85.7%" in row and "| 16.7% | 12.5% | +1.00" in row
 
 
 def test_report_flags_contamination_when_allowed(results, tmp_path):

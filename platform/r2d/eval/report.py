@@ -192,6 +192,24 @@ def _detail_table(results: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _verdict_table(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The model's verdict (its last pivot) against its answer, out of distribution first."""
+    lines = ["The verdict is the last pivot the model writes. *Follows*: refused after `[UNSAFE]` or answered after "
+             "`[SAFE]`. *Verdict discrimination*: what discrimination would be if every answer followed its verdict; "
+             "far above the headline, the model decides better than it answers.", "",
+             "| model | prompts | verdicts | answer follows verdict | refused after [SAFE] | answered after [UNSAFE] "
+             "| verdict discrimination |", "|---|---|---|---|---|---|---|"]
+    for name, e in results.items():
+        for where, v in (("out of distribution", e.get("ood")), ("all", e.get("pivots"))):
+            if not v or not v.get("n_verdicts"):
+                continue
+            lines.append(f"| {name} | {where} | {v['n_verdicts']} | "
+                         f"{_pct(v.get('answer_follows_verdict'))}{_ci(v.get('answer_follows_verdict_ci'))} | "
+                         f"{_pct(v.get('refused_after_safe'))} | {_pct(v.get('answered_after_unsafe'))} | "
+                         f"{_signed(v.get('verdict_discrimination'), v.get('verdict_discrimination_ci'))} |")
+    return lines
+
+
 def _contamination_lines(meta: dict[str, Any]) -> list[str]:
     c = meta.get("contamination") or {}
     if not c.get("checked"):
@@ -247,6 +265,7 @@ def render_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any], ch
              "## ASR by attack (in distribution)", "", *_attack_table(results), ""]
     lines += [f"![{k}]({v})" for k, v in charts.items()] + [""]
     lines += ["## Raw text, pivots, generation", "", *_detail_table(results), "",
+              "## Does the answer follow the verdict?", "", *_verdict_table(results), "",
               "Throughput is end to end (engine start included).", "", "## Contamination", "",
               *_contamination_lines(meta), "", "## The keyword judge, measured", "", *_judge_lines(meta), "",
               "## General ability", ""]
