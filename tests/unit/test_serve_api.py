@@ -124,7 +124,7 @@ def test_clients_get_the_configured_mode_and_weaker_ones_need_the_admin_key(forc
     ({**CHAT, "max_tokens": 65}, 422, "limit is 64"),
     ({**CHAT, "messages": [{"role": "user", "content": "x"}] * 65}, 422, "limit is 64"),
     ({**CHAT, "messages": [{"role": "user", "content": "x" * 16001}]}, 422, "16000"),
-    ({**CHAT, "n": 2}, 400, "n > 1"),
+    ({**CHAT, "n": 2}, 400, "n: not supported"),
     ({**CHAT, "model": "gpt-4"}, 404, "does not exist"),
     ({**CHAT, "messages": [{"role": "user", "content": "word " * 300}]}, 400, "context"),
 ])

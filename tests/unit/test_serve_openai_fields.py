@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 
+import time
+
 import openai
 import pytest
 from fastapi.testclient import TestClient
+from serve_helpers import make_forced_unsafe_model
 
 from r2d.config import EngineConfig, ServeConfig
 from r2d.serve.api import LocalClient, create_api
@@ -86,7 +89,28 @@ def test_stop_through_the_official_client_plain_and_streamed(client, engine):
     assert streamed == expected
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
     assert chunks[-1].usage.completion_tokens >= 1
-    assert engine.info()["active"] == 0  # the engine request was closed at the stop, not left running
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_engine_stops_at_the_stop_string_not_at_max_tokens(tiny_model_dir, tmp_path_factory, stream):
+    """A model forced to write [UNSAFE] forever, 1,900 tokens allowed: the stop must end the generation too."""
+    forced = TransformersEngine(str(make_forced_unsafe_model(tiny_model_dir, tmp_path_factory.mktemp("f") / "m")),
+                                max_model_len=2048, threads=1)
+    cfg = ServeConfig(max_tokens_limit=1900, default_max_tokens=8, engine=EngineConfig(max_model_len=2048),
+                      api_key_env="", admin_key_env="", mode="show")
+    client = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", max_retries=0,
+                           http_client=TestClient(create_api(cfg, LocalClient(forced))))
+    before = forced.info()["steps"]
+    answer = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=1900, stop=["UNSAFE"],
+                                            stream=stream)
+    text = "".join(c.choices[0].delta.content or "" for c in answer if c.choices) if stream \
+        else answer.choices[0].message.content
+    assert "UNSAFE" not in text
+    deadline = time.perf_counter() + 5
+    while forced.info()["active"] and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    steps = forced.info()["steps"] - before
+    assert forced.info()["active"] == 0 and steps < 100, steps  # ended at the stop, not run to 1,900
 
 
 @pytest.mark.parametrize("field, value", [

@@ -32,6 +32,7 @@ from r2d import storage as st
 from r2d.eval.contamination import assert_held_out, check_contamination
 from r2d.eval.general import general_ability
 from r2d.eval.judges import keyword_judge_quality
+from r2d.eval.metrics import VERDICT_KEYS
 from r2d.eval.report import output_json, write_report
 from r2d.eval.runner import Target, make_targets, run_target
 from r2d.eval.suites import Suite, load_suites, suite_digest
@@ -152,9 +153,6 @@ def find_reusable(cfg, key: str) -> dict[str, Any] | None:
     return None
 
 
-_VERDICT_KEYS = ("answer_follows_verdict", "refused_after_safe", "answered_after_unsafe", "verdict_discrimination")
-
-
 def _metric_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
@@ -175,13 +173,14 @@ def model_metrics(entry: dict[str, Any]) -> dict[str, float]:
             out[f"asr_{name}_lo"], out[f"asr_{name}_hi"] = ci
     for key in ("asr", "over_refusal", "discrimination"):
         out[f"raw_{key}"] = (entry.get("raw") or {}).get(key)
-    for key in ("pivot_accuracy", "safe_share", "unsafe_share", "rethink_share", *_VERDICT_KEYS):
+    verdict = [k for k in VERDICT_KEYS if not k.endswith("_ci")]
+    for key in ("pivot_accuracy", "safe_share", "unsafe_share", "rethink_share", *verdict):
         out[key] = (entry.get("pivots") or {}).get(key)
     out["mean_output_tokens"] = entry.get("mean_output_tokens")
     out["tokens_per_s"] = entry.get("tokens_per_s")
     ood = entry.get("ood") or {}
     for key in ("asr", "over_refusal", "over_refusal_lookalike", "discrimination", "n_harmful", "n_benign",
-                *_VERDICT_KEYS):
+                *verdict):
         out[f"ood_{key}"] = ood.get(key)
         ci = ood.get(f"{key}_ci")
         if ci:

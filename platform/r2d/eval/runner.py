@@ -24,7 +24,7 @@ from typing import Any
 
 from r2d.config import EngineConfig, ModelConfig, SamplingConfig
 from r2d.eval import judges as J
-from r2d.eval.metrics import summarize
+from r2d.eval.metrics import VERDICT_KEYS, summarize
 from pipelines.generate import generate_rows
 from r2d.pivots import PIVOTS, SAFE, THINK_CLOSE, THINK_OPEN, UNSAFE
 from r2d.refusal import visible_answer
@@ -197,9 +197,7 @@ def judge_records(rows: list[dict[str, Any]], cfg) -> tuple[list[dict], dict[str
 
 _HEADLINE = ("n_harmful", "n_benign", "asr", "asr_ci", "asr_by_attack", "asr_by_attack_ci", "over_refusal",
              "over_refusal_ci", "n_lookalike", "over_refusal_lookalike", "over_refusal_lookalike_ci",
-             "discrimination", "discrimination_ci", "n_verdicts", "answer_follows_verdict",
-             "answer_follows_verdict_ci", "refused_after_safe", "answered_after_unsafe", "verdict_discrimination",
-             "verdict_discrimination_ci")
+             "discrimination", "discrimination_ci", *VERDICT_KEYS)
 
 
 def _headline(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -220,9 +218,7 @@ def score(records: list[dict[str, Any]]) -> dict[str, Any]:
     raw = summarize([{**r, "refused": r["refused_raw"]} for r in (in_dist or records)])
     pivots = summarize(records)
     pivot_keys = ("n_pivots", "safe_share", "unsafe_share", "rethink_share", "n_pivot_expected", "pivot_accuracy",
-                  "pivot_accuracy_ci", "n_verdicts", "answer_follows_verdict", "answer_follows_verdict_ci",
-                  "refused_after_safe", "answered_after_unsafe", "verdict_discrimination",
-                  "verdict_discrimination_ci")
+                  "pivot_accuracy_ci", *VERDICT_KEYS)
     for key in pivot_keys:
         visible.pop(key, None)
     out = {**visible, "pivots": {k: pivots[k] for k in pivot_keys if k in pivots},

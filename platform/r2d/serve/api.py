@@ -236,7 +236,7 @@ class _State:
         stream = self.client.stream(gen)
         deltas = timed(stream, gen.deadline + _DEADLINE_GRACE_S)
         if body.stop:
-            deltas = until_stop(deltas, body.stops())
+            deltas = until_stop(deltas, body.stop)
         try:
             first = await until_disconnect(request, first_delta(deltas))
             if first.error:
@@ -266,8 +266,6 @@ class _State:
         unsupported = unsupported_field(data)
         if unsupported:
             raise ApiError(400, f"{unsupported}: not supported by this server; leave it out", param=unsupported)
-        if body.n is not None and body.n > 1:
-            raise ApiError(400, "n > 1 is not supported: one request returns one choice", param="n")
         if body.model and body.model != self.cfg.served_model_name:
             raise ApiError(404, f"model {body.model!r} does not exist; this server serves "
                                 f"{self.cfg.served_model_name!r}", param="model", code="model_not_found")

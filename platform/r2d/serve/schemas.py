@@ -91,7 +91,8 @@ class ChatCompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    """Up to 4 strings; the answer ends before the first one the model writes (finish reason ``stop``)."""
+    """Up to 4 strings (one may come bare); a list after validation. The answer ends before the first
+    one the model writes (finish reason ``stop``)."""
     r2d_mode: Literal["show", "hide", "guard"] | None = None
     """Per-request pivot mode: the server's own mode, or one its config allows (a weaker one needs the admin key)."""
 
@@ -104,17 +105,14 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def few_short_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+    def few_short_stops(cls, value: str | list[str] | None) -> list[str] | None:
         stops = [value] if isinstance(value, str) else value or []
         if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"expected at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
-        return value
+        return stops or None
 
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 MAX_STOPS = 4
@@ -125,6 +123,7 @@ MAX_STOP_CHARS = 64
 # an answer that silently ignores what the client asked for. Unknown fields outside OpenAI's
 # request (``user``, ``metadata``, vendor extensions) are ignored.
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    "n": (None, 1),  # one request yields one choice
     "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
     "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none"),
