@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             answers = serve_and_ask(cfg, served)
 
     # 7. report
-    history = metric_history(run_ids["train"], ["loss", "sft_loss", "cpo_loss", "pivot_acc"])
+    history = metric_history(run_ids["train"], ["loss", "sft_loss", "cpo_loss", "verdict_loss", "pivot_acc"])
     named = {("base" if m == base else "defended" if m == defended else m): r for m, r in results.items()}
     path = write_report(args.report_dir, config=cfg.to_dict(), manifest=manifest, history=history,
                         results=named, decision=decision, answers=answers, run_ids=run_ids,

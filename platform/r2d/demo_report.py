@@ -32,7 +32,7 @@ def plot_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> Path
     if not any(history.values()):
         return None
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    for key in ("loss", "sft_loss", "cpo_loss"):
+    for key in ("loss", "sft_loss", "cpo_loss", "verdict_loss"):  # verdict_loss: with train.verdict_weight > 0
         if history.get(key):
             steps, values = zip(*history[key])
             ax.plot(steps, values, label=key)

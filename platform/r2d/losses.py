@@ -246,3 +246,44 @@ def total_loss(
     sft = sft_loss(logits, labels, mode=sft_mode, segment=segment)
     cpo = cpo_loss(logits, labels, safe_id, unsafe_id, rethink_id, variant=cpo_variant)
     return {"loss": sft + cpo_weight * cpo, "sft_loss": sft, "cpo_loss": cpo}
+
+
+def verdict_margins(logp: torch.Tensor, pair: torch.Tensor, sign: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """Per trace, ``delta_q`` of :func:`verdict_loss`: the scored tokens' log-probabilities summed with their signs.
+
+    Args:
+        logp: [R] log-probabilities of the scored answer tokens, in both contexts.
+        pair: [R] which trace (0 .. n_pairs - 1) each token belongs to.
+        sign: [R] +1 for a token scored after the trace's own verdict, -1 after the flipped one.
+        n_pairs: number of traces.
+
+    Returns:
+        [n_pairs] float32 margins.
+    """
+    if not (logp.shape == pair.shape == sign.shape) or logp.dim() != 1:
+        raise ValueError(f"expected logp, pair, sign [R], got {tuple(logp.shape)}, {tuple(pair.shape)}, "
+                         f"{tuple(sign.shape)}")
+    delta = torch.zeros(n_pairs, dtype=torch.float32, device=logp.device)
+    return delta.index_add(0, pair, logp.float() * sign.to(torch.float32))
+
+
+def verdict_loss(logp: torch.Tensor, pair: torch.Tensor, sign: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """Verdict-following loss: the answer must depend on the verdict written before it.
+
+    Not in the paper: the project's addition, for a student that decides well and then answers
+    against its own decision (README, "Recipe experiments"). For each trace q, with ``a`` its
+    first answer tokens and ``v`` its verdict (the last reasoning pivot, [SAFE] or [UNSAFE]),
+
+        delta_q = log p(a | context, v) - log p(a | context, opposite of v)
+        L_V = mean_q -log sigmoid(delta_q)
+
+    so a refusal grows more likely after [UNSAFE] than after [SAFE], and a real answer the other
+    way round. Only the trace's own answer is scored, under both verdicts: no answer is ever
+    trained after a verdict it does not belong to. Arguments as in :func:`verdict_margins`.
+
+    Returns:
+        Scalar float32 loss, the mean over traces; 0.0 still in the graph with no trace.
+    """
+    if n_pairs == 0:
+        return logp.sum().float() * 0
+    return -F.logsigmoid(verdict_margins(logp, pair, sign, n_pairs)).mean()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from r2d.losses import cpo_loss, pivot_metrics, sft_loss, total_loss
+from r2d.losses import cpo_loss, pivot_metrics, sft_loss, total_loss, verdict_loss, verdict_margins
 
 WORD, SAFE, UNSAFE, RETHINK = 0, 1, 2, 3
 IGN = -100
@@ -286,3 +286,35 @@ _LOGITS, _LABELS = torch.zeros(1, 2, 4), torch.tensor([[SAFE, WORD]])
 def test_invalid_arguments_raise_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_verdict_loss_by_hand():
+    """Two traces, each scored on its answer tokens after its own verdict (+) and after the flipped one (-).
+
+    Trace 0: own log p = -1 and -1 (sum -2), flipped -2 and -2 (sum -4): delta = -2 - (-4) = 2,
+             -log sigma(2) = 0.126928.
+    Trace 1: own -3, flipped -1: delta = -2, -log sigma(-2) = 2.126928 (its answer fits the flipped verdict better).
+    L_V = (0.126928 + 2.126928) / 2 = 1.126928.
+    Gradient: d(-log sigma(delta))/d delta = -sigma(-delta); for trace 0, -sigma(-2) = -0.119203, over 2 traces
+    -0.059601 on each own token and +0.059601 on each flipped one.
+    """
+    logp = _t([-1.0, -1.0, -2.0, -2.0, -3.0, -1.0], grad=True)
+    pair = torch.tensor([0, 0, 0, 0, 1, 1])
+    sign = torch.tensor([1, 1, -1, -1, 1, -1])
+    assert_close(verdict_margins(logp, pair, sign, 2), _t([2.0, -2.0]))
+    loss = verdict_loss(logp, pair, sign, 2)
+    assert loss.item() == pytest.approx((SOFTPLUS_M2 + SOFTPLUS_P2) / 2, abs=1e-6)
+    loss.backward()
+    g0 = 1 / (1 + math.exp(2)) / 2
+    g1 = 1 / (1 + math.exp(-2)) / 2
+    assert_close(logp.grad, _t([-g0, -g0, g0, g0, -g1, g1]))
+
+
+def test_verdict_loss_without_traces_is_zero_in_the_graph():
+    logp = _t([], grad=True)
+    empty = torch.tensor([], dtype=torch.long)
+    loss = verdict_loss(logp, empty, empty, 0)
+    _zero(loss.detach())
+    loss.backward()
+    with pytest.raises(ValueError, match="expected logp, pair, sign"):
+        verdict_loss(_t([1.0]), torch.tensor([0, 0]), torch.tensor([1]), 1)

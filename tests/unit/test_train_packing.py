@@ -20,7 +20,7 @@ from r2d.train.head import Head, linear_cross_entropy
 from r2d.train.loop import loss_settings
 from r2d.train.model import build_model
 from r2d.train.objective import micro_batch_counts
-from r2d.train.packing import collate_packed, pack
+from r2d.train.packing import collate_packed, pack, verdict_pair
 from r2d.train.steps import collate_window, make_optimizer, optimizer_step, windows
 from r2d.train.synthetic import synthetic_rows
 from r2d.train.tokenize import tokenize_rows
@@ -62,17 +62,23 @@ class _Capture:
         return [0.0]
 
 
-def _one_step(cfg, rows):
-    """Metrics and gradients of one step over the first window of ``rows`` (batch 4 x accum 2)."""
+def _built(cfg, rows):
+    """The model (seeded, its LoRA B moved off zero), its loss settings and the first window of ``rows``."""
     torch.manual_seed(0)
     model, tok, pivots = build_model(cfg)
     with torch.no_grad():  # LoRA B starts at zero; give the adapters a say in the function
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    s, tc = loss_settings(cfg, pivots), cfg.train
-    window = next(iter(windows(rows, tok, pivots, max_length=tc.max_length, batch_size=4, grad_accum=2,
+    window = next(iter(windows(rows, tok, pivots, max_length=cfg.train.max_length, batch_size=4, grad_accum=2,
                                dropped=Counter(), length_grouping=False)))
+    return model, tok, loss_settings(cfg, pivots), window
+
+
+def _one_step(cfg, rows):
+    """Metrics and gradients of one step over the first window of ``rows`` (batch 4 x accum 2)."""
+    model, tok, s, window = _built(cfg, rows)
+    tc = cfg.train
     batches = collate_window(window, tok.pad_token_id, "cpu", s, packing=tc.packing,
                              micro_batch_tokens=tc.micro_batch_tokens, targets=tc.chunked_ce)
     capture = _Capture(model)
@@ -252,3 +258,77 @@ def test_make_optimizer_sees_the_same_parameters_with_packing(tiny_model_dir):
     names = lambda m: [n for n, p in m.named_parameters() if p.requires_grad]  # noqa: E731
     assert names(plain) == names(packed)
     assert len(make_optimizer(packed, 1e-3, 0.0, "constant", 0.0, 10)[0].param_groups) == 2
+
+
+def test_verdict_pair_flips_the_last_step_pivot_and_scores_the_first_answer_tokens(tiny_model_dir):
+    cfg = _cfg(tiny_model_dir, "train.packing=true", "train.verdict_weight=1", "train.verdict_tokens=3",
+               "train.micro_batch_tokens=512")
+    _, _, s, _ = _built(cfg, varied_rows(8))
+    safe, unsafe, rethink, x = s.safe_id, s.unsafe_id, s.pivot_ids[2], IGNORE_INDEX
+    # prompt | step [SAFE] step [UNSAFE] | answer 7 8 [UNSAFE] 9 10 [SAFE]
+    ids = [1, 2, 3, safe, 4, unsafe, 7, 8, unsafe, 9, 10, safe]
+    example = {"input_ids": ids, "labels": [x, x] + ids[2:], "segment": [0, 0] + [1] * 4 + [2] * 6, "length": 12}
+    trace, copy = verdict_pair(example, s)
+    assert trace["input_ids"] == ids and trace["verdict_t"] == [6, 7, 9] and trace["verdict_sign"] == 1
+    assert copy["input_ids"] == [1, 2, 3, safe, 4, safe, 7, 8, unsafe, 9]  # the verdict flipped, cut after 9
+    assert copy["verdict_t"] == [6, 7, 9] and copy["verdict_sign"] == -1 and set(copy["labels"]) == {x}
+    assert "verdict_t" not in example  # the caller's example is left as it was
+    ends_rethink = {**example, "input_ids": ids[:5] + [rethink] + ids[6:],
+                    "labels": [x, x] + ids[2:5] + [rethink] + ids[6:]}
+    assert verdict_pair(ends_rethink, s) == [ends_rethink]
+    no_answer = {**example, "input_ids": ids[:6], "labels": example["labels"][:6], "segment": example["segment"][:6]}
+    assert verdict_pair(no_answer, s) == [no_answer]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_verdict_term_equals_its_definition(tiny_model_dir, layout):
+    """The step with mu = 0.5 gives the reference step's loss and gradients plus 0.5 x L_V, where L_V is
+    computed from its definition: each trace, and its copy with the verdict flipped, run alone with full
+    logits; delta = sum of log p over the first 5 answer tokens in the trace minus in the copy;
+    L_V = mean over the window's traces with a verdict (6 of 8: two end their steps with [RETHINK]) of
+    -log sigmoid(delta). Pairs split across micro-batches or mismatched positions would change the number."""
+    mu = 0.5
+    cfg = _cfg(tiny_model_dir, *LAYOUTS[layout], f"train.verdict_weight={mu}", "train.verdict_tokens=5",
+               "train.micro_batch_tokens=512")
+    got_metrics, got_grads, batches = _one_step(cfg, varied_rows(8))
+    ref_metrics, ref_grads, _ = _reference(tiny_model_dir, ("flat", "mean"))
+
+    model, _, s, window = _built(cfg, varied_rows(8))
+    deltas = []
+    for example in (e for micro in window for e in micro):
+        members = verdict_pair(example, s)
+        last_step = [p for p, g in zip(example["labels"], example["segment"]) if p in s.pivot_ids and g == 1][-1]
+        assert len(members) == (1 if last_step == s.pivot_ids[2] else 2)
+        if len(members) == 1:
+            continue
+        sums = []
+        for member in members:
+            logp = model(input_ids=torch.tensor([member["input_ids"]])).logits[0].float().log_softmax(-1)
+            t = torch.tensor(member["verdict_t"])
+            sums.append(logp[t - 1, torch.tensor(member["input_ids"])[t]].sum())
+        deltas.append(sums[0] - sums[1])
+    direct = -F.logsigmoid(torch.stack(deltas)).mean()
+    direct.backward()
+    direct_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    assert sum(int(b["host"]["counts"][5]) for b in batches) == len(deltas) == 6
+    assert got_metrics["verdict_loss"] == pytest.approx(direct.item(), rel=1e-5)
+    assert got_metrics["loss"] == pytest.approx(ref_metrics["loss"] + mu * direct.item(), rel=1e-5)
+    assert got_metrics["tokens"] == ref_metrics["tokens"]  # a copy is extra compute, not training data
+    assert 0 <= got_metrics["verdict_acc"] <= 1
+    assert set(got_grads) == set(ref_grads)
+    for name, g in ref_grads.items():
+        expected = g + mu * direct_grads[name] if name in direct_grads else g
+        torch.testing.assert_close(got_grads[name], expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_verdict_settings_are_validated():
+    with pytest.raises(ConfigError, match="verdict_weight.*packing or chunked_ce"):
+        load_config(None, ["train.verdict_weight=1"])
+    with pytest.raises(ConfigError, match="micro_batch_tokens.*2 x max_length"):
+        load_config(None, ["train.verdict_weight=1", "train.packing=true", "train.max_length=512",
+                           "train.micro_batch_tokens=600"])
+    with pytest.raises(ConfigError, match="verdict_tokens"):
+        load_config(None, ["train.verdict_weight=1", "train.chunked_ce=true", "train.verdict_tokens=0"])
+    with pytest.raises(ConfigError, match="verdict_weight"):
+        load_config(None, ["train.verdict_weight=-1"])

@@ -271,6 +271,12 @@ class TrainConfig:
     """lambda in L = L_SFT + lambda * L_CPO; 0 trains SFT only."""
     cpo_rethink: bool = False
     """Also contrast [RETHINK] positions."""
+    verdict_weight: float = 0.0
+    """mu in L = L_SFT + lambda * L_CPO + mu * L_V: the verdict-following term (r2d.losses.verdict_loss), which
+    makes a trace's first answer tokens more likely after its own verdict than after the flipped one; 0 leaves it out.
+    Needs packing or chunked_ce (each trace is scored beside a copy with its verdict flipped)."""
+    verdict_tokens: int = 8
+    """Answer tokens the verdict-following term scores, from the start of the answer."""
     cpo_variant: Literal["mean", "per_class"] = "mean"
     """mean over pivot positions (Eq. 4) or the reference code's per-class mean summed."""
     sft_mode: Literal["flat", "eq3"] = "flat"
@@ -321,9 +327,17 @@ class TrainConfig:
         _require(self.cpo_weight >= 0, "cpo_weight", self.cpo_weight, "a number >= 0")
         _require(self.max_failures >= -1, "max_failures", self.max_failures, "an integer >= -1 (-1: unlimited)")
         _require(self.ce_chunk_tokens >= 1, "ce_chunk_tokens", self.ce_chunk_tokens, "an integer >= 1")
+        _require(self.verdict_weight >= 0, "verdict_weight", self.verdict_weight, "a number >= 0")
+        _require(self.verdict_tokens >= 1, "verdict_tokens", self.verdict_tokens, "an integer >= 1")
+        verdict = self.verdict_weight > 0
+        _require(not verdict or self.packing or self.chunked_ce, "verdict_weight", self.verdict_weight,
+                 "0 unless packing or chunked_ce is true (the term is built on their targets view)")
         if self.packing:
-            _require(self.micro_batch_tokens >= self.max_length, "micro_batch_tokens", self.micro_batch_tokens,
-                     f"at least max_length ({self.max_length}) when packing, so that every trace fits")
+            # With the verdict term a trace and its flipped copy share a micro-batch.
+            need = 2 * self.max_length if verdict else self.max_length
+            _require(self.micro_batch_tokens >= need, "micro_batch_tokens", self.micro_batch_tokens,
+                     f"at least {'2 x ' if verdict else ''}max_length ({need}) when packing"
+                     f"{' with verdict_weight > 0' if verdict else ''}, so that every trace fits")
         # FSDP gathers the weights inside each forward pass: every worker must run the same number of
         # micro-batches (packing varies it per worker), and the LM head must be used inside the forward.
         for name in ("packing", "chunked_ce"):

@@ -206,8 +206,17 @@ def pivot_logits(hidden: torch.Tensor, head: Head, ids: list[int]) -> torch.Tens
     return hidden.float() @ head.rows_of(ids).float().T
 
 
+def token_logprobs(hidden: torch.Tensor, head: Head, targets: torch.Tensor) -> torch.Tensor:
+    """[R] float32 ``log softmax(hidden_i @ W.T)[targets_i]``, with full logits for these few rows only."""
+    logits = hidden @ head.weight.T
+    if head.rows:
+        rows = _on_device(tuple(head.rows), hidden.device)
+        logits = logits.index_copy(1, rows, hidden @ head.delta.to(head.weight.dtype).T)
+    return logits.float().log_softmax(dim=1).gather(1, targets[:, None]).squeeze(1)
+
+
 def forward_targets(model, batch: dict, ids: list[int], chunk: int, weights: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One forward pass over a targets batch (``r2d.train.packing``).
 
     Args:
@@ -219,8 +228,10 @@ def forward_targets(model, batch: dict, ids: list[int], chunk: int, weights: tor
         weights: [M] float32 weight of each target's NLL.
 
     Returns:
-        ``(sft, z)``: the weighted NLL sum (scalar) and the pivot logits [P, len(ids)].
+        ``(sft, z, verdict_logp)``: the weighted NLL sum (scalar), the pivot logits [P, len(ids)],
+        and the log-probabilities [R] of the verdict term's scored tokens (None without the term).
     """
+    verdict = "verdict_pos" in batch
     kwargs = {"input_ids": batch["input_ids"]}
     if "position_ids" in batch:
         kwargs.update(position_ids=batch["position_ids"], cu_seq_lens_q=batch["cu_seq_lens"],
@@ -229,14 +240,22 @@ def forward_targets(model, batch: dict, ids: list[int], chunk: int, weights: tor
     else:
         kwargs["attention_mask"] = batch["attention_mask"]
     if not chunk:
-        logits = model(**kwargs).logits.flatten(0, 1).index_select(0, batch["target_pos"]).float()
+        full = model(**kwargs).logits.flatten(0, 1)
+        logits = full.index_select(0, batch["target_pos"]).float()
         sft = (F.cross_entropy(logits, batch["target_ids"], reduction="none") * weights).sum()
-        return sft, logits.index_select(0, batch["pivot_idx"])[:, ids]
+        verdict_logp = None
+        if verdict:
+            scored = full.index_select(0, batch["verdict_pos"]).float().log_softmax(dim=1)
+            verdict_logp = scored.gather(1, batch["verdict_ids"][:, None]).squeeze(1)
+        return sft, logits.index_select(0, batch["pivot_idx"])[:, ids], verdict_logp
     # No logits inside the forward: the hidden states come out, the head runs here in chunks. DDP
     # still sees one forward and gets every gradient in one backward (FSDP is refused by the config).
     if not getattr(_unwrap(model), "r2d_hidden_states", False):
         raise ValueError("a chunked LM head needs the model built with train.chunked_ce=true (enable_hidden_states)")
-    hidden = model(**kwargs, r2d_hidden=True).flatten(0, 1).index_select(0, batch["target_pos"])
+    states = model(**kwargs, r2d_hidden=True).flatten(0, 1)
+    hidden = states.index_select(0, batch["target_pos"])
     head = head_of(model)
     sft = linear_cross_entropy(hidden, head, batch["target_ids"], weights, chunk)
-    return sft, pivot_logits(hidden.index_select(0, batch["pivot_idx"]), head, ids)
+    verdict_logp = token_logprobs(states.index_select(0, batch["verdict_pos"]), head,
+                                  batch["verdict_ids"]) if verdict else None
+    return sft, pivot_logits(hidden.index_select(0, batch["pivot_idx"]), head, ids), verdict_logp

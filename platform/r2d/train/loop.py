@@ -47,7 +47,9 @@ def loss_settings(cfg: Config, pivots) -> LossSettings:
     return LossSettings(safe_id=pivots.safe, unsafe_id=pivots.unsafe,
                         rethink_id=pivots.rethink if cfg.train.cpo_rethink else None,
                         cpo_weight=cfg.train.cpo_weight, sft_mode=cfg.train.sft_mode,
-                        cpo_variant=cfg.train.cpo_variant)
+                        cpo_variant=cfg.train.cpo_variant, verdict_weight=cfg.train.verdict_weight,
+                        verdict_tokens=cfg.train.verdict_tokens,
+                        pivot_ids=(pivots.safe, pivots.unsafe, pivots.rethink))
 
 
 def _maybe_die(hooks: dict, step: int, rank: int) -> None:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from r2d.losses import ANSWER, IGNORE_INDEX, REASONING, cpo_loss, pivot_sums, total_loss
+from r2d.losses import ANSWER, IGNORE_INDEX, REASONING, cpo_loss, pivot_sums, total_loss, verdict_margins
 
 # Positions of the window counts in the tensor that is all-reduced across workers.
-N_TOKENS, N_SEQS, N_SAFE, N_UNSAFE, N_RETHINK = range(5)
+N_TOKENS, N_SEQS, N_SAFE, N_UNSAFE, N_RETHINK, N_PAIRS = range(6)
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,12 @@ class LossSettings:
     cpo_weight: float = 1.0
     sft_mode: str = "flat"
     cpo_variant: str = "mean"
+    verdict_weight: float = 0.0
+    """mu of the verdict-following term (``losses.verdict_loss``); 0 leaves it out."""
+    verdict_tokens: int = 8
+    """Answer tokens the verdict-following term scores."""
+    pivot_ids: tuple[int, ...] = ()
+    """Every pivot id a step may end with ([SAFE], [UNSAFE], [RETHINK]), to find a trace's verdict."""
 
     def class_ids(self) -> list[int]:
         ids = [self.safe_id, self.unsafe_id]
@@ -50,7 +56,7 @@ def micro_batch_counts(batch: dict[str, torch.Tensor], s: LossSettings) -> torch
     # One stack on the batch's device: no per-count copy to the host (each would wait for the GPU).
     rethink = (labels == s.rethink_id).sum() if s.rethink_id is not None else torch.zeros_like(labelled.sum())
     return torch.stack([labelled.sum(), in_parts.any(dim=1).sum(), (labels == s.safe_id).sum(),
-                        (labels == s.unsafe_id).sum(), rethink]).to(torch.float64)
+                        (labels == s.unsafe_id).sum(), rethink, torch.zeros_like(rethink)]).to(torch.float64)
 
 
 def _share(part: torch.Tensor | float, whole: torch.Tensor | float, world: int) -> float:
@@ -62,7 +68,7 @@ def _share(part: torch.Tensor | float, whole: torch.Tensor | float, world: int) 
 
 def _cpo_term(logits, labels, mean_cpo, mb: torch.Tensor, window: torch.Tensor, world: int, s: LossSettings):
     if s.cpo_variant == "mean":
-        return mean_cpo * _share(mb[N_SAFE:].sum(), window[N_SAFE:].sum(), world)
+        return mean_cpo * _share(mb[N_SAFE:N_PAIRS].sum(), window[N_SAFE:N_PAIRS].sum(), world)
     # per_class: a mean within each class, summed over the classes; each class mean is
     # normalised by its own window count so that the split does not matter either.
     term = logits.sum().float() * 0
@@ -132,21 +138,25 @@ def target_weights(host: dict, window: torch.Tensor, world: int, s: LossSettings
         sizes = torch.bincount(group[in_parts], minlength=3 * host["n_traces"]).to(torch.float64)
         sft = torch.where(in_parts, inverse(window[N_SEQS]) / sizes[group].clamp(min=1), 0.0)
     if s.cpo_variant == "mean":
-        cpo = inverse(window[N_SAFE:].sum()).expand(host["pivot_class"].shape).clone()
+        cpo = inverse(window[N_SAFE:N_PAIRS].sum()).expand(host["pivot_class"].shape).clone()
     else:
         cpo = inverse(window[N_SAFE + host["pivot_class"]])
     return sft.float(), cpo.float()
 
 
-def targets_loss(sft: torch.Tensor, z: torch.Tensor, batch: dict, cpo_weights: torch.Tensor, s: LossSettings
+def targets_loss(sft: torch.Tensor, z: torch.Tensor, batch: dict, cpo_weights: torch.Tensor, s: LossSettings,
+                 verdict_logp: torch.Tensor | None = None, window: torch.Tensor | None = None, world: int = 1
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor | int]]:
     """This micro-batch's part of the window loss from ``head.forward_targets``'s outputs.
 
     Args:
         sft: the weighted NLL sum (the SFT term, already normalised by the window).
         z: [P, len(class_ids)] float32 pivot logits at the pivot positions.
-        batch: the device batch (``pivot_true``, ``pivot_other``).
+        batch: the device batch (``pivot_true``, ``pivot_other``; ``verdict_pair``/``verdict_sign``
+            with the verdict term).
         cpo_weights: [P] each pivot's weight (:func:`target_weights`), on the device.
+        verdict_logp: [R] log-probabilities of the verdict term's scored tokens, or None without it.
+        window, world: the window's counts and the workers, for the verdict term's normaliser.
 
     Returns:
         As :func:`micro_batch_loss`: the tensor to call ``backward`` on, and its parts.
@@ -159,4 +169,12 @@ def targets_loss(sft: torch.Tensor, z: torch.Tensor, batch: dict, cpo_weights: t
         correct = (z.argmax(dim=1) == batch["pivot_true"]).float().sum()
     parts = {"loss": loss.detach(), "sft_loss": sft.detach(), "cpo_loss": cpo.detach(), "pivot_acc_sum": correct,
              "pivot_margin_sum": margin.detach().sum(), "n_pivots": int(margin.shape[0])}
+    if verdict_logp is not None:
+        n_pairs = int(batch["host"]["counts"][N_PAIRS])
+        margins = verdict_margins(verdict_logp, batch["verdict_pair"], batch["verdict_sign"], n_pairs)
+        # Each trace weighs 1 / the window's traces, as every other term is normalised by its window.
+        verdict = -F.logsigmoid(margins).sum() * _share(1, window[N_PAIRS], world)
+        loss = loss + s.verdict_weight * verdict
+        parts.update(loss=loss.detach(), verdict_loss=verdict.detach(),
+                     verdict_acc_sum=(margins.detach() > 0).float().sum(), n_pairs=n_pairs)
     return loss, parts

@@ -17,7 +17,7 @@ import torch
 from r2d.train.batching import collate, group_by_length
 from r2d.train.head import forward_targets
 from r2d.train.objective import LossSettings, micro_batch_counts, micro_batch_loss, target_weights, targets_loss
-from r2d.train.packing import collate_packed, collate_padded, pack, to_device
+from r2d.train.packing import collate_packed, collate_padded, pack, to_device, unbind, with_verdict_copies
 from r2d.train.tokenize import tokenize_rows
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -131,13 +131,14 @@ def _targets_micro_batch(model, batch: dict, counts: torch.Tensor, world: int, s
     sft_w, cpo_w = target_weights(batch["host"], counts, world, s)
     device = batch["target_ids"].device
     sft_w, cpo_w = to_device({"sft": sft_w, "cpo": cpo_w}, device).values()
-    sft, z = forward_targets(model, batch, s.class_ids(), ce_chunk, sft_w)
-    return targets_loss(sft, z, batch, cpo_w, s)
+    sft, z, verdict_logp = forward_targets(model, batch, s.class_ids(), ce_chunk, sft_w)
+    return targets_loss(sft, z, batch, cpo_w, s, verdict_logp, counts, world)
 
 
 def _window_metrics(totals: Counter, reduce: Reduce, world: int, lr: float, grad_norm: torch.Tensor,
                     seconds: float) -> dict[str, float]:
-    keys = ["loss", "sft_loss", "cpo_loss", "pivot_acc_sum", "pivot_margin_sum", "n_pivots", "tokens"]
+    keys = ["loss", "sft_loss", "cpo_loss", "pivot_acc_sum", "pivot_margin_sum", "n_pivots", "tokens",
+            "verdict_loss", "verdict_acc_sum", "n_pairs"]
     totals["grad_norm"] = grad_norm
     # The sums live on the model's device: stack them there and copy them to the host once.
     device = next((v.device for v in totals.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
@@ -146,8 +147,10 @@ def _window_metrics(totals: Counter, reduce: Reduce, world: int, lr: float, grad
     grad_norm = float(values[-1])
     got = dict(zip(keys, reduce(values[:-1]).tolist()))
     n_pivots = max(got["n_pivots"], 1.0)
+    verdict = {} if not got["n_pairs"] else {"verdict_loss": got["verdict_loss"] / world,
+                                             "verdict_acc": got["verdict_acc_sum"] / got["n_pairs"]}
     # Each worker's loss part is scaled by world size (see objective._share): undo it.
-    return {"loss": got["loss"] / world, "sft_loss": got["sft_loss"] / world, "cpo_loss": got["cpo_loss"] / world,
+    return {**verdict, "loss": got["loss"] / world, "sft_loss": got["sft_loss"] / world, "cpo_loss": got["cpo_loss"] / world,
             "pivot_acc": got["pivot_acc_sum"] / n_pivots, "pivot_margin": got["pivot_margin_sum"] / n_pivots,
             "n_pivots": got["n_pivots"], "lr": lr, "tokens": got["tokens"],
             "tokens_per_s": got["tokens"] / max(seconds, 1e-9), "grad_norm": grad_norm, "step_s": seconds}
@@ -165,9 +168,12 @@ def collate_window(window: list[list[dict]], pad_id: int, device, settings: Loss
         targets: padded rows with the targets view (the chunked LM head without packing).
             Neither: the reference step's padded rows (``batching.collate``).
     """
+    verdict = settings is not None and settings.verdict_weight > 0
     if packing:
         examples = [e for micro in window for e in micro]
-        return [to_device(collate_packed(m, settings), device) for m in pack(examples, micro_batch_tokens)]
+        units = with_verdict_copies(examples, settings) if verdict else examples
+        return [to_device(collate_packed(unbind(m), settings), device) for m in pack(units, micro_batch_tokens)]
     if targets:
-        return [to_device(collate_padded(micro, pad_id, settings), device) for micro in window]
+        return [to_device(collate_padded(unbind(with_verdict_copies(micro, settings)) if verdict else micro,
+                                         pad_id, settings), device) for micro in window]
     return [collate(micro, pad_id, device) for micro in window]
