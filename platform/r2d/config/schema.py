@@ -274,7 +274,8 @@ class TrainConfig:
     verdict_weight: float = 0.0
     """mu in L = L_SFT + lambda * L_CPO + mu * L_V: the verdict-following term (r2d.losses.verdict_loss), which
     makes a trace's first answer tokens more likely after its own verdict than after the flipped one; 0 leaves it out.
-    Needs packing or chunked_ce (each trace is scored beside a copy with its verdict flipped)."""
+    Needs packing or chunked_ce (each trace is scored beside a copy with its verdict flipped, which about doubles
+    a step's tokens: halve micro_batch_tokens to keep a micro-batch's activation memory)."""
     verdict_tokens: int = 8
     """Answer tokens the verdict-following term scores, from the start of the answer."""
     cpo_variant: Literal["mean", "per_class"] = "mean"
