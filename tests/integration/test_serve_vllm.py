@@ -100,6 +100,11 @@ def test_vllm_engine_behind_the_ingress(server):
     chunks = list(client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, stop=stop,
                                                  stream=True, **show))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text[:text.find(stop)]
+    # the repetition penalties reach vLLM's sampler (their effect is checked against OpenAI's definition on the
+    # transformers engine; this model writes [UNSAFE] by a margin no penalty overturns)
+    penalised = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, presence_penalty=2.0,
+                                               frequency_penalty=-2.0, **show)
+    assert penalised.usage.completion_tokens == 8 and penalised.choices[0].message.content == text
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, logprobs=True)
     assert err.value.body["param"] == "logprobs"

@@ -1,4 +1,5 @@
-"""OpenAI request fields: ``stop`` is honoured on every path; a field the server cannot honour is a 400 naming it.
+"""OpenAI request fields: ``stop`` and the repetition penalties are honoured on every path; a field the server
+cannot honour is a 400 naming it.
 
 The official ``openai`` client drives the real app in-process (FastAPI's TestClient is the
 client's httpx transport) on the tiny model with greedy decoding, so an answer with a stop
@@ -114,8 +115,8 @@ def test_the_engine_stops_at_the_stop_string_not_at_max_tokens(tiny_model_dir, t
 
 
 @pytest.mark.parametrize("field, value", [
-    ("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"50256": -100}), ("presence_penalty", 0.5),
-    ("frequency_penalty", -1.0), ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"50256": -100}), ("n", 2),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("response_format", {"type": "json_object"}), ("tool_choice", "required"), ("audio", {"voice": "alloy"}),
 ])
 def test_a_field_the_server_cannot_honour_is_a_400_naming_it(client, field, value):
@@ -130,6 +131,83 @@ def test_fields_sent_with_values_that_ask_for_nothing_are_accepted(client):
                                        presence_penalty=0, frequency_penalty=0.0, tools=[], tool_choice="none",
                                        response_format={"type": "text"}, user="u1", metadata={"k": "v"}, store=False)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_row_penalties_by_hand():
+    """Two rows, prompts of 2 tokens; the penalties count only the answer's tokens."""
+    import torch
+
+    from r2d.serve.transformers_backend import row_penalties
+
+    ids = torch.tensor([[1, 2, 5, 5, 7], [3, 3, 0, 4, 4]])
+    out = row_penalties([0.5, 0.0], [0.25, 1.0], prompt_len=2)(ids, torch.zeros(2, 10))
+    expected = torch.zeros(2, 10)
+    expected[0, 5] = -(0.5 + 2 * 0.25)  # twice in the answer: presence once, frequency twice
+    expected[0, 7] = -(0.5 + 0.25)
+    expected[1, 0] = -1.0
+    expected[1, 4] = -2.0  # token 3 is only in the prompt: untouched
+    assert torch.equal(out, expected)
+
+
+def _greedy_with_penalties(engine, messages, max_tokens, presence, frequency) -> str:
+    """The reference: a plain greedy loop over the model, OpenAI's penalties subtracted by hand."""
+    import torch
+
+    from r2d.pivots import render_conversation
+
+    cur = engine._current
+    tok, model = cur.tokenizer, cur.model
+    ids = tok(render_conversation(tok, messages), add_special_tokens=False)["input_ids"]
+    made: list[int] = []
+    with torch.inference_mode():
+        for _ in range(max_tokens):
+            logits = model(torch.tensor([ids + made])).logits[0, -1].clone()
+            for t in set(made):
+                logits[t] -= presence + frequency * made.count(t)
+            nxt = int(logits.argmax())
+            if nxt in cur.eos_ids:
+                break
+            made.append(nxt)
+    return tok.decode(made, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_penalties_follow_openais_definition_through_the_official_client(client, engine, stream):
+    kwargs = {"model": "r2d", "messages": MESSAGES, "max_tokens": 24, "temperature": 0}
+    plain = client.chat.completions.create(**kwargs).choices[0].message.content
+    answer = client.chat.completions.create(**kwargs, presence_penalty=1.5, frequency_penalty=2.0, stream=stream)
+    text = "".join(c.choices[0].delta.content or "" for c in answer if c.choices) if stream \
+        else answer.choices[0].message.content
+    expected = _greedy_with_penalties(engine, MESSAGES, 24, 1.5, 2.0)
+    assert text == expected
+    assert expected != plain  # the penalties change this answer: a server ignoring them would fail
+
+
+@pytest.mark.parametrize("field", ["presence_penalty", "frequency_penalty"])
+def test_penalties_out_of_range_are_refused_with_the_field(client, field):
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=4, **{field: 2.5})
+    assert err.value.body["param"] == field
+
+
+def test_the_engines_refuse_penalties_out_of_range_themselves():
+    from r2d.serve.schemas import GenRequest
+
+    assert GenRequest(MESSAGES, 4, presence_penalty=-2.0, frequency_penalty=2.0).sampling_error() is None
+    assert GenRequest(MESSAGES, 4, frequency_penalty=float("nan")).sampling_error().startswith("frequency_penalty")
+    assert GenRequest(MESSAGES, 4, presence_penalty=-2.01).sampling_error().startswith("presence_penalty")
+
+
+def test_vllm_sampling_params_carry_the_request():
+    from vllm.sampling_params import RequestOutputKind
+
+    from r2d.serve.schemas import GenRequest
+    from r2d.serve.vllm_backend import sampling_params
+
+    req = GenRequest(MESSAGES, 7, temperature=0.5, top_p=0.9, seed=3, presence_penalty=0.5, frequency_penalty=-1.0)
+    params = sampling_params(req, RequestOutputKind.DELTA)
+    assert (params.max_tokens, params.temperature, params.top_p, params.seed) == (7, 0.5, 0.9, 3)
+    assert (params.presence_penalty, params.frequency_penalty, params.skip_special_tokens) == (0.5, -1.0, False)
 
 
 @pytest.mark.parametrize("stop", [["a", "b", "c", "d", "e"], [""], ["x" * 65]])

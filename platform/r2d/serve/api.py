@@ -304,6 +304,8 @@ class _State:
         return GenRequest(messages=messages, max_tokens=body.wanted_tokens() or self.cfg.default_max_tokens,
                           temperature=body.temperature if body.temperature is not None else 0.0,
                           top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed,
+                          presence_penalty=body.presence_penalty or 0.0,
+                          frequency_penalty=body.frequency_penalty or 0.0,
                           stream=bool(body.stream or body.stop), deadline=time.time() + self.cfg.request_timeout_s)
 
     # ------------------------------------------------------------ responses

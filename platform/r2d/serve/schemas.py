@@ -1,9 +1,9 @@
 """Request and response shapes of the OpenAI-compatible chat API.
 
 Requests are validated strictly (``"5"`` is not an integer) so that wrong types
-get a 422 naming the field. Unknown OpenAI parameters (``logprobs``, ``user``,
-``tools``…) are ignored, as OpenAI's own server tolerates fields it does not
-use; ``n > 1`` is rejected because one request yields one choice here.
+get a 422 naming the field. An OpenAI field the server cannot honour (``logprobs``,
+``tools``, ``n > 1``…) is a 400 naming it (:data:`UNSUPPORTED_FIELDS`); fields outside
+OpenAI's request (``user``, ``metadata``, vendor extensions) are ignored.
 
 Every number is bounded to what both engines accept (:data:`SEED_MAX`,
 :data:`MIN_TEMPERATURE`…): torch refuses seeds above 2**64-1 and vLLM's engine core fails
@@ -35,10 +35,16 @@ MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 2.0
 MIN_TOP_P = 0.001
 """Smallest top-p: below it a float32 top-p of 0 is all an engine sees."""
+MAX_PENALTY = 2.0
+"""OpenAI's bound on ``presence_penalty`` and ``frequency_penalty`` (either sign)."""
 
 
-def sampling_error(temperature: float, top_p: float, seed: int | None, max_tokens: int) -> str | None:
-    """Why an engine must not run these sampling values (None: it may). Checked per request in both engines."""
+def sampling_error(temperature: float, top_p: float, seed: int | None, max_tokens: int,
+                   penalties: dict[str, float] | None = None) -> str | None:
+    """Why an engine must not run these sampling values (None: it may). Checked per request in both engines.
+
+    ``penalties``: ``presence_penalty`` and ``frequency_penalty`` by name, each in OpenAI's [-2, 2].
+    """
     import math
 
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) or not (
@@ -50,6 +56,10 @@ def sampling_error(temperature: float, top_p: float, seed: int | None, max_token
         return f"seed: got {seed!r}, expected an integer in [0, 2**63-1]"
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         return f"max_tokens: got {max_tokens!r}, expected an integer >= 1"
+    for name, value in (penalties or {}).items():
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)) or \
+                not -MAX_PENALTY <= value <= MAX_PENALTY:
+            return f"{name}: got {value!r}, expected a number in [-{MAX_PENALTY}, {MAX_PENALTY}]"
     return None
 
 
@@ -88,6 +98,10 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, ge=MIN_TOP_P, le=1.0)
     n: int | None = Field(default=None, ge=1)
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
+    presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    """OpenAI's: subtracted once from the logit of every token the answer already holds."""
+    frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    """OpenAI's: subtracted from a token's logit once per time the answer already holds it."""
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
@@ -125,7 +139,6 @@ MAX_STOP_CHARS = 64
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "n": (None, 1),  # one request yields one choice
     "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
-    "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none"),
     "parallel_tool_calls": (None, True, False), "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "web_search_options": (None,),
@@ -150,6 +163,10 @@ class GenRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    """OpenAI's presence penalty, on the tokens generated so far (not the prompt's)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's frequency penalty, on the tokens generated so far (not the prompt's)."""
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     stream: bool = True
     """False: the client wants the whole completion, so the replica sends it as one delta."""
@@ -157,7 +174,11 @@ class GenRequest:
     """Wall-clock time (``time.time()``) at which the engine stops this request; 0: no deadline."""
 
     def sampling_error(self) -> str | None:
-        return sampling_error(self.temperature, self.top_p, self.seed, self.max_tokens)
+        return sampling_error(self.temperature, self.top_p, self.seed, self.max_tokens, self.penalties())
+
+    def penalties(self) -> dict[str, float]:
+        """The repetition penalties, by their OpenAI names."""
+        return {"presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty}
 
     def past_deadline(self) -> bool:
         return bool(self.deadline) and time.time() >= self.deadline

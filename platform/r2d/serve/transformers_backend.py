@@ -85,6 +85,28 @@ def _row_sampler(temperatures: list[float], top_ps: list[float]):
     return RowSampling()
 
 
+def row_penalties(presence: list[float], frequency: list[float], prompt_len: int):
+    """A logits processor applying each row's OpenAI presence and frequency penalties.
+
+    For every token ``t`` the row's answer already holds ``c_t > 0`` times (the tokens after
+    ``prompt_len``, never the prompt's), its logit drops by ``presence + frequency * c_t``, as
+    OpenAI documents and vLLM does. Runs before sampling, so greedy rows see it too.
+    """
+    import torch
+    from transformers import LogitsProcessor
+
+    pres = torch.tensor(presence, dtype=torch.float32).unsqueeze(1)
+    freq = torch.tensor(frequency, dtype=torch.float32).unsqueeze(1)
+
+    class RowPenalties(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            made = input_ids[:, prompt_len:]
+            counts = torch.zeros_like(scores).scatter_add_(1, made, torch.ones_like(made, dtype=scores.dtype))
+            return scores - (pres.to(scores) * (counts > 0) + freq.to(scores) * counts)
+
+    return RowPenalties()
+
+
 def _row_stop(checks: list, prompt_len: int, max_tokens: list[int]):
     """A stopping criterion with a verdict per row: its own max_tokens reached, or ``checks[i]()`` true."""
     import torch
@@ -240,7 +262,7 @@ class TransformersEngine:
         tok = cur.tokenizer
         batch = tok.pad({"input_ids": [prompts[i]["input_ids"] for i in live]}, return_tensors="pt")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        kwargs = self._sampling_kwargs([reqs[i] for i in live])
+        kwargs = self._sampling_kwargs([reqs[i] for i in live], batch["input_ids"].shape[1])
         kwargs["stopping_criteria"] = _row_stop([lambda r=reqs[i]: self._should_stop(r) for i in live],
                                                 batch["input_ids"].shape[1], [reqs[i].max_tokens for i in live])
         max_new = max(reqs[i].max_tokens for i in live)
@@ -313,17 +335,22 @@ class TransformersEngine:
             loop.call_soon_threadsafe(queue.put_nowait, err)
 
     @staticmethod
-    def _sampling_kwargs(reqs: list[GenRequest]) -> dict:
+    def _sampling_kwargs(reqs: list[GenRequest], prompt_len: int) -> dict:
         import torch
 
         temps = [r.temperature for r in reqs]
         seeds = [r.seed for r in reqs if r.seed is not None]
         if seeds:
             torch.manual_seed(seeds[0])
-        if all(t <= 0 for t in temps):
-            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        return {"do_sample": True, "temperature": None, "top_p": None, "top_k": None,
-                "logits_processor": [_row_sampler(temps, [r.top_p for r in reqs])]}
+        processors = []
+        if any(r.presence_penalty or r.frequency_penalty for r in reqs):
+            processors.append(row_penalties([r.presence_penalty for r in reqs], [r.frequency_penalty for r in reqs],
+                                            prompt_len))
+        sample = not all(t <= 0 for t in temps)
+        if sample:
+            processors.append(_row_sampler(temps, [r.top_p for r in reqs]))
+        kwargs = {"do_sample": sample, "temperature": None, "top_p": None, "top_k": None}
+        return {**kwargs, "logits_processor": processors} if processors else kwargs
 
 
 @serve.deployment(name="r2d-transformers")

@@ -143,7 +143,6 @@ class VLLMEngine:
             first_answer(self)
 
     async def _stream(self, cur: dict, req: GenRequest):
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
@@ -167,8 +166,7 @@ class VLLMEngine:
         # wake for every token, taking the cores from the engine's threads on a small machine.
         kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
         try:
-            params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                    seed=req.seed, skip_special_tokens=False, output_kind=kind)
+            params = sampling_params(req, kind)
         except (ValueError, TypeError) as exc:
             yield Delta("", "error", error=f"sampling parameters: {exc}")
             return
@@ -194,6 +192,15 @@ class VLLMEngine:
             if not finished:  # deadline, or the consumer left: free the engine's slot now
                 await outputs.aclose()
                 await engine.abort(req.request_id)
+
+
+def sampling_params(req: GenRequest, kind):
+    """vLLM's ``SamplingParams`` for a request; pivots survive decoding (``skip_special_tokens=False``)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                          presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                          skip_special_tokens=False, output_kind=kind)
 
 
 @serve.deployment(name="r2d-vllm")
