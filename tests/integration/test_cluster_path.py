@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -74,7 +75,7 @@ def test_the_gpu_recipe_rehearsed_end_to_end(stack):
 def _fault_overrides(work, extra: list[str] = ()) -> list[str]:
     student = work / "models" / "student"
     return [f"model.source={student}", f"distill.teacher.source={student}", f"distill.output_dir={FAULT_TRACES}",
-            "data.heldout_categories=[]", "distill.max_prompts=24", "distill.chunk_size=4",
+            "data.heldout_categories=[]", "distill.max_prompts=48", "distill.chunk_size=2",
             "distill.max_regenerations=0", "distill.lease_ttl_s=20",
             "distill.engine={kind: transformers, batch_size: 4, concurrency: 1, num_cpus: 1}",
             "distill.sampling.max_tokens=16", *extra]
@@ -110,6 +111,8 @@ def test_a_second_driver_of_the_same_output_is_refused(stack):
 
 def test_distillation_on_the_object_store_survives_a_killed_driver(stack):
     """SIGKILL the driver after a committed chunk; the resubmitted job loses and repeats nothing."""
+    from r2d import commits
+    from r2d import storage as st
     from r2d.config import load_config
     from r2d.data.splits import select_balanced, training_prompts
     from r2d.distill import store
@@ -121,21 +124,35 @@ def test_distillation_on_the_object_store_survives_a_killed_driver(stack):
     expected = {p["prompt_id"] for p in select_balanced(training_prompts(cfg), cfg.distill.max_prompts)}
     cl.submit("fault-distill-1", argv)
 
-    # 1. SIGKILL the first driver once a chunk is committed, before the run ends
+    # 1. SIGKILL the first driver once a chunk is committed, before the run ends. The bucket is
+    #    watched from a thread of its own, every 20 ms: the engine's output reaches the driver in
+    #    bursts, and a watcher paced by the job-status poll saw a whole run commit between two looks.
     killed: dict = {}
+    done = threading.Event()
 
     def kill_after_a_commit() -> None:
-        committed = _committed(FAULT_TRACES)
-        if killed or not committed:
-            return
-        pid = cl.driver_pid("fault-distill-1")
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            killed.update(pid=pid, committed=committed, rows=len(store.written_ids(FAULT_TRACES)))
-            timeline.note(f"KILLED the distillation driver (pid {pid}) with {committed} chunk(s), "
-                          f"{killed['rows']}/{len(expected)} prompt_ids committed")
+        markers, pid = st.join(FAULT_TRACES, commits.COMMITTED), None
+        while not done.is_set():
+            pid = pid or cl.driver_pid("fault-distill-1")
+            try:
+                committed = [u for u in st.list_files(markers, recursive=False) if u.endswith(".json")]
+            except Exception:
+                committed = []
+            if pid and committed:
+                os.kill(pid, signal.SIGKILL)
+                killed.update(pid=pid, committed=len(committed), rows=len(store.written_ids(FAULT_TRACES)))
+                timeline.note(f"KILLED the distillation driver (pid {pid}) with {len(committed)} chunk(s), "
+                              f"{killed['rows']}/{len(expected)} prompt_ids committed")
+                return
+            time.sleep(0.02)
 
-    status = cl.wait_job("fault-distill-1", 600, tick=kill_after_a_commit)
+    watcher = threading.Thread(target=kill_after_a_commit, daemon=True)
+    watcher.start()
+    try:
+        status = cl.wait_job("fault-distill-1", 600)
+    finally:
+        done.set()
+        watcher.join(timeout=10)
     assert killed, f"the run ended before its driver could be killed:\n{cl.logs('fault-distill-1')[-2000:]}"
     assert status == "FAILED" and killed["rows"] < len(expected), "the kill came too late to test a resume"
     first = set(store.read_table(FAULT_TRACES, ["prompt_id"]).column("prompt_id").to_pylist())
