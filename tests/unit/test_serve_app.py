@@ -67,3 +67,55 @@ def test_the_alias_poller_backs_off_while_reloads_fail(monkeypatch):
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(replica.poll_reload(Registry(), every_s=1.0, backoff_s=30.0))
     assert delays == [1.0, 30.0, 60.0, 120.0, 240.0, 1.0, 1.0]
+
+
+def test_the_vllm_deployment_is_ray_serve_llms_with_the_recipes_engine_and_placement():
+    """The GPU recipe's serve section, tensor parallel over 4 GPUs: Ray Serve LLM gets it all from the config."""
+    from r2d.serve.vllm_backend import llm_config
+
+    cfg = load_config("jobs/configs/qwen2.5-7b.yaml", ["serve.engine.tensor_parallel_size=4", "serve.max_replicas=3"])
+    llm = llm_config(cfg)
+    assert (llm.model_id, llm.model_loading_config.model_source) == (cfg.serve.served_model_name, cfg.serve.model)
+    assert llm.engine_kwargs["tensor_parallel_size"] == 4 and llm.engine_kwargs["dtype"] == cfg.model.dtype
+    assert llm.engine_kwargs["max_num_seqs"] == cfg.serve.engine.max_num_seqs
+    assert llm.placement_group_config == {"bundles": [{"GPU": 1, "CPU": 1}] * 4, "strategy": "STRICT_PACK"}
+    assert llm.accelerator_config.kind == "gpu"
+    deployment = llm.deployment_config
+    assert deployment["autoscaling_config"]["max_replicas"] == 3 and deployment["ray_actor_options"] == {"num_cpus": 0}
+    engine = llm.get_engine_config()  # Ray Serve LLM's own reading of the engine arguments
+    assert engine.placement_bundles == [{"GPU": 1, "CPU": 1}] * 4 and engine.placement_strategy == "STRICT_PACK"
+
+
+def test_the_vllm_deployment_on_cpu_asks_for_no_gpu_and_carries_the_cpu_engine_environment():
+    from r2d.serve.vllm_backend import llm_config
+
+    cfg = load_config("jobs/configs/tiny.yaml", ["serve.engine.kind=vllm", "serve.engine.num_cpus=1",
+                                                 "serve.engine.kv_cache_gb=1"])
+    llm = llm_config(cfg)
+    assert llm.accelerator_config.kind == "cpu" and llm.engine_kwargs["enforce_eager"]
+    assert llm.placement_group_config["bundles"] == [{"CPU": 1}]
+    assert llm.runtime_env["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
+def test_engine_outputs_become_deltas():
+    """What the engine's completions path yields: SSE strings (one or a batch), a whole response, an error."""
+    from r2d.serve.vllm_backend import _delta, parse_output
+
+    chunk = ('data: {"choices": [{"index": 0, "text": "[SA", "finish_reason": null}], '
+             '"usage": {"prompt_tokens": 5, "completion_tokens": 1}}\n\n')
+    last = ('data: {"choices": [{"index": 0, "text": "FE]", "finish_reason": "length"}], '
+            '"usage": {"prompt_tokens": 5, "completion_tokens": 2}}\n\ndata: [DONE]\n\n')
+    payloads = parse_output([chunk, last])
+    deltas = [_delta(p, 5, 0) for p in payloads]
+    assert [(d.text, d.finish_reason, d.prompt_tokens, d.completion_tokens) for d in deltas] == \
+        [("[SA", None, 5, 1), ("FE]", "length", 5, 2)]
+
+    class Whole:
+        def model_dump(self):
+            return {"choices": [{"text": "all of it", "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 3}}
+
+    (whole,) = parse_output(Whole())
+    assert _delta(whole, 5, 0).text == "all of it" and _delta(whole, 5, 0).completion_tokens == 3
+    err = _delta({"error": {"message": "top_p must be in (0, 1]", "param": "top_p", "code": 400}}, 5, 0)
+    assert (err.finish_reason, err.error, err.param) == ("error", "top_p must be in (0, 1]", "top_p")

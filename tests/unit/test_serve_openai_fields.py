@@ -198,16 +198,19 @@ def test_the_engines_refuse_penalties_out_of_range_themselves():
     assert GenRequest(MESSAGES, 4, presence_penalty=-2.01).sampling_error().startswith("presence_penalty")
 
 
-def test_vllm_sampling_params_carry_the_request():
-    from vllm.sampling_params import RequestOutputKind
-
+def test_the_vllm_request_carries_the_sampling_fields_and_the_token_ids():
     from r2d.serve.schemas import GenRequest
-    from r2d.serve.vllm_backend import sampling_params
+    from r2d.serve.vllm_backend import completion_request
 
     req = GenRequest(MESSAGES, 7, temperature=0.5, top_p=0.9, seed=3, presence_penalty=0.5, frequency_penalty=-1.0)
-    params = sampling_params(req, RequestOutputKind.DELTA)
-    assert (params.max_tokens, params.temperature, params.top_p, params.seed) == (7, 0.5, 0.9, 3)
-    assert (params.presence_penalty, params.frequency_penalty, params.skip_special_tokens) == (0.5, -1.0, False)
+    out = completion_request(req, [5, 6, 7], "r2d")
+    assert (out.prompt, out.model, out.max_tokens, out.temperature, out.top_p, out.seed) == \
+        ([5, 6, 7], "r2d", 7, 0.5, 0.9, 3)
+    assert (out.presence_penalty, out.frequency_penalty, out.skip_special_tokens) == (0.5, -1.0, False)
+    params = out.to_sampling_params(max_tokens=7, default_sampling_params={})  # what vLLM samples with
+    assert (params.presence_penalty, params.frequency_penalty, params.seed, params.skip_special_tokens) == \
+        (0.5, -1.0, 3, False)
+    assert out.stream and out.stream_options.continuous_usage_stats  # every chunk counts its tokens
 
 
 @pytest.mark.parametrize("stop", [["a", "b", "c", "d", "e"], [""], ["x" * 65]])

