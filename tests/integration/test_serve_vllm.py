@@ -112,6 +112,13 @@ def test_vllm_engine_behind_the_ingress(server):
     penalised = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, presence_penalty=2.0,
                                                frequency_penalty=-2.0, **show)
     assert penalised.usage.completion_tokens == 8 and penalised.choices[0].message.content == text
+    # n: one engine request per choice, streamed interleaved by index; usage adds the choices up
+    many = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, n=3, **show)
+    assert [c.message.content for c in many.choices] == [text] * 3 and many.usage.completion_tokens == 24
+    chunks = list(client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, n=2, stream=True,
+                                                 stream_options={"include_usage": True}, **show))
+    assert ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+            for i in (0, 1)] == [text, text] and chunks[-1].usage.completion_tokens == 16
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, logprobs=True)
     assert err.value.body["param"] == "logprobs"

@@ -124,7 +124,9 @@ def test_clients_get_the_configured_mode_and_weaker_ones_need_the_admin_key(forc
     ({**CHAT, "max_tokens": 65}, 422, "limit is 64"),
     ({**CHAT, "messages": [{"role": "user", "content": "x"}] * 65}, 422, "limit is 64"),
     ({**CHAT, "messages": [{"role": "user", "content": "x" * 16001}]}, 422, "16000"),
-    ({**CHAT, "n": 2}, 400, "n: not supported"),
+    ({**CHAT, "n": 9}, 422, "n: 9 choices; the limit is 8"),
+    ({**CHAT, "n": 0}, 422, "n"),
+    ({**CHAT, "n": "2"}, 422, "n"),
     ({**CHAT, "model": "gpt-4"}, 404, "does not exist"),
     ({**CHAT, "messages": [{"role": "user", "content": "word " * 300}]}, 400, "context"),
 ])

@@ -1,5 +1,5 @@
-"""OpenAI request fields: ``stop`` and the repetition penalties are honoured on every path; a field the server
-cannot honour is a 400 naming it.
+"""OpenAI request fields: ``stop``, ``n`` and the repetition penalties are honoured on every path; a field the
+server cannot honour is a 400 naming it.
 
 The official ``openai`` client drives the real app in-process (FastAPI's TestClient is the
 client's httpx transport) on the tiny model with greedy decoding, so an answer with a stop
@@ -115,7 +115,7 @@ def test_the_engine_stops_at_the_stop_string_not_at_max_tokens(tiny_model_dir, t
 
 
 @pytest.mark.parametrize("field, value", [
-    ("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"50256": -100}), ("n", 2),
+    ("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"50256": -100}),
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("response_format", {"type": "json_object"}), ("tool_choice", "required"), ("audio", {"voice": "alloy"}),
 ])
@@ -218,3 +218,52 @@ def test_bad_stop_lists_are_refused_with_the_field(client, stop):
     with pytest.raises(openai.UnprocessableEntityError) as err:
         client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=4, stop=stop)
     assert err.value.body["param"].startswith("stop")
+
+
+SAMPLED = {"model": "r2d", "messages": MESSAGES, "max_tokens": 12, "temperature": 1.0, "seed": 7}
+
+
+def test_n_choices_are_n_engine_requests_seeded_one_after_another():
+    """Choice i runs with seed + i (wrapping below 2**63), so n choices are reproducible and not n copies."""
+    from r2d.serve.schemas import SEED_MAX, ChatCompletionRequest
+
+    api = create_api(ServeConfig(default_max_tokens=8, api_key_env="", admin_key_env=""), client=None).state.r2d
+    gens = api._gen_requests(ChatCompletionRequest.model_validate({"messages": MESSAGES, "n": 3, "seed": 7}))
+    assert [g.seed for g in gens] == [7, 8, 9] and len({g.request_id for g in gens}) == 3
+    gens = api._gen_requests(ChatCompletionRequest.model_validate({"messages": MESSAGES, "n": 2, "seed": SEED_MAX}))
+    assert [g.seed for g in gens] == [SEED_MAX, 0]
+    unseeded = api._gen_requests(ChatCompletionRequest.model_validate({"messages": MESSAGES, "n": 2}))
+    assert [g.seed for g in unseeded] == [None, None]
+
+
+def test_n_choices_through_the_official_client(client):
+    many = client.chat.completions.create(**SAMPLED, n=3)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert len({c.message.content for c in many.choices}) > 1, "the choices are copies of one answer"
+    assert all(c.finish_reason in ("stop", "length") for c in many.choices)
+    ran_out = sum(c.finish_reason == "length" for c in many.choices)
+    assert many.usage.completion_tokens >= 12 * ran_out and many.usage.completion_tokens <= 36
+    if ran_out == 3:  # the tiny model rarely stops: then every choice's 12 tokens are counted
+        assert many.usage.completion_tokens == 36
+
+
+def test_n_choices_stream_interleaved_each_with_its_index_and_one_finish(client):
+    chunks = list(client.chat.completions.create(**SAMPLED, n=2, stream=True,
+                                                 stream_options={"include_usage": True}))
+    texts, finishes = {0: "", 1: ""}, {0: [], 1: []}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index].append(choice.finish_reason)
+    assert texts[0] and texts[1] and texts[0] != texts[1]
+    assert all(len(f) == 1 for f in finishes.values()), finishes
+    ran_out = sum(f == ["length"] for f in finishes.values())
+    assert chunks[-1].usage.completion_tokens >= 12 * ran_out
+
+
+@pytest.mark.parametrize("n", [0, 17])
+def test_n_out_of_range_is_refused_with_the_field(client, n):
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=4, n=n)
+    assert err.value.body["param"] == "n"

@@ -425,6 +425,8 @@ class ServeConfig:
     """Longest message content."""
     max_tokens_limit: int = 1024
     """Largest max_tokens a request may ask for."""
+    max_choices: int = 8
+    """Largest ``n`` (choices per request) a request may ask for; each choice is one engine request."""
     default_max_tokens: int = 256
     """max_tokens when a request sets none."""
     batch_wait_s: float = 0.02
@@ -450,7 +452,7 @@ class ServeConfig:
         _require(1 <= self.port <= 65535, "port", self.port, "a TCP port in 1..65535")
         _require(1 <= self.min_replicas <= self.max_replicas, "min_replicas", self.min_replicas,
                  f"1 <= min_replicas <= max_replicas ({self.max_replicas})")
-        for name in ("max_body_bytes", "max_messages", "max_message_chars", "max_tokens_limit",
+        for name in ("max_body_bytes", "max_messages", "max_message_chars", "max_tokens_limit", "max_choices",
                      "default_max_tokens", "max_ongoing_requests", "target_ongoing_requests"):
             value = getattr(self, name)
             _require(value >= 1, name, value, "an integer >= 1")

@@ -24,10 +24,13 @@ ends with an error event and no ``[DONE]``, so a client can tell it from a finis
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import json
 import logging
 import time
+import uuid
+from contextlib import aclosing
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -37,14 +40,19 @@ from r2d.serve.auth import ADMIN_HEADER, bearer, check_exposure, read_key, same_
 from r2d.serve.metrics import ServeMetrics
 from r2d.serve.openapi import RESPONSES, chat_operation, openapi
 from r2d.serve.pivot_modes import STRENGTH, GuardStream, HideStream, apply_mode
-from r2d.serve.schemas import (ChatCompletionRequest, Delta, GenRequest, chunk_body, completion_body, completion_id,
-                               deliver, error_body, unsupported_field, usage_body)
+from r2d.serve.schemas import (SEED_MAX, ChatCompletionRequest, Delta, GenRequest, chunk_body, completion_body,
+                               completion_id, deliver, error_body, unsupported_field, usage_body)
 from r2d.serve.transport import (ClientGone, DeadlineExceeded, SSEResponse, chain, delta_body, event, first_delta,
-                                 timed, until_disconnect, until_stop)
+                                 interleave, timed, until_disconnect, until_stop)
 
 log = logging.getLogger("r2d.serve")
 _DEADLINE_GRACE_S = 10.0
 """How long past a request's deadline the ingress waits for an engine that should have stopped it."""
+
+
+def _usage(lasts: list[Delta]) -> dict:
+    """Usage over every choice: the prompt once, the completions added up (as OpenAI counts ``n``)."""
+    return usage_body(lasts[0].prompt_tokens, sum(last.completion_tokens for last in lasts))
 
 
 class ApiError(Exception):
@@ -227,32 +235,39 @@ class _State:
     async def chat(self, request: Request):
         body = self._parse(await self._read_json(request))
         mode = self._mode(body, request)
-        gen = self._gen_request(body)
+        gens = self._gen_requests(body)
         if self.cfg.log_prompts:
-            log.info("request %s prompt=%r", gen.request_id, gen.messages)
+            log.info("request %s prompt=%r", gens[0].request_id, gens[0].messages)
         else:
-            log.info("request %s: %d messages, max_tokens=%d, mode=%s", gen.request_id, len(gen.messages),
-                     gen.max_tokens, mode)
-        stream = self.client.stream(gen)
-        deltas = timed(stream, gen.deadline + _DEADLINE_GRACE_S)
-        if body.stop:
-            deltas = until_stop(deltas, body.stop)
+            log.info("request %s: %d messages, max_tokens=%d, n=%d, mode=%s", gens[0].request_id,
+                     len(gens[0].messages), gens[0].max_tokens, len(gens), mode)
+        streams = [self.client.stream(gen) for gen in gens]
+        choices = [self._deltas(stream, gen, body.stop) for stream, gen in zip(streams, gens)]
         try:
-            first = await until_disconnect(request, first_delta(deltas))
-            if first.error:
-                raise ApiError(400, first.error, param=first.param or "messages",
-                               code=None if first.param else "context_length_exceeded")
+            firsts = await until_disconnect(request, asyncio.gather(*(first_delta(c) for c in choices)))
+            for first in firsts:
+                if first.error:
+                    raise ApiError(400, first.error, param=first.param or "messages",
+                                   code=None if first.param else "context_length_exceeded")
             if body.stream:
                 include_usage = bool((body.stream_options or {}).get("include_usage"))
                 self.metrics.request(200, mode, True)
-                events = self._sse(first, deltas, stream, mode, include_usage)
+                events = self._sse(firsts, choices, streams, mode, include_usage)
                 return SSEResponse(events, media_type="text/event-stream")
-            result = await until_disconnect(request, self._complete(first, deltas, mode))
-            await self.client.close(stream)  # a stop string may end the answer before the engine does
+            result = await until_disconnect(request, self._complete(firsts, choices, mode))
+            await self._close(streams)  # a stop string may end the answer before the engine does
             return result
         except BaseException:
-            await self.client.close(stream)
+            await self._close(streams)
             raise
+
+    @staticmethod
+    def _deltas(stream, gen: GenRequest, stop: list[str] | None):
+        deltas = timed(stream, gen.deadline + _DEADLINE_GRACE_S)
+        return until_stop(deltas, stop) if stop else deltas
+
+    async def _close(self, streams) -> None:
+        await asyncio.gather(*(self.client.close(stream) for stream in streams))
 
     # ------------------------------------------------------------ validation
 
@@ -276,6 +291,8 @@ class _State:
             if len(message.text()) > self.cfg.max_message_chars:
                 raise ApiError(422, f"messages.{i}.content: {len(message.text())} characters; the limit is "
                                     f"{self.cfg.max_message_chars}", param=f"messages.{i}.content")
+        if body.n is not None and body.n > self.cfg.max_choices:
+            raise ApiError(422, f"n: {body.n} choices; the limit is {self.cfg.max_choices}", param="n")
         wanted = body.wanted_tokens()
         if wanted is not None and wanted > self.cfg.max_tokens_limit:
             raise ApiError(422, f"max_tokens: {wanted}; the limit is {self.cfg.max_tokens_limit}",
@@ -297,6 +314,14 @@ class _State:
                                 f"the admin key in the {ADMIN_HEADER} header", "permission_error", param="r2d_mode")
         return mode
 
+    def _gen_requests(self, body: ChatCompletionRequest) -> list[GenRequest]:
+        """One engine request per choice (``n``); with a seed, choice i samples with seed + i (mod 2**63):
+        reproducible, and not n copies of one answer."""
+        first = self._gen_request(body)
+        return [first] + [dataclasses.replace(first, request_id=uuid.uuid4().hex,
+                                              seed=None if first.seed is None else (first.seed + i) % (SEED_MAX + 1))
+                          for i in range(1, body.n or 1)]
+
     def _gen_request(self, body: ChatCompletionRequest) -> GenRequest:
         # Chat templates know system/user/assistant; "developer" is OpenAI's new name for system.
         roles = {"developer": "system"}
@@ -310,53 +335,64 @@ class _State:
 
     # ------------------------------------------------------------ responses
 
-    async def _complete(self, first: Delta, deltas, mode: str) -> dict:
-        text, last = first.text, first
-        async for delta in deltas:
-            text, last = text + delta.text, delta
-        result = apply_mode(text, mode, stopped=_ended_by_model(last))
-        self._record(result, 200, mode, False)
-        message = {"role": "assistant", "content": result.content,
-                   "reasoning_content": result.reasoning, "reasoning": result.reasoning}
-        usage = usage_body(last.prompt_tokens, last.completion_tokens)
-        return completion_body(completion_id(), self.cfg.served_model_name, message, last.finish_reason or "stop",
-                               usage, result.meta())
+    async def _complete(self, firsts: list[Delta], choices: list, mode: str) -> dict:
+        async def answer(i: int, first: Delta, deltas):
+            text, last = first.text, first
+            async for delta in deltas:
+                text, last = text + delta.text, delta
+            result = apply_mode(text, mode, stopped=_ended_by_model(last))
+            self._record(result, 200, mode, False, count_request=i == 0)
+            message = {"role": "assistant", "content": result.content,
+                       "reasoning_content": result.reasoning, "reasoning": result.reasoning}
+            return (message, last.finish_reason or "stop", result.meta()), last
 
-    async def _sse(self, first: Delta, deltas, stream, mode: str, include_usage: bool):
-        """SSE chunks; the engine request is closed however the stream ends (finished, failed, or the client left)."""
+        done = await asyncio.gather(*(answer(i, f, c) for i, (f, c) in enumerate(zip(firsts, choices))))
+        return completion_body(completion_id(), self.cfg.served_model_name, [a for a, _ in done],
+                               _usage([last for _, last in done]))
+
+    async def _sse(self, firsts: list[Delta], choices: list, streams, mode: str, include_usage: bool):
+        """SSE chunks of every choice, interleaved as they come; the engine requests are closed however
+        the stream ends (finished, failed, or the client left)."""
         cid, created, model = completion_id(), int(time.time()), self.cfg.served_model_name
-        view = GuardStream() if mode == "guard" else HideStream()
-        raw, last = "", first
-        try:
-            yield event(chunk_body(cid, model, created, {"role": "assistant", "content": ""}))
+        lasts = list(firsts)
+
+        async def choice_chunks(i: int, first: Delta, deltas):
+            view = GuardStream() if mode == "guard" else HideStream()
+            raw = ""
+            yield chunk_body(cid, model, created, {"role": "assistant", "content": ""}, index=i)
             async for delta in chain([first], deltas):
-                raw, last = raw + delta.text, delta
+                raw, lasts[i] = raw + delta.text, delta
                 if not delta.text:
                     continue
                 if mode == "show":
-                    yield event(chunk_body(cid, model, created, {"content": delta.text}))
+                    yield chunk_body(cid, model, created, {"content": delta.text}, index=i)
                     continue
                 reasoning, content = view.feed(delta.text)
                 if reasoning or content:
-                    yield event(chunk_body(cid, model, created, delta_body(reasoning, content)))
-            stopped = _ended_by_model(last)
+                    yield chunk_body(cid, model, created, delta_body(reasoning, content), index=i)
+            stopped = _ended_by_model(lasts[i])
             result = apply_mode(raw, mode, stopped)
             tail = ("", "") if mode == "show" else view.feed("", final=True, stopped=stopped)
             if tail[0] or tail[1]:
-                yield event(chunk_body(cid, model, created, delta_body(*tail)))
+                yield chunk_body(cid, model, created, delta_body(*tail), index=i)
             self._record(result, 200, mode, True, count_request=False)
-            yield event(chunk_body(cid, model, created, {}, last.finish_reason or "stop", {"r2d": result.meta()}))
+            yield chunk_body(cid, model, created, {}, lasts[i].finish_reason or "stop", {"r2d": result.meta()}, index=i)
+
+        try:
+            async with aclosing(interleave([choice_chunks(i, f, c) for i, (f, c) in
+                                            enumerate(zip(firsts, choices))])) as chunks:
+                async for chunk in chunks:
+                    yield event(chunk)
             if include_usage:
-                usage = usage_body(last.prompt_tokens, last.completion_tokens)
                 yield event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                              "choices": [], "usage": usage})
+                             "choices": [], "usage": _usage(lasts)})
             yield "data: [DONE]\n\n"
         except Exception as err:
             log.warning("stream failed: %s: %s", type(err).__name__, err)
             message = str(err) if isinstance(err, DeadlineExceeded) else f"the model backend failed: {type(err).__name__}"
             yield event(error_body(message, "server_error"))
         finally:
-            await self.client.close(stream)
+            await self._close(streams)
 
     def _record(self, result, status: int, mode: str, stream: bool, count_request: bool = True) -> None:
         self.ready = True

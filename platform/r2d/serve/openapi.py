@@ -33,6 +33,7 @@ def openapi(api: FastAPI, cfg) -> dict:
     for key in ("max_tokens", "max_completion_tokens"):
         props[key] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": cfg.max_tokens_limit}, {"type": "null"}]}
     props["messages"]["maxItems"] = cfg.max_messages
+    props["n"] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": cfg.max_choices}, {"type": "null"}]}
     props["model"] = {"type": "string", "enum": ["", cfg.served_model_name]}
     props["r2d_mode"] = {"anyOf": [{"type": "string", "enum": list(MODES)}, {"type": "null"}]}
     content = defs["ChatMessage"]["properties"]["content"]

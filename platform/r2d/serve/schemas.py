@@ -2,7 +2,7 @@
 
 Requests are validated strictly (``"5"`` is not an integer) so that wrong types
 get a 422 naming the field. An OpenAI field the server cannot honour (``logprobs``,
-``tools``, ``n > 1``…) is a 400 naming it (:data:`UNSUPPORTED_FIELDS`); fields outside
+``tools``, ``logit_bias``…) is a 400 naming it (:data:`UNSUPPORTED_FIELDS`); fields outside
 OpenAI's request (``user``, ``metadata``, vendor extensions) are ignored.
 
 Every number is bounded to what both engines accept (:data:`SEED_MAX`,
@@ -137,7 +137,6 @@ MAX_STOP_CHARS = 64
 # an answer that silently ignores what the client asked for. Unknown fields outside OpenAI's
 # request (``user``, ``metadata``, vendor extensions) are ignored.
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
-    "n": (None, 1),  # one request yields one choice
     "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none"),
     "parallel_tool_calls": (None, True, False), "response_format": (None, {"type": "text"}),
@@ -235,18 +234,22 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def completion_body(cid: str, model: str, message: dict, finish_reason: str, usage: dict, meta: dict) -> dict:
-    """A non-streaming ``chat.completion`` object; ``r2d`` is the extra pivot metadata."""
+def completion_body(cid: str, model: str, answers: list[tuple[dict, str, dict]], usage: dict) -> dict:
+    """A non-streaming ``chat.completion`` object from ``(message, finish_reason, r2d)`` per choice.
+
+    ``r2d`` (the pivot metadata) is the first choice's; with several choices each carries its own too.
+    """
+    choices = [{"index": i, "message": message, "finish_reason": finish, "logprobs": None,
+                **({"r2d": meta} if len(answers) > 1 else {})} for i, (message, finish, meta) in enumerate(answers)]
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
-            "usage": usage, "r2d": meta}
+            "choices": choices, "usage": usage, "r2d": answers[0][2]}
 
 
 def chunk_body(cid: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
-               extra: dict | None = None) -> dict:
-    """One ``chat.completion.chunk`` of a stream."""
+               extra: dict | None = None, index: int = 0) -> dict:
+    """One ``chat.completion.chunk`` of a stream, for the choice ``index``."""
     body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
     if extra:
         body.update(extra)
     return body

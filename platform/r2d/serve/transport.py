@@ -130,3 +130,42 @@ async def chain(pending: list, stream):
         yield item
     async for item in stream:
         yield item
+
+
+async def interleave(streams: list):
+    """The items of several async generators as each produces them (one: as it is, no task).
+
+    An error in any of them ends the whole and is raised; however it ends, every generator is closed.
+    """
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream) -> None:
+        try:
+            async for item in stream:
+                await queue.put(item)
+            await queue.put(done)
+        except Exception as err:  # noqa: BLE001  (handed to the consumer, which raises it)
+            await queue.put(err)
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+    try:
+        left = len(streams)
+        while left:
+            item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
