@@ -90,14 +90,15 @@ def train_total_resources(res: ResourcesConfig) -> dict[str, float]:
 # ---------------------------------------------------------------- serving
 
 def serve_deployment_options(serve: ServeConfig) -> dict[str, Any]:
-    """``.options()`` keyword arguments for the engine deployment: replicas or autoscaling, resources.
+    """``.options()`` keyword arguments for the engine deployment: replicas or autoscaling, the replica's resources.
 
     The transformers engine batches up to ``engine.batch_size`` requests in one forward
     pass, so a replica must be allowed at least that many at once.
     """
     engine = serve.engine
-    # vLLM runs one worker per tensor-parallel rank inside the replica: it needs them all.
-    actor = actor_options(engine)
+    # A vLLM replica (Ray Serve LLM's LLMServer) only relays: its engine's CPUs and GPUs are its
+    # placement group's (vllm_placement_group_config). A transformers replica computes in its own actor.
+    actor = {"num_cpus": 0} if engine.kind == "vllm" else actor_options(engine)
     ongoing = serve.max_ongoing_requests
     if engine.kind == "transformers":
         ongoing = max(ongoing, engine.batch_size)
@@ -166,7 +167,7 @@ def recipe_fit_problems(cfg: Config, cluster: dict) -> list[str]:
                             f"the largest node type has {most_gpus}")
             continue
         request = _engine_request(engine)
-        if name == "serve.engine":
+        if name == "serve.engine" and engine.kind != "vllm":  # a vLLM replica's is its placement group's
             actor = serve_deployment_options(cfg.serve)["ray_actor_options"]
             request = {"CPU": actor["num_cpus"], "GPU": actor.get("num_gpus", 0)}
         if not any(_fits(request, n["resources"]) for n in nodes.values()):

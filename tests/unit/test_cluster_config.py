@@ -108,6 +108,12 @@ def test_fit_check_reports_what_does_not_fit(cluster):
     assert recipe_fit_problems(load_config(RECIPE, ["resources.train_workers=36"]), cluster) == []
     crowded = load_config(RECIPE, ["resources.train_workers=37"])
     assert any("exceed the cluster's capacity" in p for p in recipe_fit_problems(crowded, cluster))
+    # a vLLM serving replica is checked by its placement group: 8 ranks of (1 GPU, 1 CPU) on one node fit a
+    # p5; 16 CPUs beside one GPU fit no node type
+    assert recipe_fit_problems(load_config(RECIPE, ["serve.engine.tensor_parallel_size=8"]), cluster) == []
+    cpu_heavy = load_config(RECIPE, ["serve.engine.num_gpus=0", "serve.engine.num_cpus=4096"])
+    assert any(p.startswith("serve.engine: one replica needs {'CPU': 4096") for p in
+               recipe_fit_problems(cpu_heavy, cluster))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

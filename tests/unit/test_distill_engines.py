@@ -177,7 +177,8 @@ def test_vllm_cpu_engines_are_not_stacked_on_the_same_cores():
     from r2d.engines.vllm_engine import vllm_runtime_env
 
     one = vllm_runtime_env(EngineConfig(kind="vllm", num_cpus=2, concurrency=1))["env_vars"]
-    assert one["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    # the thread count too: an actor that reserves no CPU (a Serve LLM replica) gets OMP_NUM_THREADS=1 from Ray
+    assert one["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and one["OMP_NUM_THREADS"] == "2"
     many = vllm_runtime_env(EngineConfig(kind="vllm", num_cpus=2, concurrency=3))["env_vars"]
     assert many["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and many["OMP_NUM_THREADS"] == "2"
     gpu = vllm_runtime_env(EngineConfig(kind="vllm", num_gpus=1, concurrency=2))["env_vars"]

@@ -73,7 +73,8 @@ def test_serve_options_carry_replica_resources_and_autoscaling():
     serve = ServeConfig(min_replicas=1, max_replicas=4, engine=EngineConfig(kind="vllm", num_cpus=4, num_gpus=1),
                         target_ongoing_requests=8)
     opts = serve_deployment_options(serve)
-    assert opts["ray_actor_options"] == {"num_cpus": 4.0, "num_gpus": 1.0}
+    # a vLLM replica (Ray Serve LLM) only relays: its engine's CPUs and GPUs are its placement group's
+    assert opts["ray_actor_options"] == {"num_cpus": 0}
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
     assert opts["max_ongoing_requests"] == 64 and "num_replicas" not in opts
     cpu = serve_deployment_options(ServeConfig())
@@ -119,8 +120,11 @@ def test_engine_arguments_are_validated_with_the_field_name(override, message):
         load_config(None, ["serve.engine.kind=vllm", override])
 
 
-def test_serve_replica_of_a_tensor_parallel_engine_holds_all_its_gpus():
-    serve = ServeConfig(engine=EngineConfig(kind="vllm", num_cpus=4, num_gpus=1, tensor_parallel_size=4))
-    assert serve_deployment_options(serve)["ray_actor_options"] == {"num_cpus": 4.0, "num_gpus": 4.0}
+def test_a_tensor_parallel_serving_engine_holds_its_gpus_in_its_placement_group_not_in_the_replica():
+    engine = EngineConfig(kind="vllm", num_cpus=4, num_gpus=1, tensor_parallel_size=4)
+    assert serve_deployment_options(ServeConfig(engine=engine))["ray_actor_options"] == {"num_cpus": 0}
+    assert vllm_placement_group_config(engine) == {"bundles": [{"GPU": 1, "CPU": 1}] * 4, "strategy": "STRICT_PACK"}
+    # an engine held in one actor (the distillation guard) holds every rank's GPU itself
+    assert actor_options(engine) == {"num_cpus": 4.0, "num_gpus": 4.0}
     assert actor_options(EngineConfig(kind="transformers", num_gpus=0.5)) == {"num_cpus": 1.0, "num_gpus": 0.5}
     assert actor_options(EngineConfig(kind="vllm", num_cpus=1)) == {"num_cpus": 1.0}

@@ -89,12 +89,14 @@ def test_the_vllm_deployment_is_ray_serve_llms_with_the_recipes_engine_and_place
 def test_the_vllm_deployment_on_cpu_asks_for_no_gpu_and_carries_the_cpu_engine_environment():
     from r2d.serve.vllm_backend import llm_config
 
-    cfg = load_config("jobs/configs/tiny.yaml", ["serve.engine.kind=vllm", "serve.engine.num_cpus=1",
+    cfg = load_config("jobs/configs/tiny.yaml", ["serve.engine.kind=vllm", "serve.engine.num_cpus=2",
                                                  "serve.engine.kv_cache_gb=1"])
     llm = llm_config(cfg)
     assert llm.accelerator_config.kind == "cpu" and llm.engine_kwargs["enforce_eager"]
-    assert llm.placement_group_config["bundles"] == [{"CPU": 1}]
-    assert llm.runtime_env["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert llm.placement_group_config["bundles"] == [{"CPU": 2}]
+    env = llm.runtime_env["env_vars"]
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["OMP_NUM_THREADS"] == "2"  # not Ray's 1 for this actor
+    assert llm.deployment_config["ray_actor_options"] == {"num_cpus": 0}
 
 
 def test_engine_outputs_become_deltas():

@@ -9,7 +9,7 @@ string can be checked against the same answer without one.
 from __future__ import annotations
 
 import asyncio
-
+import contextlib
 import time
 
 import openai
@@ -267,3 +267,43 @@ def test_n_out_of_range_is_refused_with_the_field(client, n):
     with pytest.raises(openai.UnprocessableEntityError) as err:
         client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=4, n=n)
     assert err.value.body["param"] == "n"
+
+
+def test_interleave_yields_as_each_produces_raises_the_first_error_and_closes_every_stream():
+    from r2d.serve.transport import interleave
+
+    closed: list[str] = []
+
+    def source(name: str, n: int, fail: bool = False):
+        async def gen():
+            try:
+                for i in range(n):
+                    await asyncio.sleep(0.01)
+                    yield f"{name}{i}"
+                if fail:
+                    raise RuntimeError(f"{name} failed")
+            finally:
+                closed.append(name)
+        return gen()
+
+    async def collect(streams, stop_after=None):
+        """What came out, and which streams were closed as soon as interleave was (not at loop shutdown)."""
+        out = []
+        try:
+            async with contextlib.aclosing(interleave(streams)) as items:
+                async for item in items:
+                    out.append(item)
+                    if stop_after and len(out) == stop_after:
+                        break
+        except RuntimeError as err:
+            return out, sorted(closed), str(err)
+        return out, sorted(closed), None
+
+    out, shut, error = asyncio.run(collect([source("a", 3), source("b", 2)]))
+    assert sorted(out) == ["a0", "a1", "a2", "b0", "b1"] and out.index("b0") < out.index("a2")  # not one after the other
+    assert shut == ["a", "b"] and error is None
+    closed.clear()
+    _, shut, error = asyncio.run(collect([source("a", 100), source("b", 1, fail=True)]))
+    assert error == "b failed" and shut == ["a", "b"]
+    closed.clear()
+    assert asyncio.run(collect([source("a", 100)], stop_after=2)) == (["a0", "a1"], ["a"], None)

@@ -110,13 +110,13 @@ def vllm_runtime_env(engine) -> dict:
     env = {**worker_env(), **VLLM_CPU_ENV, "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gb)}
     if engine.num_gpus == 0:
         cores = max(1, int(engine.num_cpus))
-        if engine.concurrency > 1:
-            # An engine cannot tell which cores Ray gave its bundle: binding every engine to
-            # 0..n-1 would stack them all on the same cores. Let the OS place their threads.
-            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-            env["OMP_NUM_THREADS"] = str(cores)
-        else:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{cores - 1}"
+        # Always the engine's own count: Ray gives an actor that reserves no CPU itself (a Serve LLM
+        # replica, whose engine's CPUs are its placement group's) OMP_NUM_THREADS=1, which the engine
+        # process inherits; it then computed on one core whatever num_cpus said.
+        env["OMP_NUM_THREADS"] = str(cores)
+        # An engine cannot tell which cores Ray gave its bundle: binding every engine to 0..n-1
+        # would stack them all on the same cores. Let the OS place their threads.
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind" if engine.concurrency > 1 else f"0-{cores - 1}"
     return {"env_vars": env}
 
 

@@ -138,8 +138,11 @@ async def interleave(streams: list):
     An error in any of them ends the whole and is raised; however it ends, every generator is closed.
     """
     if len(streams) == 1:
-        async for item in streams[0]:
-            yield item
+        try:
+            async for item in streams[0]:
+                yield item
+        finally:
+            await streams[0].aclose()
         return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()

@@ -50,36 +50,18 @@ def llm_config(config) -> LLMConfig:
     The model source stays the configured one (``models:/r2d@champion``, a folder…): each replica
     resolves it when it starts, and follows the alias on reloads.
     """
-    from r2d.engines.vllm_engine import engine_args
+    from r2d.engines.vllm_engine import engine_args, vllm_runtime_env
     from r2d.placement import serve_deployment_options, vllm_placement_group_config
 
     cfg, engine = config.serve, config.serve.engine
-    deployment = serve_deployment_options(cfg)
-    # The engine's resources are its placement group's; the replica actor itself only relays.
-    deployment["ray_actor_options"] = {"num_cpus": 0}
     return LLMConfig(
         model_loading_config={"model_id": cfg.served_model_name, "model_source": cfg.model},
         engine_kwargs=engine_args(config.model, engine),  # engine metrics stay on (Ray's default): ~4% here
         accelerator_config={"kind": "gpu" if engine.num_gpus > 0 else "cpu"},
         placement_group_config=vllm_placement_group_config(engine),
-        runtime_env=serving_runtime_env(engine),
-        deployment_config=deployment,
+        runtime_env=vllm_runtime_env(engine),
+        deployment_config=serve_deployment_options(cfg),
     )
-
-
-def serving_runtime_env(engine) -> dict:
-    """The engine's environment (:func:`r2d.engines.vllm_engine.vllm_runtime_env`), with its thread count.
-
-    The replica actor reserves no CPU of its own (the placement group holds the engine's), and Ray gives
-    such an actor ``OMP_NUM_THREADS=1``, which the engine process inherits: a CPU engine would compute
-    on one core whatever ``engine.num_cpus`` says.
-    """
-    from r2d.engines.vllm_engine import vllm_runtime_env
-
-    env = vllm_runtime_env(engine)
-    if engine.num_gpus == 0:
-        env["env_vars"].setdefault("OMP_NUM_THREADS", str(max(1, int(engine.num_cpus))))
-    return env
 
 
 def vllm_deployment(config):
@@ -242,9 +224,9 @@ class VLLMServer(LLMServer):
 
         local = resolve_source(version, self.model_cfg.cache_dir)
         current = getattr(self, "_current", None)
-        if current is not None and _shape(local) != _shape(current["local"]):
-            differ = {k: (_shape(current["local"])[k], v) for k, v in _shape(local).items()
-                      if _shape(current["local"])[k] != v}
+        served, new = (_shape(current["local"]), _shape(local)) if current is not None else ({}, {})
+        if served != new:
+            differ = {k: (served[k], v) for k, v in new.items() if served[k] != v}
             raise ReloadError(f"{version} has another architecture than the served {current['version']} "
                               f"({differ}): weights reload in place only between versions of one architecture; "
                               "redeploy to change it")
@@ -330,10 +312,11 @@ class VLLMServer(LLMServer):
         except (ValueError, TypeError) as exc:
             yield Delta("", "error", error=f"sampling parameters: {exc}")
             return
-        outputs = await self._run_request(request, engine_method="completions")
-        n_out = 0
+        # Counted before the first await: a reload that closes the gate from here on waits for this request.
         self._running.add(req.request_id)
+        outputs, n_out = None, 0
         try:
+            outputs = await self._run_request(request, engine_method="completions")
             while True:
                 timeout = max(0.0, req.deadline - time.time()) if req.deadline else None
                 try:
@@ -350,4 +333,5 @@ class VLLMServer(LLMServer):
                         yield delta
         finally:
             self._running.discard(req.request_id)
-            await outputs.aclose()  # the consumer left, or the deadline: vLLM aborts the request
+            if outputs is not None:
+                await outputs.aclose()  # the consumer left, or the deadline: vLLM aborts the request
