@@ -147,3 +147,91 @@ def test_a_client_that_leaves_a_plain_request_stops_its_generation(slow_engine):
         stopped_in = _wait_idle(slow_engine, left)
     steps = slow_engine.info()["steps"] - steps_before
     assert stopped_in < 1.0 and steps < LONG / 2, (stopped_in, steps)
+
+
+async def _cancelled_as_the_item_arrives(wait) -> str:
+    """Cancel a consumer in the same loop turn as its awaited item arrives: was the cancellation kept?"""
+    item = asyncio.get_running_loop().create_future()
+    consumer = asyncio.ensure_future(wait(item))
+    await asyncio.sleep(0)  # the consumer now waits for the item
+    item.set_result("token")
+    consumer.cancel()  # the client left just as the engine produced its next token
+    try:
+        await consumer
+    except asyncio.CancelledError:
+        return "cancelled"
+    return "swallowed"
+
+
+def test_a_cancellation_as_a_token_arrives_is_never_dropped():
+    """``within`` keeps it, with a deadline or without; the old per-token ``wait_for`` did not (Python < 3.12),
+    and the request then generated to max_tokens for a client that had left."""
+    import sys
+
+    from r2d.serve.transport import within
+
+    far = time.time() + 60
+    assert asyncio.run(_cancelled_as_the_item_arrives(lambda f: within(f, far))) == "cancelled"
+    assert asyncio.run(_cancelled_as_the_item_arrives(lambda f: within(f, 0.0))) == "cancelled"  # 0: no deadline
+    if sys.version_info < (3, 12):  # the scenario does reproduce the hazard
+        assert asyncio.run(_cancelled_as_the_item_arrives(lambda f: asyncio.wait_for(f, 60))) == "swallowed"
+
+
+def test_within_still_times_out_and_timed_raises_the_deadline():
+    from r2d.serve.transport import DeadlineExceeded, timed, within
+
+    async def never():
+        await asyncio.Event().wait()
+
+    async def slow_stream():
+        yield 1
+        await asyncio.Event().wait()
+        yield 2
+
+    async def main():
+        assert await within(asyncio.sleep(0.01, "item"), 0) == "item"  # 0: no deadline, as in GenRequest
+        started = time.perf_counter()
+        with pytest.raises(asyncio.TimeoutError):
+            await within(never(), time.time() + 0.05)
+        took = time.perf_counter() - started
+        got = []
+        with pytest.raises(DeadlineExceeded):
+            async for item in timed(slow_stream(), time.time() + 0.05):
+                got.append(item)
+        return took, got
+
+    took, got = asyncio.run(main())
+    assert 0.04 < took < 2 and got == [1]
+
+
+def test_engine_requests_are_closed_even_when_the_closing_task_is_cancelled_again():
+    """A handle's cancel is made before any await: a second cancellation of a task already in its ``finally``
+    (Serve cancels an ingress request that way) cannot leave the engine request running."""
+    from r2d.serve.api import HandleClient
+
+    class Stream:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    streams = [Stream(), Stream()]
+    api = create_api(_cfg(), HandleClient(handle=None)).state.r2d
+
+    async def main():
+        async def request():
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await api._close(streams)
+
+        task = asyncio.ensure_future(request())
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.sleep(0)  # the task is in its finally, closing
+        task.cancel()  # and is cancelled again there
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert [s.cancelled for s in streams] == [True, True]

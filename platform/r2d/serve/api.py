@@ -82,8 +82,8 @@ class LocalClient:
     def stream(self, req: GenRequest):
         return deliver(self.engine.stream_one(req), req.stream)
 
-    async def close(self, stream) -> None:
-        await stream.aclose()  # runs the engine generator's cleanup: the request stops generating
+    def close(self, stream):
+        return stream.aclose()  # runs the engine generator's cleanup: the request stops generating
 
     async def call(self, name: str, *args):
         result = getattr(self.engine, name)(*args)
@@ -99,7 +99,7 @@ class HandleClient:
     def stream(self, req: GenRequest):
         return self.handle.options(stream=True).generate.remote(req)
 
-    async def close(self, stream) -> None:
+    def close(self, stream) -> None:
         stream.cancel()  # Serve cancels the replica's generator; the engine aborts the request
 
     async def call(self, name: str, *args):
@@ -267,7 +267,11 @@ class _State:
         return until_stop(deltas, stop) if stop else deltas
 
     async def _close(self, streams) -> None:
-        await asyncio.gather(*(self.client.close(stream) for stream in streams))
+        """Close the engine requests. A handle's cancel happens here and now, before any await: this runs in
+        ``finally`` blocks of a task being cancelled, where a second cancellation would interrupt an await."""
+        closing = [c for c in (self.client.close(stream) for stream in streams) if c is not None]
+        if closing:
+            await asyncio.gather(*closing)
 
     # ------------------------------------------------------------ validation
 

@@ -80,12 +80,27 @@ async def until_disconnect(request, coro):
         await asyncio.gather(work, gone, return_exceptions=True)
 
 
+async def within(awaitable, deadline: float | None):
+    """Await ``awaitable``; :class:`asyncio.TimeoutError` once ``deadline`` (wall clock; 0 or None: never) passes.
+
+    Not ``asyncio.wait_for``: before Python 3.12 it returns the result, and drops the cancellation, when the task
+    is cancelled just as the awaited item arrives. A request whose client left then went on generating to
+    ``max_tokens``. Here the awaitable runs in the caller's own task, so a cancellation always reaches it.
+    """
+    if not deadline:
+        return await awaitable
+    if not hasattr(asyncio, "timeout"):  # Python 3.10
+        return await asyncio.wait_for(awaitable, max(0.0, deadline - time.time()))
+    async with asyncio.timeout(max(0.0, deadline - time.time())):
+        return await awaitable
+
+
 async def timed(stream, deadline: float):
     """The stream's items; past ``deadline`` (wall clock) an engine that did not stop is abandoned."""
     iterator = stream.__aiter__()
     while True:
         try:
-            item = await asyncio.wait_for(iterator.__anext__(), max(0.001, deadline - time.time()))
+            item = await within(iterator.__anext__(), max(deadline, time.time() + 0.001))
         except StopAsyncIteration:
             return
         except asyncio.TimeoutError:

@@ -36,6 +36,7 @@ from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 from r2d.config import EngineConfig, ModelConfig
 from r2d.serve.replica import Reloader, ReloadError, first_answer, load_at_start, poll_reload
 from r2d.serve.schemas import Delta, GenRequest, deliver
+from r2d.serve.transport import within
 
 log = logging.getLogger("r2d.serve")
 
@@ -278,8 +279,7 @@ class VLLMServer(LLMServer):
         """Stream one request's deltas once no reload holds traffic back."""
         if not self._open.is_set():
             try:
-                await asyncio.wait_for(self._open.wait(), max(0.0, req.deadline - time.time()) if req.deadline
-                                       else None)
+                await within(self._open.wait(), req.deadline)
             except asyncio.TimeoutError:
                 yield Delta("", "length")
                 return
@@ -318,9 +318,8 @@ class VLLMServer(LLMServer):
         try:
             outputs = await self._run_request(request, engine_method="completions")
             while True:
-                timeout = max(0.0, req.deadline - time.time()) if req.deadline else None
                 try:
-                    item = await asyncio.wait_for(outputs.__anext__(), timeout)
+                    item = await within(outputs.__anext__(), req.deadline)
                 except StopAsyncIteration:
                     break
                 except asyncio.TimeoutError:  # the deadline: what was generated stands, cut short
