@@ -119,7 +119,7 @@ def test_vllm_engine_behind_the_ingress(server):
                                                  stream_options={"include_usage": True}, **show))
     assert ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
             for i in (0, 1)] == [text, text] and chunks[-1].usage.completion_tokens == 16
-    with pytest.raises(openai.BadRequestError) as err:
+    with pytest.raises(openai.BadRequestError) as err:  # hide mode: they would reveal the reasoning
         client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, logprobs=True)
     assert err.value.body["param"] == "logprobs"
     body = {"messages": MESSAGES, "max_tokens": LIMIT + 1}
@@ -241,3 +241,38 @@ def test_concurrent_reloads_load_once_and_keep_one_engine(server):
     r = httpx.post(f"{server['base']}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4},
                    headers=_headers())
     assert r.status_code == 200
+
+
+def test_logprobs_through_the_official_client_are_the_models_own(server, vllm_model_dir):
+    """Show mode: every token's log-probability and its 2 most likely alternatives, plain and streamed, equal to
+    what transformers computes from the same weights (raw logits, before temperature and penalties)."""
+    import torch
+    from openai import OpenAI
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from r2d.pivots import render_conversation
+
+    client = OpenAI(base_url=f"{server['base']}/v1", api_key=KEY)
+    show = {"extra_body": {"r2d_mode": "show"}, "extra_headers": {"X-R2D-Admin-Key": ADMIN}}
+    r = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=6, logprobs=True, top_logprobs=2,
+                                       **show)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens == 6
+    assert "".join(e.token for e in entries) == r.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=6, logprobs=True,
+                                                 top_logprobs=2, stream=True, **show))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+
+    tok = AutoTokenizer.from_pretrained(vllm_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(vllm_model_dir, torch_dtype=torch.float32)
+    ids = tok(render_conversation(tok, MESSAGES), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    answer = tok("".join(e.token for e in entries), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        logits = model(torch.cat([ids, answer], 1)).logits[0, ids.shape[1] - 1:-1]
+    lps = torch.log_softmax(logits.float(), -1)
+    for i, e in enumerate(entries):
+        top = lps[i].topk(2)
+        assert e.top_logprobs[0].token == e.token  # greedy: the most likely token was taken
+        assert [t.token for t in e.top_logprobs] == [tok.decode([j]) for j in top.indices.tolist()]
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(top.values.tolist(), abs=0.05)

@@ -115,7 +115,7 @@ def test_the_engine_stops_at_the_stop_string_not_at_max_tokens(tiny_model_dir, t
 
 
 @pytest.mark.parametrize("field, value", [
-    ("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"50256": -100}),
+    ("logit_bias", {"50256": -100}),
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("response_format", {"type": "json_object"}), ("tool_choice", "required"), ("audio", {"voice": "alloy"}),
 ])
@@ -307,3 +307,113 @@ def test_interleave_yields_as_each_produces_raises_the_first_error_and_closes_ev
     assert error == "b failed" and shut == ["a", "b"]
     closed.clear()
     assert asyncio.run(collect([source("a", 100)], stop_after=2)) == (["a0", "a1"], ["a"], None)
+
+
+# ---------------------------------------------------------------- logprobs
+
+
+def _reference_logprobs(engine, k: int, max_tokens: int):
+    """Greedy generation by transformers itself, with the raw logits: [(token id, logprob, top k ids, top k)]."""
+    import torch
+
+    from r2d.pivots import render_conversation
+
+    cur = engine._current
+    ids = cur.tokenizer(render_conversation(cur.tokenizer, MESSAGES), add_special_tokens=False, return_tensors="pt")
+    with torch.inference_mode():
+        out = cur.model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=cur.tokenizer.pad_token_id)
+    made = out.sequences[0, ids["input_ids"].shape[1]:].tolist()
+    steps = []
+    for token, logits in zip(made, out.logits):
+        lp = torch.log_softmax(logits[0].float(), -1)
+        top = lp.topk(k)
+        steps.append((token, float(lp[token]), top.indices.tolist(), top.values.tolist()))
+    return steps
+
+
+def test_logprobs_are_the_models_own_through_the_official_client(client, engine):
+    """Each token's log-probability and its 3 most likely alternatives equal those of transformers' own
+    greedy generation on the same prompt (raw logits), plain and streamed."""
+    ref = _reference_logprobs(engine, 3, 8)
+    r = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    tok = engine._current.tokenizer
+    assert len(content) == r.usage.completion_tokens == len(ref)
+    for entry, (token, lp, top_ids, top_lps) in zip(content, ref):
+        assert entry.token == tok.decode([token]) and entry.bytes == list(entry.token.encode("utf-8"))
+        assert entry.logprob == pytest.approx(lp, abs=1e-4)
+        assert [t.token for t in entry.top_logprobs] == [tok.decode([i]) for i in top_ids]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top_lps, abs=1e-4)
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy took the most likely
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+
+    chunks = list(client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, temperature=0)
+    assert plain.choices[0].logprobs is None  # not asked for: none sent
+    no_top = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, logprobs=True)
+    assert [e.logprob for e in no_top.choices[0].logprobs.content] == [e.logprob for e in content]
+    assert all(e.top_logprobs == [] for e in no_top.choices[0].logprobs.content)
+
+
+def test_logprobs_stop_with_the_text_at_a_stop_string(client):
+    full = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=24, temperature=0, logprobs=True)
+    text = full.choices[0].message.content
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    for stream in (False, True):
+        got = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=24, temperature=0,
+                                             logprobs=True, stop=[stop], stream=stream)
+        if stream:
+            chunks = list(got)
+            answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        else:
+            answer, entries = got.choices[0].message.content, got.choices[0].logprobs.content
+        assert answer == text[:text.find(stop)]
+        tokens = "".join(e.token for e in entries)  # the tokens that wrote the answer, none of the stop's own
+        assert answer.startswith(tokens) or tokens.startswith(answer), (answer, tokens)
+        assert len(tokens) < len(answer) + len(stop) and len(entries) < len(full.choices[0].logprobs.content)
+
+
+def test_logprobs_mapped_through_a_stop_cut():
+    def entry(text):
+        return {"token": text, "logprob": -0.5, "bytes": list(text.encode()), "top_logprobs": []}
+
+    async def source():
+        yield Delta("The an", None, 3, 2, logprobs=[entry("The"), entry(" an")])
+        yield Delta("swer: ST", None, 3, 4, logprobs=[entry("swer:"), entry(" ST")])
+        yield Delta("OP and", "length", 3, 6, logprobs=[entry("OP"), entry(" and")])
+
+    async def collect():
+        return [d async for d in until_stop(source(), ["STOP"])]
+
+    out = asyncio.run(collect())
+    assert [d.text for d in out] == ["The", " answer:", " "]
+    # " an" starts at 3, inside held-back text: it travels with the text it starts. " ST" writes the answer's
+    # last character, so it is kept; "OP" and " and" (the stop's and after it) are not.
+    assert [[e["token"] for e in d.logprobs] for d in out] == [["The"], [" an", "swer:"], [" ST"]]
+
+
+def test_logprobs_are_refused_where_they_would_reveal_hidden_reasoning(engine):
+    cfg = ServeConfig(max_tokens_limit=64, default_max_tokens=8, engine=EngineConfig(max_model_len=256),
+                      api_key_env="", admin_key_env="", mode="hide")
+    http = TestClient(create_api(cfg, LocalClient(engine)))
+    hidden = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=http, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        hidden.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=4, logprobs=True)
+    assert err.value.body["param"] == "logprobs" and "reveal the hidden reasoning" in err.value.body["message"]
+    r = hidden.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=4, logprobs=False)
+    assert r.choices[0].logprobs is None
+
+
+def test_top_logprobs_needs_logprobs_and_stays_in_bounds(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=4, top_logprobs=2)
+    assert err.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=4, logprobs=True, top_logprobs=21)
+    assert err.value.body["param"] == "top_logprobs"

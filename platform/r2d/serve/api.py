@@ -41,7 +41,7 @@ from r2d.serve.metrics import ServeMetrics
 from r2d.serve.openapi import RESPONSES, chat_operation, openapi
 from r2d.serve.pivot_modes import STRENGTH, GuardStream, HideStream, apply_mode
 from r2d.serve.schemas import (SEED_MAX, ChatCompletionRequest, Delta, GenRequest, chunk_body, completion_body,
-                               completion_id, deliver, error_body, unsupported_field, usage_body)
+                               completion_id, deliver, error_body, merge, unsupported_field, usage_body)
 from r2d.serve.transport import (ClientGone, DeadlineExceeded, SSEResponse, chain, delta_body, event, first_delta,
                                  interleave, timed, until_disconnect, until_stop)
 
@@ -235,6 +235,7 @@ class _State:
     async def chat(self, request: Request):
         body = self._parse(await self._read_json(request))
         mode = self._mode(body, request)
+        self._check_logprobs(body, mode)
         gens = self._gen_requests(body)
         if self.cfg.log_prompts:
             log.info("request %s prompt=%r", gens[0].request_id, gens[0].messages)
@@ -252,9 +253,10 @@ class _State:
             if body.stream:
                 include_usage = bool((body.stream_options or {}).get("include_usage"))
                 self.metrics.request(200, mode, True)
-                events = self._sse(firsts, choices, streams, mode, include_usage)
+                events = self._sse(firsts, choices, streams, mode, include_usage, bool(body.logprobs))
                 return SSEResponse(events, media_type="text/event-stream")
-            result = await until_disconnect(request, self._complete(firsts, choices, mode))
+            result = await until_disconnect(request, self._complete(firsts, choices, mode,
+                                                                     bool(body.logprobs)))
             await self._close(streams)  # a stop string may end the answer before the engine does
             return result
         except BaseException:
@@ -295,6 +297,8 @@ class _State:
             if len(message.text()) > self.cfg.max_message_chars:
                 raise ApiError(422, f"messages.{i}.content: {len(message.text())} characters; the limit is "
                                     f"{self.cfg.max_message_chars}", param=f"messages.{i}.content")
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
         if body.n is not None and body.n > self.cfg.max_choices:
             raise ApiError(422, f"n: {body.n} choices; the limit is {self.cfg.max_choices}", param="n")
         wanted = body.wanted_tokens()
@@ -318,6 +322,14 @@ class _State:
                                 f"the admin key in the {ADMIN_HEADER} header", "permission_error", param="r2d_mode")
         return mode
 
+    @staticmethod
+    def _check_logprobs(body: ChatCompletionRequest, mode: str) -> None:
+        """Log-probabilities only where the whole generation is shown: in hide and guard modes they would
+        give away the hidden reasoning (every token's, and its alternatives), and guard's replaced answers."""
+        if body.logprobs and mode != "show":
+            raise ApiError(400, f"logprobs: not available in r2d_mode {mode!r}, where they would reveal the hidden "
+                                "reasoning; ask in r2d_mode 'show'", param="logprobs")
+
     def _gen_requests(self, body: ChatCompletionRequest) -> list[GenRequest]:
         """One engine request per choice (``n``); with a seed, choice i samples with seed + i (mod 2**63):
         reproducible, and not n copies of one answer."""
@@ -335,26 +347,29 @@ class _State:
                           top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed,
                           presence_penalty=body.presence_penalty or 0.0,
                           frequency_penalty=body.frequency_penalty or 0.0,
-                          stream=bool(body.stream or body.stop), deadline=time.time() + self.cfg.request_timeout_s)
+                          stream=bool(body.stream or body.stop), deadline=time.time() + self.cfg.request_timeout_s,
+                          logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
     # ------------------------------------------------------------ responses
 
-    async def _complete(self, firsts: list[Delta], choices: list, mode: str) -> dict:
+    async def _complete(self, firsts: list[Delta], choices: list, mode: str, want_logprobs: bool) -> dict:
         async def answer(i: int, first: Delta, deltas):
-            text, last = first.text, first
+            whole = first
             async for delta in deltas:
-                text, last = text + delta.text, delta
-            result = apply_mode(text, mode, stopped=_ended_by_model(last))
+                whole = merge(whole, delta)
+            result = apply_mode(whole.text, mode, stopped=_ended_by_model(whole))
             self._record(result, 200, mode, False, count_request=i == 0)
             message = {"role": "assistant", "content": result.content,
                        "reasoning_content": result.reasoning, "reasoning": result.reasoning}
-            return (message, last.finish_reason or "stop", result.meta()), last
+            lps = whole.logprobs if want_logprobs else None
+            return (message, whole.finish_reason or "stop", result.meta(), lps), whole
 
         done = await asyncio.gather(*(answer(i, f, c) for i, (f, c) in enumerate(zip(firsts, choices))))
         return completion_body(completion_id(), self.cfg.served_model_name, [a for a, _ in done],
                                _usage([last for _, last in done]))
 
-    async def _sse(self, firsts: list[Delta], choices: list, streams, mode: str, include_usage: bool):
+    async def _sse(self, firsts: list[Delta], choices: list, streams, mode: str, include_usage: bool,
+                   want_logprobs: bool = False):
         """SSE chunks of every choice, interleaved as they come; the engine requests are closed however
         the stream ends (finished, failed, or the client left)."""
         cid, created, model = completion_id(), int(time.time()), self.cfg.served_model_name
@@ -366,6 +381,10 @@ class _State:
             yield chunk_body(cid, model, created, {"role": "assistant", "content": ""}, index=i)
             async for delta in chain([first], deltas):
                 raw, lasts[i] = raw + delta.text, delta
+                if mode == "show" and want_logprobs and delta.logprobs:  # tokens whose text may still be held
+                    yield chunk_body(cid, model, created, {"content": delta.text} if delta.text else {}, index=i,
+                                     logprobs=delta.logprobs)
+                    continue
                 if not delta.text:
                     continue
                 if mode == "show":

@@ -1,8 +1,8 @@
 """Request and response shapes of the OpenAI-compatible chat API.
 
 Requests are validated strictly (``"5"`` is not an integer) so that wrong types
-get a 422 naming the field. An OpenAI field the server cannot honour (``logprobs``,
-``tools``, ``logit_bias``…) is a 400 naming it (:data:`UNSUPPORTED_FIELDS`); fields outside
+get a 422 naming the field. An OpenAI field the server cannot honour (``tools``,
+``logit_bias``…) is a 400 naming it (:data:`UNSUPPORTED_FIELDS`); fields outside
 OpenAI's request (``user``, ``metadata``, vendor extensions) are ignored.
 
 Every number is bounded to what both engines accept (:data:`SEED_MAX`,
@@ -37,6 +37,8 @@ MIN_TOP_P = 0.001
 """Smallest top-p: below it a float32 top-p of 0 is all an engine sees."""
 MAX_PENALTY = 2.0
 """OpenAI's bound on ``presence_penalty`` and ``frequency_penalty`` (either sign)."""
+MAX_TOP_LOGPROBS = 20
+"""OpenAI's bound on ``top_logprobs`` (and vLLM's default ``max_logprobs``)."""
 
 
 def sampling_error(temperature: float, top_p: float, seed: int | None, max_tokens: int,
@@ -107,6 +109,10 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     """Up to 4 strings (one may come bare); a list after validation. The answer ends before the first
     one the model writes (finish reason ``stop``)."""
+    logprobs: bool | None = None
+    """Per generated token: its log-probability under the model (before temperature and penalties)."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    """With ``logprobs``: the most likely tokens at each position too, this many."""
     r2d_mode: Literal["show", "hide", "guard"] | None = None
     """Per-request pivot mode: the server's own mode, or one its config allows (a weaker one needs the admin key)."""
 
@@ -137,7 +143,7 @@ MAX_STOP_CHARS = 64
 # an answer that silently ignores what the client asked for. Unknown fields outside OpenAI's
 # request (``user``, ``metadata``, vendor extensions) are ignored.
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+    "logit_bias": (None, {}),
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none"),
     "parallel_tool_calls": (None, True, False), "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "web_search_options": (None,),
@@ -171,6 +177,8 @@ class GenRequest:
     """False: the client wants the whole completion, so the replica sends it as one delta."""
     deadline: float = 0.0
     """Wall-clock time (``time.time()``) at which the engine stops this request; 0: no deadline."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k: each token's, with the k most likely tokens at its position."""
 
     def sampling_error(self) -> str | None:
         return sampling_error(self.temperature, self.top_p, self.seed, self.max_tokens, self.penalties())
@@ -197,14 +205,27 @@ class Delta:
     """The request field ``error`` is about."""
     stop_string: str | None = None
     """The client's stop string that ended the answer (the model did not end it itself)."""
+    logprobs: list[dict] | None = None
+    """When asked for: one OpenAI ``ChatCompletionTokenLogprob`` per token this delta adds (see :func:`token_logprob`)."""
 
 
 def merge(a: "Delta", b: "Delta") -> "Delta":
-    """``b`` appended to ``a``: text joined, the latest counts and finish reason, the first error kept."""
+    """``b`` appended to ``a``: text and log-probabilities joined, the latest counts, finish reason and stop
+    string, the first error kept."""
     if a.error:
         return a
+    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
     return Delta(a.text + b.text, b.finish_reason or a.finish_reason, b.prompt_tokens or a.prompt_tokens,
-                 b.completion_tokens or a.completion_tokens, b.error, b.param)
+                 b.completion_tokens or a.completion_tokens, b.error, b.param, b.stop_string or a.stop_string, logprobs)
+
+
+def token_logprob(token: str, logprob: float, top: list[tuple[str, float]]) -> dict:
+    """OpenAI's ``ChatCompletionTokenLogprob``: the token's text, log-probability and UTF-8 bytes, and the
+    most likely tokens at its position (``top``, most likely first)."""
+    def one(text: str, lp: float) -> dict:
+        return {"token": text, "logprob": max(float(lp), -9999.0), "bytes": list(text.encode("utf-8"))}
+
+    return {**one(token, logprob), "top_logprobs": [one(t, lp) for t, lp in top]}
 
 
 async def deliver(deltas, stream: bool):
@@ -234,22 +255,26 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def completion_body(cid: str, model: str, answers: list[tuple[dict, str, dict]], usage: dict) -> dict:
-    """A non-streaming ``chat.completion`` object from ``(message, finish_reason, r2d)`` per choice.
+def completion_body(cid: str, model: str, answers: list[tuple[dict, str, dict, list | None]], usage: dict) -> dict:
+    """A non-streaming ``chat.completion`` object from ``(message, finish_reason, r2d, logprobs)`` per choice.
 
     ``r2d`` (the pivot metadata) is the first choice's; with several choices each carries its own too.
+    ``logprobs``: the choice's token entries, or None when not asked for.
     """
-    choices = [{"index": i, "message": message, "finish_reason": finish, "logprobs": None,
-                **({"r2d": meta} if len(answers) > 1 else {})} for i, (message, finish, meta) in enumerate(answers)]
+    choices = [{"index": i, "message": message, "finish_reason": finish,
+                "logprobs": None if lps is None else {"content": lps, "refusal": None},
+                **({"r2d": meta} if len(answers) > 1 else {})}
+               for i, (message, finish, meta, lps) in enumerate(answers)]
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage, "r2d": answers[0][2]}
 
 
 def chunk_body(cid: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
-               extra: dict | None = None, index: int = 0) -> dict:
-    """One ``chat.completion.chunk`` of a stream, for the choice ``index``."""
+               extra: dict | None = None, index: int = 0, logprobs: list | None = None) -> dict:
+    """One ``chat.completion.chunk`` of a stream, for the choice ``index`` (``logprobs``: its tokens' entries)."""
+    lps = None if logprobs is None else {"content": logprobs, "refusal": None}
     body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": lps}]}
     if extra:
         body.update(extra)
     return body

@@ -28,7 +28,7 @@ from ray import serve
 
 from r2d.config import EngineConfig, ModelConfig
 from r2d.serve.replica import EngineCalls, Reloader, first_answer, load_at_start, poll_reload
-from r2d.serve.schemas import Delta, GenRequest, deliver
+from r2d.serve.schemas import Delta, GenRequest, deliver, token_logprob
 
 log = logging.getLogger("r2d.serve")
 _END = object()
@@ -43,10 +43,16 @@ class _Loaded:
 
 
 class _StepStreamer:
-    """A transformers streamer that forwards each generated step's token ids to an asyncio queue."""
+    """A transformers streamer that forwards each generated step's token ids to an asyncio queue.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, on_step=None) -> None:
+    Each item is ``(token per row, log-probabilities per row)``; the second is None unless a
+    :func:`_row_logprobs` recorder is given, whose entry for a row is ``(the token's logprob, [(id, logprob)]
+    of the row's most likely tokens)``, or None for a row that did not ask.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, on_step=None, recorder=None) -> None:
         self._loop, self._queue, self._prompt_seen, self._on_step = loop, queue, False, on_step
+        self._recorder = recorder
 
     def put(self, value) -> None:
         if not self._prompt_seen:  # the first call carries the prompt ids
@@ -54,10 +60,46 @@ class _StepStreamer:
             return
         if self._on_step is not None:
             self._on_step()
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, value.reshape(-1).tolist())
+        tokens = value.reshape(-1).tolist()
+        lps = self._recorder.read(tokens) if self._recorder is not None else None
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (tokens, lps))
 
     def end(self) -> None:
         pass
+
+
+def _row_logprobs(tops: list[int | None]):
+    """A logits processor that records the model's log-probabilities at each step for the rows that asked
+    (``tops[i]``: how many most likely tokens row ``i`` wants; None: none at all).
+
+    It runs first, on the raw logits, so the numbers are the model's own (before penalties and
+    temperature), as vLLM reports them by default; the streamer then reads the sampled token's.
+    """
+    import torch
+    from transformers import LogitsProcessor
+
+    wanted = [i for i, k in enumerate(tops) if k is not None]
+    most = max((tops[i] for i in wanted), default=0)
+
+    class RowLogprobs(LogitsProcessor):
+        last = None
+
+        def __call__(self, input_ids, scores):
+            self.last = torch.log_softmax(scores[wanted].float(), dim=-1)
+            return scores
+
+        def read(self, tokens: list[int]) -> list:
+            out: list = [None] * len(tops)
+            if self.last is None:
+                return out
+            top_v, top_i = self.last.topk(most, dim=-1) if most else (None, None)
+            for j, row in enumerate(wanted):
+                k = tops[row]
+                top = list(zip(top_i[j, :k].tolist(), top_v[j, :k].tolist())) if k else []
+                out[row] = (float(self.last[j, tokens[row]]), top)
+            return out
+
+    return RowLogprobs()
 
 
 def _row_sampler(temperatures: list[float], top_ps: list[float]):
@@ -263,13 +305,17 @@ class TransformersEngine:
         batch = tok.pad({"input_ids": [prompts[i]["input_ids"] for i in live]}, return_tensors="pt")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         kwargs = self._sampling_kwargs([reqs[i] for i in live], batch["input_ids"].shape[1])
+        recorder = None
+        if any(reqs[i].logprobs is not None for i in live):
+            recorder = _row_logprobs([reqs[i].logprobs for i in live])
+            kwargs["logits_processor"] = [recorder, *kwargs.get("logits_processor", [])]
         kwargs["stopping_criteria"] = _row_stop([lambda r=reqs[i]: self._should_stop(r) for i in live],
                                                 batch["input_ids"].shape[1], [reqs[i].max_tokens for i in live])
         max_new = max(reqs[i].max_tokens for i in live)
         ids = {reqs[i].request_id for i in live}
         self._running |= ids
         done = loop.run_in_executor(None, self._run_generate, cur.model, batch, kwargs, max_new, tok,
-                                    _StepStreamer(loop, queue, self._count_step), loop, queue)
+                                    _StepStreamer(loop, queue, self._count_step, recorder), loop, queue)
         done.add_done_callback(lambda _: self._finished(ids))
         state = {i: {"ids": [], "sent": "", "open": True} for i in live}
         n_prompt = {i: len(prompts[i]["input_ids"]) for i in live}
@@ -281,11 +327,13 @@ class TransformersEngine:
                 if isinstance(item, BaseException):
                     raise item
                 step = {}
-                for row, token in zip(live, item):
+                tokens, lps = item
+                for j, (row, token) in enumerate(zip(live, tokens)):
                     st = state[row]
                     if not st["open"]:
                         continue
-                    step[row] = self._advance(tok, cur, st, token, reqs[row].max_tokens, n_prompt[row])
+                    step[row] = self._advance(tok, cur, st, token, reqs[row].max_tokens, n_prompt[row],
+                                              lps[j] if lps else None)
                     if st["open"] and self._should_stop(reqs[row]):  # deadline or client gone: cut here
                         st["open"] = False
                         step[row].finish_reason = "length"
@@ -307,10 +355,10 @@ class TransformersEngine:
         self._cancelled -= ids
 
     @staticmethod
-    def _advance(tok, cur: _Loaded, st: dict, token: int, max_tokens: int, n_prompt: int) -> Delta:
-        if token in cur.eos_ids:
+    def _advance(tok, cur: _Loaded, st: dict, token: int, max_tokens: int, n_prompt: int, lp=None) -> Delta:
+        if token in cur.eos_ids:  # ends the answer; not part of it, so it has no log-probability entry
             st["open"] = False
-            return Delta("", "stop", n_prompt, len(st["ids"]))
+            return Delta("", "stop", n_prompt, len(st["ids"]), logprobs=[] if lp is not None else None)
         st["ids"].append(token)
         text = tok.decode(st["ids"], skip_special_tokens=False)
         # Hold back a trailing replacement char: a multi-byte character is still arriving.
@@ -320,7 +368,13 @@ class TransformersEngine:
         if len(st["ids"]) >= max_tokens:
             st["open"] = False
             finish = "length"
-        return Delta(delta, finish, n_prompt, len(st["ids"]))
+        entries = None
+        if lp is not None:
+            def text(i: int) -> str:
+                return tok.decode([i], skip_special_tokens=False)
+
+            entries = [token_logprob(text(token), lp[0], [(text(i), v) for i, v in lp[1]])]
+        return Delta(delta, finish, n_prompt, len(st["ids"]), logprobs=entries)
 
     @staticmethod
     def _run_generate(model, batch, kwargs, max_new, tok, streamer, loop, queue) -> None:

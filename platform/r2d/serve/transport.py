@@ -112,24 +112,40 @@ async def until_stop(deltas, stops: list[str]):
     """The deltas' text up to the first of ``stops`` (excluded), where the stream then ends.
 
     Text that may be the start of a stop string is held back until the next delta rules it
-    out, so no part of a stop string ever reaches the client. The last delta carries finish
+    out, so no part of a stop string ever reaches the client; so are the log-probability entries of the
+    tokens whose text starts there (positions by the tokens' own texts). The last delta carries finish
     reason ``stop`` and the matched string; the caller closes the engine stream.
     """
     hold = max(map(len, stops)) - 1
     text, sent = "", 0
+    held, next_at = [], 0  # log-probability entries not sent yet, with where each token's text starts
+
+    def release(end: int, logprobs) -> list | None:
+        """The held entries of tokens starting before ``end`` (None when the stream carries none)."""
+        nonlocal held
+        if logprobs is None and not held:
+            return None
+        out = [entry for at, entry in held if at < end]
+        held = [(at, entry) for at, entry in held if at >= end]
+        return out
+
     async for delta in deltas:
         if delta.error:
             yield delta
             return
         start = max(0, len(text) - hold)
         text += delta.text
+        for entry in delta.logprobs or ():
+            held.append((next_at, entry))
+            next_at += len(entry["token"])
         found = [(at, s) for s in stops if (at := text.find(s, start)) >= 0]
         if found:
             at, matched = min(found)
-            yield replace(delta, text=text[sent:at], finish_reason="stop", stop_string=matched)
+            yield replace(delta, text=text[sent:at], finish_reason="stop", stop_string=matched,
+                          logprobs=release(at, delta.logprobs))  # the stop string's own tokens are left out
             return
         end = len(text) if delta.finish_reason else max(sent, len(text) - hold)
-        yield replace(delta, text=text[sent:end])
+        yield replace(delta, text=text[sent:end], logprobs=release(end, delta.logprobs))
         sent = end
 
 

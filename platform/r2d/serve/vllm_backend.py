@@ -35,7 +35,7 @@ from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
 from r2d.config import EngineConfig, ModelConfig
 from r2d.serve.replica import Reloader, ReloadError, first_answer, load_at_start, poll_reload
-from r2d.serve.schemas import Delta, GenRequest, deliver
+from r2d.serve.schemas import Delta, GenRequest, deliver, token_logprob
 from r2d.serve.transport import within
 
 log = logging.getLogger("r2d.serve")
@@ -81,7 +81,7 @@ def completion_request(req: GenRequest, ids: list[int], model_id: str):
     return CompletionRequest(
         model=model_id, prompt=ids, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
         seed=req.seed, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        skip_special_tokens=False, stream=req.stream,
+        skip_special_tokens=False, stream=req.stream, logprobs=req.logprobs,
         stream_options={"include_usage": True, "continuous_usage_stats": True} if req.stream else None)
 
 
@@ -103,7 +103,8 @@ def parse_output(item) -> list[dict]:
     return [item.model_dump() if hasattr(item, "model_dump") else dict(item)]
 
 
-def _delta(payload: dict, n_prompt: int, n_out: int) -> Delta:
+def _delta(payload: dict, n_prompt: int, n_out: int, top: int | None = None) -> Delta:
+    """A delta from one completions payload; ``top``: the request's ``GenRequest.logprobs``."""
     error = payload.get("error")
     if error:
         if isinstance(error, dict):
@@ -112,7 +113,21 @@ def _delta(payload: dict, n_prompt: int, n_out: int) -> Delta:
     usage = payload.get("usage") or {}
     choice = (payload.get("choices") or [{}])[0]
     return Delta(choice.get("text") or "", choice.get("finish_reason"), usage.get("prompt_tokens") or n_prompt,
-                 usage.get("completion_tokens") or n_out)
+                 usage.get("completion_tokens") or n_out,
+                 logprobs=None if top is None else chat_logprobs(choice.get("logprobs"), top))
+
+
+def chat_logprobs(completion: dict | None, top: int) -> list[dict]:
+    """The chat API's entries from the completions API's ``logprobs`` (``tokens``, ``token_logprobs``, and
+    ``top_logprobs``: per token a dict that holds the sampled token besides the ``top`` most likely)."""
+    if not completion:
+        return []
+    tops = completion.get("top_logprobs") or [None] * len(completion["tokens"])
+    out = []
+    for token, lp, alternatives in zip(completion["tokens"], completion["token_logprobs"], tops):
+        ranked = sorted((alternatives or {}).items(), key=lambda kv: -kv[1])[:top]
+        out.append(token_logprob(token, lp, ranked))
+    return out
 
 
 def one_process_cpu_engine():
@@ -326,9 +341,9 @@ class VLLMServer(LLMServer):
                     yield Delta("", "length", len(ids), n_out)
                     break
                 for payload in parse_output(item):
-                    delta = _delta(payload, len(ids), n_out)
+                    delta = _delta(payload, len(ids), n_out, req.logprobs)
                     n_out = delta.completion_tokens
-                    if delta.text or delta.finish_reason or delta.error:
+                    if delta.text or delta.finish_reason or delta.error or delta.logprobs:
                         yield delta
         finally:
             self._running.discard(req.request_id)
