@@ -370,10 +370,10 @@ class TransformersEngine:
             finish = "length"
         entries = None
         if lp is not None:
-            def text(i: int) -> str:
+            def piece(i: int) -> str:
                 return tok.decode([i], skip_special_tokens=False)
 
-            entries = [token_logprob(text(token), lp[0], [(text(i), v) for i, v in lp[1]])]
+            entries = [token_logprob(piece(token), lp[0], [(piece(i), v) for i, v in lp[1]])]
         return Delta(delta, finish, n_prompt, len(st["ids"]), logprobs=entries)
 
     @staticmethod
