@@ -31,12 +31,16 @@ def engine(tiny_model_dir):
     return TransformersEngine(str(tiny_model_dir), max_model_len=256, threads=1)
 
 
-@pytest.fixture(scope="module")
-def client(engine):
+def _openai_client(engine, mode: str) -> openai.OpenAI:
     cfg = ServeConfig(max_tokens_limit=64, default_max_tokens=8, engine=EngineConfig(max_model_len=256),
-                      api_key_env="", admin_key_env="", mode="show")
+                      api_key_env="", admin_key_env="", mode=mode)
     http = TestClient(create_api(cfg, LocalClient(engine)))
     return openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=http, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    return _openai_client(engine, "show")
 
 
 def _cut(pieces: list[str], stops: list[str], finish: str = "length") -> list[Delta]:
@@ -399,10 +403,7 @@ def test_logprobs_mapped_through_a_stop_cut():
 
 
 def test_logprobs_are_refused_where_they_would_reveal_hidden_reasoning(engine):
-    cfg = ServeConfig(max_tokens_limit=64, default_max_tokens=8, engine=EngineConfig(max_model_len=256),
-                      api_key_env="", admin_key_env="", mode="hide")
-    http = TestClient(create_api(cfg, LocalClient(engine)))
-    hidden = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=http, max_retries=0)
+    hidden = _openai_client(engine, "hide")
     with pytest.raises(openai.BadRequestError) as err:
         hidden.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=4, logprobs=True)
     assert err.value.body["param"] == "logprobs" and "reveal the hidden reasoning" in err.value.body["message"]

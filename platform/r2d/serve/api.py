@@ -253,7 +253,7 @@ class _State:
             if body.stream:
                 include_usage = bool((body.stream_options or {}).get("include_usage"))
                 self.metrics.request(200, mode, True)
-                events = self._sse(firsts, choices, streams, mode, include_usage, bool(body.logprobs))
+                events = self._sse(firsts, choices, streams, mode, include_usage)
                 return SSEResponse(events, media_type="text/event-stream")
             result = await until_disconnect(request, self._complete(firsts, choices, mode,
                                                                      bool(body.logprobs)))
@@ -361,15 +361,14 @@ class _State:
             self._record(result, 200, mode, False, count_request=i == 0)
             message = {"role": "assistant", "content": result.content,
                        "reasoning_content": result.reasoning, "reasoning": result.reasoning}
-            lps = whole.logprobs if want_logprobs else None
+            lps = (whole.logprobs or []) if want_logprobs else None  # asked for: a list, even of no tokens
             return (message, whole.finish_reason or "stop", result.meta(), lps), whole
 
         done = await asyncio.gather(*(answer(i, f, c) for i, (f, c) in enumerate(zip(firsts, choices))))
         return completion_body(completion_id(), self.cfg.served_model_name, [a for a, _ in done],
                                _usage([last for _, last in done]))
 
-    async def _sse(self, firsts: list[Delta], choices: list, streams, mode: str, include_usage: bool,
-                   want_logprobs: bool = False):
+    async def _sse(self, firsts: list[Delta], choices: list, streams, mode: str, include_usage: bool):
         """SSE chunks of every choice, interleaved as they come; the engine requests are closed however
         the stream ends (finished, failed, or the client left)."""
         cid, created, model = completion_id(), int(time.time()), self.cfg.served_model_name
@@ -381,14 +380,12 @@ class _State:
             yield chunk_body(cid, model, created, {"role": "assistant", "content": ""}, index=i)
             async for delta in chain([first], deltas):
                 raw, lasts[i] = raw + delta.text, delta
-                if mode == "show" and want_logprobs and delta.logprobs:  # tokens whose text may still be held
-                    yield chunk_body(cid, model, created, {"content": delta.text} if delta.text else {}, index=i,
-                                     logprobs=delta.logprobs)
+                if mode == "show":  # deltas carry logprobs only when asked (show mode only), maybe before their text
+                    if delta.text or delta.logprobs:
+                        yield chunk_body(cid, model, created, {"content": delta.text} if delta.text else {},
+                                         index=i, logprobs=delta.logprobs or None)
                     continue
                 if not delta.text:
-                    continue
-                if mode == "show":
-                    yield chunk_body(cid, model, created, {"content": delta.text}, index=i)
                     continue
                 reasoning, content = view.feed(delta.text)
                 if reasoning or content:
