@@ -4,8 +4,9 @@ One process, the same student (the tiny config's LoRA + trainable pivot rows), t
 and windows (``batch_size x grad_accum`` traces a step). Variants:
 
 - ``padded``: today's step, the reference (padded rows grouped by length, full logits);
-- ``packed``: packed padding-free rows cut by ``micro_batch_tokens``, the chunked LM head
-  (``train.packing`` + ``train.chunked_ce``); ``packed, full logits`` isolates the packing;
+- ``packed``: packed padding-free rows cut by ``micro_batch_tokens``, the chunked LM head and the
+  gap-drawn LoRA dropout (``train.packing`` + ``train.chunked_ce`` + ``train.lora.sparse_dropout``);
+  ``packed, full logits`` is the packing alone, ``packed, torch dropout`` all but the dropout;
 - ``packed, SFT only`` (``cpo_weight=0``): what CPO costs on the packed step;
 - a plain Hugging Face-style loop (the model's own loss, AdamW), on the same padded rows and
   on the same packed rows (position ids only: transformers' own packed-sequence mask);
@@ -42,14 +43,16 @@ SECTION = "train"
 SIZES = {"full": {"rows": 160, "steps": 6}, "quick": {"rows": 96, "steps": 4}}
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
 """Dense bf16 peak per GPU, for MFU."""
-PACKED = {"packing": True, "chunked_ce": True}
+PACKED = {"packing": True, "chunked_ce": True, "lora.sparse_dropout": True}
+REFERENCE = {"packing": False, "chunked_ce": False, "lora.sparse_dropout": False}
 VARIANTS = {
-    "padded": ({"packing": False, "chunked_ce": False}, "ours"),
+    "padded": (REFERENCE, "ours"),
     "packed": (PACKED, "ours"),
-    "packed, full logits": ({"packing": True, "chunked_ce": False}, "ours"),
+    "packed, full logits": ({**REFERENCE, "packing": True}, "ours"),
+    "packed, torch dropout": ({**PACKED, "lora.sparse_dropout": False}, "ours"),
     "packed, SFT only": ({**PACKED, "cpo_weight": 0.0}, "ours"),
-    "plain loop": ({"packing": False, "chunked_ce": False}, "plain"),
-    "plain loop, packed": ({"packing": False, "chunked_ce": False}, "plain, packed"),
+    "plain loop": (REFERENCE, "plain"),
+    "plain loop, packed": (REFERENCE, "plain, packed"),
 }
 """name -> (train.* overrides, step kind: ours, plain, or plain on packed rows with transformers' own attention)."""
 GPU_VARIANTS = {
@@ -262,7 +265,7 @@ def run_trl(cfg, rows, steps: int, device, packed: bool) -> dict | None:
     # TRL's fused LM head reads ``lm_head.bias``, which peft's trainable-token wrapper (our
     # pivot rows) does not expose: TRL gets the same LoRA without the pivot rows, a little
     # less work per step than ours.
-    base = with_train(cfg, {"packing": False, "chunked_ce": False, "lora.train_pivot_rows": False})
+    base = with_train(cfg, {**REFERENCE, "lora.train_pivot_rows": False})
     model, tok, _ = build_model(base, device)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                                "completion": [{"role": "assistant", "content": render_assistant(row_to_trace(r))}]}
@@ -334,6 +337,8 @@ def _rows(section: str, variants: dict[str, Variant], info: dict, trl: dict, cfg
                got("padded"), 1.3, note=note, extra=info),
            Row(section, "packed step with full logits vs padded step (packing alone)", got("packed, full logits"),
                "tok/s", "padded step", got("padded")),
+           Row(section, "packed step vs the same with torch's dropout (the gap-drawn dropout alone)", got("packed"),
+               "tok/s", "packed, torch dropout", got("packed, torch dropout")),
            Row(section, "packed SFT+CPO vs packed SFT only (what CPO costs)", got("packed"), "tok/s",
                "packed SFT only", got("packed, SFT only"), 0.95),
            Row(section, "packed SFT+CPO vs plain HF loop (padded rows)", got("packed"), "tok/s",

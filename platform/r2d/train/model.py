@@ -14,6 +14,7 @@ from r2d.config import Config, LoraConfig
 from r2d.models import load_model
 from r2d.pivots import PivotIds, pivot_ids
 from r2d.train.attention import VARLEN, use_varlen_attention
+from r2d.train.dropout import use_sparse_dropout
 from r2d.train.head import enable_hidden_states
 
 
@@ -55,7 +56,10 @@ def apply_lora(model, cfg: LoraConfig, rows: list[int]):
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                               target_modules=list(cfg.target_modules), trainable_token_indices=tokens,
                               task_type="CAUSAL_LM")
-    return get_peft_model(model, peft_cfg, autocast_adapter_dtype=cfg.fp32_weights)
+    model = get_peft_model(model, peft_cfg, autocast_adapter_dtype=cfg.fp32_weights)
+    if cfg.sparse_dropout:
+        use_sparse_dropout(model)
+    return model
 
 
 def build_model(cfg: Config, device: torch.device | str = "cpu"):
