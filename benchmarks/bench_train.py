@@ -7,7 +7,8 @@ and windows (``batch_size x grad_accum`` traces a step). Variants:
 - ``packed``: packed padding-free rows cut by ``micro_batch_tokens``, the chunked LM head and the
   gap-drawn LoRA dropout (``train.packing`` + ``train.chunked_ce`` + ``train.lora.sparse_dropout``);
   ``packed, full logits`` is the packing alone, ``packed, torch dropout`` all but the dropout;
-- ``packed, SFT only`` (``cpo_weight=0``): what CPO costs on the packed step;
+- ``packed, SFT only`` (``cpo_weight=0``): what CPO costs on the packed step; ``packed, verdict term``
+  (tiny.yaml's ``verdict_weight=1``) what the verdict-following term costs;
 - a plain Hugging Face-style loop (the model's own loss, AdamW), on the same padded rows and
   on the same packed rows (position ids only: transformers' own packed-sequence mask);
 - TRL's ``SFTTrainer`` when ``trl`` is importable (the bench extra), padded and with its own
@@ -51,6 +52,7 @@ VARIANTS = {
     "packed, full logits": ({**REFERENCE, "packing": True}, "ours"),
     "packed, torch dropout": ({**PACKED, "lora.sparse_dropout": False}, "ours"),
     "packed, SFT only": ({**PACKED, "cpo_weight": 0.0}, "ours"),
+    "packed, verdict term": ({**PACKED, "verdict_weight": 1.0, "micro_batch_tokens": 2048}, "ours"),
     "plain loop": (REFERENCE, "plain"),
     "plain loop, packed": (REFERENCE, "plain, packed"),
 }
@@ -62,13 +64,18 @@ GPU_VARIANTS = {
 }
 
 
+SHAPE = ["train.verdict_weight=0", "train.micro_batch_tokens=4096"]
+"""The objective every variant can run (the padded reference has no verdict term) and the packed budget it was
+measured with; ``packed, verdict term`` puts tiny.yaml's verdict term back."""
+
+
 def train_config(use_gpu: bool, overrides: list[str] = ()):
     """The tiny config, on GPU if asked, with ``key=value`` overrides (a bigger batch, another model)."""
     from r2d.config import load_config
 
     extra = ["resources.use_gpu=true", "resources.gpus_per_worker=1"] if use_gpu else []
     return load_config(str(Path(__file__).resolve().parent.parent / "jobs/configs/tiny.yaml"),
-                       extra + list(overrides))
+                       SHAPE + extra + list(overrides))
 
 
 def with_train(cfg, overrides: dict):
@@ -339,6 +346,9 @@ def _rows(section: str, variants: dict[str, Variant], info: dict, trl: dict, cfg
                "tok/s", "padded step", got("padded")),
            Row(section, "packed step vs the same with torch's dropout (the gap-drawn dropout alone)", got("packed"),
                "tok/s", "packed, torch dropout", got("packed, torch dropout")),
+           Row(section, "packed step with the verdict term (mu = 1, 2,048-token micro-batches) vs without (its cost; "
+               "tokens are the traces', not their flipped copies)", got("packed, verdict term"), "tok/s", "packed",
+               got("packed")),
            Row(section, "packed SFT+CPO vs packed SFT only (what CPO costs)", got("packed"), "tok/s",
                "packed SFT only", got("packed, SFT only"), 0.95),
            Row(section, "packed SFT+CPO vs plain HF loop (padded rows)", got("packed"), "tok/s",
