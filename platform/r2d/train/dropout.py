@@ -7,9 +7,9 @@ that is 95% ones.
 
 The same distribution can be drawn from the gaps between zeros. Elements dropped independently
 with probability p are exactly a run of Geometric(p) gaps: the first zero sits at position
-gap_1 - 1, the next one gap_2 further along, and so on. Drawing the gaps costs one uniform per *zero* (p n of
-them) instead of one per element, and the backward pass keeps those p n positions instead of a
-mask of n::
+gap_1 - 1, the next one gap_2 further along, and so on. Drawing the gaps costs one uniform per
+*zero* (p n of them) instead of one per element, and the backward pass keeps those p n positions
+instead of a mask of n::
 
     gap  = floor(log(1 - u) / log(1 - p)) + 1        u ~ U[0, 1), so P(gap > k) = (1 - p)^k
     zero = cumsum(gap) - 1                           kept while < n
