@@ -7,8 +7,8 @@ and windows (``batch_size x grad_accum`` traces a step). Variants:
 - ``packed``: packed padding-free rows cut by ``micro_batch_tokens``, the chunked LM head and the
   gap-drawn LoRA dropout (``train.packing`` + ``train.chunked_ce`` + ``train.lora.sparse_dropout``);
   ``packed, full logits`` is the packing alone, ``packed, torch dropout`` all but the dropout;
-- ``packed, SFT only`` (``cpo_weight=0``): what CPO costs on the packed step; ``packed, verdict term``
-  (tiny.yaml's ``verdict_weight=1``) what the verdict-following term costs;
+- ``packed, SFT only`` (``cpo_weight=0``): what CPO costs on the packed step; on CPU, ``packed,
+  verdict term`` (``verdict_weight=1``, off in tiny.yaml) what the verdict-following term would cost;
 - a plain Hugging Face-style loop (the model's own loss, AdamW), on the same padded rows and
   on the same packed rows (position ids only: transformers' own packed-sequence mask);
 - TRL's ``SFTTrainer`` when ``trl`` is importable (the bench extra), padded and with its own
@@ -59,7 +59,7 @@ VARIANTS = {
 CPU_VARIANTS = {
     "packed, verdict term": ({**PACKED, "verdict_weight": 1.0, "micro_batch_tokens": 2048}, "ours"),
 }
-"""tiny.yaml's choices that only the CPU recipe has to weigh (the GPU checks have a fixed time budget)."""
+"""Recipe choices weighed on CPU only (the GPU checks have a fixed time budget)."""
 GPU_VARIANTS = {
     "packed, bf16 adapters": ({**PACKED, "lora.fp32_weights": False}, "ours"),
     "packed, compiled": ({**PACKED, "compile": True}, "ours"),
@@ -69,7 +69,7 @@ GPU_VARIANTS = {
 
 SHAPE = ["train.verdict_weight=0", "train.micro_batch_tokens=4096"]
 """The objective every variant can run (the padded reference has no verdict term) and the packed budget it was
-measured with; ``packed, verdict term`` puts tiny.yaml's verdict term back."""
+measured with, whatever tiny.yaml says; ``packed, verdict term`` adds the term."""
 
 
 def train_config(use_gpu: bool, overrides: list[str] = ()):
