@@ -12,8 +12,8 @@ gap_1 - 1, the next one gap_2 further along, and so on. Drawing the gaps costs o
 *zero* (p n of them) instead of one per element, and the backward pass keeps those p n positions
 instead of a mask of n::
 
-    gap  = floor(log(1 - u) / log(1 - p)) + 1        u ~ U[0, 1), so P(gap > k) = (1 - p)^k
-    zero = cumsum(gap) - 1                           kept while < n
+    gap  ~ Geometric(p), P(gap = k) = (1 - p)^(k - 1) p, k >= 1     (torch's geometric_)
+    zero = cumsum(gap) - 1                                          kept while < n
 
 Only the draw differs from ``nn.Dropout``; the output is ``x / (1 - p)`` with the drawn elements
 zeroed, the same law element by element and jointly. On a GPU torch's fused dropout kernel is
@@ -36,13 +36,11 @@ def dropped_positions(n: int, p: float, generator: torch.Generator | None = None
     """Sorted flat positions in ``[0, n)``, each present independently with probability ``p``."""
     if n <= 0 or p <= 0:
         return torch.empty(0, dtype=torch.long)
-    log_keep = math.log1p(-p)
     pieces, last = [], -1
     while last < n - 1:
         left = n - 1 - last
         want = max(1, int(left * p + _SPARE_SD * math.sqrt(left * p * (1 - p)) + 16))
-        u = torch.rand(want, dtype=torch.float64, generator=generator)
-        gaps = torch.floor(torch.log1p(-u) / log_keep).to(torch.long).add_(1)
+        gaps = torch.empty(want, dtype=torch.long).geometric_(p, generator=generator)
         pos = gaps.cumsum_(0).add_(last)
         inside = int(torch.searchsorted(pos, n))
         pieces.append(pos[:inside])
@@ -52,21 +50,25 @@ def dropped_positions(n: int, p: float, generator: torch.Generator | None = None
     return torch.cat(pieces)
 
 
+def _scale_and_zero(t: torch.Tensor, zeros: torch.Tensor, scale: float) -> torch.Tensor:
+    out = t.mul(scale).contiguous()
+    out.view(-1).index_fill_(0, zeros, 0)
+    return out
+
+
 class _Drop(torch.autograd.Function):
+    """y = x * scale, zeroed at ``zeros``; the gradient is the same map (it is linear and diagonal)."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, zeros: torch.Tensor, scale: float) -> torch.Tensor:
-        out = x.mul(scale).contiguous()
-        out.view(-1).index_fill_(0, zeros, 0)
         ctx.save_for_backward(zeros)
         ctx.scale = scale
-        return out
+        return _scale_and_zero(x, zeros, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (zeros,) = ctx.saved_tensors
-        out = grad.mul(ctx.scale).contiguous()
-        out.view(-1).index_fill_(0, zeros, 0)
-        return out, None, None
+        return _scale_and_zero(grad, zeros, ctx.scale), None, None
 
 
 def sparse_dropout(x: torch.Tensor, p: float, training: bool = True,
@@ -95,15 +97,11 @@ class SparseDropout(nn.Module):
         return f"p={self.p}"
 
 
-def use_sparse_dropout(model) -> int:
-    """Swap every LoRA layer's ``nn.Dropout`` for :class:`SparseDropout`; returns how many were swapped."""
-    swapped = 0
+def use_sparse_dropout(model) -> None:
+    """Swap every LoRA layer's ``nn.Dropout`` for :class:`SparseDropout` (peft builds them with no hook to choose)."""
     for module in model.modules():
         table = getattr(module, "lora_dropout", None)
-        if not isinstance(table, nn.ModuleDict):
-            continue
-        for name, layer in list(table.items()):
-            if type(layer) is nn.Dropout:
-                table[name] = SparseDropout(layer.p)
-                swapped += 1
-    return swapped
+        if isinstance(table, nn.ModuleDict):
+            for name, layer in list(table.items()):
+                if type(layer) is nn.Dropout:
+                    table[name] = SparseDropout(layer.p)
