@@ -224,7 +224,7 @@ class LoraConfig:
     """LoRA dropout."""
     sparse_dropout: bool = False
     """Draw the dropout's zeros by their gaps (r2d.train.dropout) on CPU: the same law as torch's dropout, about
-    3x cheaper there; false keeps peft's nn.Dropout (the reference)."""
+    2-3x cheaper there; false keeps peft's nn.Dropout (the reference)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
     """Modules that get adapters."""
     train_pivot_rows: bool = True
