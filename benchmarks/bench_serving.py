@@ -6,7 +6,12 @@ engine: the batched transformers deployment and the vLLM one (continuous batchin
 Closed-loop clients keep ``c`` requests in flight (c = 1, 8, 32); every request asks for
 the same ``max_tokens`` with greedy decoding. The baseline is the same engine without
 the server, one prompt at a time: ``model.generate`` in this process with the replica's
-thread count, or ``vllm.LLM.generate`` in a fresh process with the replica's engine settings.
+thread count, or ``vllm.LLM.generate`` in a child process with the replica's engine settings.
+Concurrency 1 is measured in pairs: one bare request, one through the server, turn about,
+both engines loaded and waiting, so a machine that slows down during the run slows both
+sides alike (run one after the other, the two p50s once drifted by 17% between runs). For
+vLLM the bare engine also runs 32 prompts a call: the engine's own batching, the ceiling
+for the server at concurrency 32.
 
     python benchmarks/bench_serving.py [--quick] [--engines transformers,vllm]
 """
@@ -24,13 +29,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (CpuSampler, PySpyAttach, Row, median, per_second, percentile, repo_path, run_child,  # noqa: E402
+from common import (CpuSampler, PySpyAttach, Row, median, per_second, percentile, repo_path,  # noqa: E402
                     start_ray)
 
 SECTION = "serve"
-SIZES = {"full": {"max_tokens": 24, "requests": {1: 8, 8: 24, 32: 64}, "bare": 6},
-         "quick": {"max_tokens": 16, "requests": {1: 4, 8: 8, 32: 32}, "bare": 4}}
-"""Requests per level: at 32 clients two waves at least, so batches form in a steady state."""
+SIZES = {"full": {"max_tokens": 24, "requests": {1: 12, 8: 24, 32: 64}},
+         "quick": {"max_tokens": 16, "requests": {1: 6, 8: 8, 32: 32}}}
+"""Requests per level (at 1: pairs, one bare and one served each): at 32 clients two waves at least,
+so batches form in a steady state."""
 MODEL = "bundled:smollm2-135m"
 ENGINES = ("transformers", "vllm")
 
@@ -40,19 +46,19 @@ def prompt(i: int) -> str:
 
 
 def serve_config(port: int, engine: str = "transformers"):
-    """tiny.yaml's serving on ``engine``; a vLLM deployment reserves (and its threads are bound to) two
-    cores, as many as its bare baseline uses."""
+    """tiny.yaml's serving on ``engine``: a vLLM deployment reserves two cores, as many as its bare baseline
+    uses; a transformers replica one (one torch thread, as its baseline)."""
     from r2d.config import load_config
 
-    cores = ["serve.engine.num_cpus=2"] if engine == "vllm" else []
+    cores = [f"serve.engine.num_cpus={2 if engine == 'vllm' else 1}"]
     return load_config(str(Path(__file__).resolve().parent.parent / "jobs/configs/tiny.yaml"), [
         f"serve.model={MODEL}", f"serve.engine.kind={engine}", "serve.api_key_env=", "serve.engine.batch_size=32",
         f"serve.port={port}", "serve.engine.max_model_len=512", "serve.max_tokens_limit=256",
         "serve.default_max_tokens=64", *cores])
 
 
-def bare_latencies(n: int, max_tokens: int, threads: int) -> dict:
-    """Latency of ``n`` single-prompt greedy ``generate`` calls in this process (after one warm-up)."""
+def bare_transformers(max_tokens: int, threads: int):
+    """``one(i)``: a single-prompt greedy ``generate`` in this process, returning the tokens it generated."""
     import torch
 
     from r2d.models import load_model
@@ -70,25 +76,89 @@ def bare_latencies(n: int, max_tokens: int, threads: int) -> dict:
                                  top_k=None, pad_token_id=tok.pad_token_id)
         return out.shape[1] - enc["input_ids"].shape[1]
 
-    return one_at_a_time(one, n)
+    return one
 
 
-def one_at_a_time(one, n: int) -> dict:
-    """Latencies of ``one(i)`` (which returns the tokens it generated) for i = 0..n-1, after one
-    untimed warm-up call: p50, p99 and requests/s of a single client."""
-    one(0)
-    seconds, tokens = [], 0
-    for i in range(n):
-        start = time.perf_counter()
-        tokens += one(i)
-        seconds.append(time.perf_counter() - start)
+def single_client(seconds: list[float], tokens: int) -> dict:
+    """p50, p99 and requests/s of one client's sequential requests."""
     return {"p50_s": median(seconds), "p99_s": percentile(seconds, 99), "tokens": tokens,
-            "req_s": per_second(n, sum(seconds))}
+            "req_s": per_second(len(seconds), sum(seconds))}
 
 
-def bare_vllm_latencies(n: int, max_tokens: int) -> dict:
-    """Latency of ``n`` single-prompt greedy ``LLM.generate`` calls (after one warm-up), with the
-    serving replica's engine settings and the same rendered token ids; run in a fresh process."""
+def paired(bare, served, n: int) -> tuple[dict, dict]:
+    """``n`` requests each through ``bare(i)`` and ``served(i)`` (each returns the tokens it generated),
+    turn about and each side first every other time, after one untimed warm-up of each."""
+    bare(0)
+    served(0)
+    times: dict = {bare: [], served: []}
+    tokens: dict = {bare: 0, served: 0}
+    for i in range(n):
+        for one in (bare, served) if i % 2 == 0 else (served, bare):
+            start = time.perf_counter()
+            tokens[one] += one(i)
+            times[one].append(time.perf_counter() - start)
+    return single_client(times[bare], tokens[bare]), single_client(times[served], tokens[served])
+
+
+REPLY = "r2d-bench-reply "
+"""Prefix of the bare vLLM child's answers on its stdout (vLLM's own logs go to stderr)."""
+
+
+class BareVLLM:
+    """``LLM.generate`` in a child process that waits for commands, so the server's requests can be
+    interleaved with its own while both engines stay loaded. ``bare(i)`` runs one prompt; ``batch``
+    runs several in one call."""
+
+    def __init__(self, max_tokens: int, timeout_s: float = 900) -> None:
+        import subprocess
+        import tempfile
+
+        self._log = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--child", "vllm-bare", "--max-tokens", str(max_tokens)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
+        self._ask("", timeout_s)  # the child's first reply: the engine is loaded
+
+    def _ask(self, command: str, timeout_s: float = 600) -> dict:
+        import select
+
+        if command:
+            self._proc.stdin.write(command + "\n")
+            self._proc.stdin.flush()
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            ready, _, _ = select.select([self._proc.stdout], [], [], max(0.0, deadline - time.time()))
+            line = self._proc.stdout.readline() if ready else ""
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+            if ready and not line:  # EOF: the child died
+                break
+        self._log.seek(0)
+        raise RuntimeError(f"the bare vLLM child gave no answer to {command or 'start'!r}:\n"
+                           f"{self._log.read()[-2000:]}")
+
+    def __call__(self, i: int) -> int:
+        return self._ask(f"one {i}")["tokens"]
+
+    def batch(self, first: int, k: int) -> dict:
+        """Prompts ``first .. first + k - 1`` in one ``generate`` call: seconds and tokens."""
+        return self._ask(f"batch {first} {k}")
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(60)
+            except Exception:
+                self._proc.kill()
+        self._log.close()
+
+
+def bare_vllm_child(max_tokens: int) -> None:
+    """The child of :class:`BareVLLM`: the serving replica's engine settings and the same rendered token
+    ids; answers ``one i`` and ``batch first k`` lines until stdin closes."""
+    reply = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # everything else printed (vLLM's logs) goes to stderr
     from r2d.runtime import worker_env
 
     for key, value in worker_env().items():
@@ -96,22 +166,34 @@ def bare_vllm_latencies(n: int, max_tokens: int) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from r2d.engines.vllm_engine import engine_args
     from r2d.models import load_tokenizer, resolve_source
     from r2d.pivots import render_conversation
 
     cfg = serve_config(8000, "vllm")
     local = resolve_source(MODEL, cfg.model.cache_dir)
     tok = load_tokenizer(local, cfg.model.cache_dir)
-    llm = LLM(model=local, tokenizer=local, dtype=cfg.model.dtype, max_model_len=cfg.serve.engine.max_model_len,
-              enforce_eager=True, disable_log_stats=True)
+    llm = LLM(model=local, tokenizer=local, **engine_args(cfg.model, cfg.serve.engine), disable_log_stats=True)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, skip_special_tokens=False)
 
-    def one(i: int) -> int:
-        ids = tok(render_conversation(tok, prompt(i)), add_special_tokens=False)["input_ids"]
-        out = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
-        return len(out[0].outputs[0].token_ids)
+    def run(first: int, k: int) -> dict:
+        prompts = [TokensPrompt(prompt_token_ids=tok(render_conversation(tok, prompt(i)),
+                                                     add_special_tokens=False)["input_ids"])
+                   for i in range(first, first + k)]
+        start = time.perf_counter()
+        out = llm.generate(prompts, params, use_tqdm=False)
+        return {"seconds": time.perf_counter() - start, "tokens": sum(len(o.outputs[0].token_ids) for o in out)}
 
-    return one_at_a_time(one, n)
+    print(REPLY + json.dumps({"ready": True}), file=reply)
+    for line in sys.stdin:
+        words = line.split() or [""]
+        if words[0] == "one":
+            answer = run(int(words[1]), 1)
+        elif words[0] == "batch":
+            answer = run(int(words[1]), int(words[2]))
+        else:
+            answer = {"error": f"unknown command {line!r}"}
+        print(REPLY + json.dumps(answer), file=reply)
 
 
 async def _load(url: str, concurrency: int, total: int, max_tokens: int) -> dict:
@@ -181,13 +263,32 @@ def level_rows(engine: str, levels: dict, bare: dict, baseline: str, note: str) 
     return rows
 
 
-def measure_server(size: dict, log=print, profile_dir: str = "", engine: str = "transformers",
-                   profile_if=lambda levels: False) -> tuple[dict, float, dict]:
+def served_one(url: str, max_tokens: int):
+    """``one(i)``: one request through the server, returning the tokens it generated."""
+    import httpx
+
+    http = httpx.Client(timeout=900)
+
+    def one(i: int) -> int:
+        body = {"messages": [{"role": "user", "content": prompt(i)}], "max_tokens": max_tokens, "temperature": 0.0}
+        r = http.post(url, json=body)
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
+
+    return one
+
+
+def measure_server(size: dict, bare, log=print, profile_dir: str = "", engine: str = "transformers",
+                   profile_if=lambda levels, bare: False) -> tuple[dict, dict, float, dict]:
     """Start the app, wait for a real generation, run each concurrency level.
 
-    Returns (levels, start-up seconds, profiles): with ``profile_dir`` and ``profile_if(levels)``
-    true (a target missed), shorter passes at concurrency 1 and at 32 run under py-spy attached
-    to the proxy and the replicas (after the measured passes, so sampling does not slow them).
+    ``bare(i)`` is the engine without the server; concurrency 1 is measured in pairs with it (see the
+    module doc), and on vLLM its batching ceiling too, before ``bare`` is closed and the higher levels run.
+
+    Returns (levels, bare stats, start-up seconds, profiles): with ``profile_dir`` and
+    ``profile_if(levels, bare)`` true (a target missed), shorter passes at concurrency 1 and at 32 run
+    under py-spy attached to the proxy and the replicas (after the measured passes, so sampling does
+    not slow them).
     """
     import httpx
     from ray import serve
@@ -211,12 +312,24 @@ def measure_server(size: dict, log=print, profile_dir: str = "", engine: str = "
     try:
         asyncio.run(_load(url, 1, 1, size["max_tokens"]))  # warm-up request
         startup = time.perf_counter() - started  # to the first real completion, not to the first answer of /healthz
+        bare_stats, levels[1] = paired(bare, served_one(url, size["max_tokens"]), size["requests"][1])
+        log(f"  {engine} concurrency 1, paired: server p50 {levels[1]['p50_s']:.2f}s, bare p50 "
+            f"{bare_stats['p50_s']:.2f}s")
+        if hasattr(bare, "batch"):  # the engine's own batching: as many prompts a call as clients at 32
+            k, total = 32, size["requests"][32]
+            calls = [bare.batch(first, k) for first in range(0, total, k)]
+            bare_stats["batch32_req_s"] = per_second(total, sum(c["seconds"] for c in calls))
+            log(f"  {engine} bare, 32 prompts a call: {bare_stats['batch32_req_s']:.2f} req/s")
+        if hasattr(bare, "close"):
+            bare.close()
         for c, total in size["requests"].items():
+            if c == 1:
+                continue
             levels[c] = asyncio.run(_load(url, c, total, size["max_tokens"]))
             log(f"  {engine} concurrency {c}: p50 {levels[c]['p50_s']:.2f}s p99 {levels[c]['p99_s']:.2f}s "
                 f"{levels[c]['req_s']:.2f} req/s {levels[c]['tok_s']:.1f} tok/s")
         profiles = {}
-        for c in (1, 32) if profile_dir and profile_if(levels) else ():
+        for c in (1, 32) if profile_dir and profile_if(levels, bare_stats) else ():
             folder = Path(profile_dir) / f"serve-{engine}-c{c}"
             # py-spy shows the Python processes; the sampler shows every process, engine workers included.
             with PySpyAttach(_serve_pids(), folder) as spy, CpuSampler() as cpu:
@@ -227,8 +340,10 @@ def measure_server(size: dict, log=print, profile_dir: str = "", engine: str = "
             (folder / "cpu.txt").write_text(f"# {engine} server at concurrency {c}\n{cpu.report(t0, t1)}")
             profiles[c] = {**{k: repo_path(v) for k, v in spy.paths.items()}, "cpu": repo_path(folder / "cpu.txt")}
     finally:
+        if hasattr(bare, "close"):
+            bare.close()
         serve.shutdown()
-    return levels, startup, profiles
+    return levels, bare_stats, startup, profiles
 
 
 def run(quick: bool = False, log=print, profile_dir: str = "", engines: tuple[str, ...] = ENGINES) -> list[Row]:
@@ -248,23 +363,28 @@ def run_engine(engine: str, size: dict, log=print, profile_dir: str = "") -> lis
     if engine == "vllm":
         import vllm  # noqa: F401  (absent: the caller turns the ImportError into a row)
     threads = max(1, int(serve_config(8000).serve.engine.num_cpus))  # what a transformers replica gets
-    # The bare baseline first: whether a target was missed decides if the server is profiled.
     if engine == "vllm":
-        here = str(Path(__file__).resolve())
-        bare = run_child([here, "--child", "vllm-bare", "--n", str(size["bare"]), "--max-tokens",
-                          str(size["max_tokens"])], 900)
-        baseline, note = "bare LLM.generate p50", f"{size['max_tokens']} tok/request, greedy, engine on all cores"
+        bare = BareVLLM(size["max_tokens"])
+        baseline, note = "bare LLM.generate p50", f"{size['max_tokens']} tok/request, greedy, engine on 2 cores, paired"
     else:
-        bare = bare_latencies(size["bare"], size["max_tokens"], threads)
-        baseline, note = "bare generate p50", f"{size['max_tokens']} tok/request, greedy, replica {threads} thread(s)"
-    levels, startup, profiles = measure_server(
-        size, log, profile_dir, engine,
-        profile_if=lambda lv: any(r.met is False for r in level_rows(engine, lv, bare, baseline, note)))
-    log(f"  {engine} bare: p50 {bare['p50_s']:.2f}s; server start-up to the first completion {startup:.0f}s")
-    rows = level_rows(engine, levels, bare, baseline, note)
+        bare = bare_transformers(size["max_tokens"], threads)
+        baseline, note = ("bare generate p50",
+                          f"{size['max_tokens']} tok/request, greedy, replica {threads} thread(s), paired")
+    levels, bare_stats, startup, profiles = measure_server(
+        size, bare, log, profile_dir, engine,
+        profile_if=lambda lv, b: any(r.met is False for r in level_rows(engine, lv, b, baseline, note)))
+    log(f"  {engine} server start-up to the first completion {startup:.0f}s")
+    rows = level_rows(engine, levels, bare_stats, baseline, note)
+    if "batch32_req_s" in bare_stats:
+        rows += [Row(SECTION, f"{engine}: bare engine, 32 prompts a call vs 1", bare_stats["batch32_req_s"], "req/s",
+                     "bare, 1 prompt a call", bare_stats["req_s"],
+                     note="the engine's own batching on this machine: the ceiling of the 32-vs-1 row"),
+                 Row(SECTION, f"{engine}: requests/s at concurrency 32 vs the bare engine's 32 a call",
+                     levels[32]["req_s"], "req/s", "bare, 32 prompts a call", bare_stats["batch32_req_s"],
+                     note="what the server keeps of the engine's batching")]
     rows.append(Row(SECTION, f"{engine}: start-up to the first real completion", startup, "s",
                     note="serve.run to the first chat completion answered"))
-    rows[0].extra = {"levels": {str(k): v for k, v in levels.items()}, "bare": bare, "startup_s": startup,
+    rows[0].extra = {"levels": {str(k): v for k, v in levels.items()}, "bare": bare_stats, "startup_s": startup,
                      "profiles": profiles}
     return rows
 
@@ -276,11 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     add_section_args(parser)
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma list of serving engines to measure")
     parser.add_argument("--child", choices=["vllm-bare"])
-    parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args(argv)
     if args.child == "vllm-bare":
-        print(json.dumps(bare_vllm_latencies(args.n, args.max_tokens)), flush=True)
+        bare_vllm_child(args.max_tokens)
         return 0
     emit(run(args.quick, profile_dir=args.profile_dir, engines=tuple(args.engines.split(","))), args.rows_json)
     return 0

@@ -188,3 +188,26 @@ def test_summaries_name_subprocess_roots_without_their_command_lines():
     text = summarize_collapsed(raw)
     assert "/opt/venv" not in text
     assert " 75.0   process default_worker.py" in text and " 25.0   process distill.py" in text
+
+
+def test_concurrency_one_is_measured_in_pairs_turn_about(monkeypatch):
+    """Pairs alternate which side goes first (b s, s b, b s …) after one untimed warm-up of each; the
+    bare side takes 1 s a request and the served side 3 s (a clock each call moves), so the p50s are
+    1 s and 3 s, requests/s 1 and 1/3, and the tokens add up per side."""
+    import bench_serving
+
+    clock, calls = [0.0], []
+    monkeypatch.setattr(bench_serving.time, "perf_counter", lambda: clock[0])
+
+    def side(name: str, seconds: float, tokens: int):
+        def one(i: int) -> int:
+            calls.append((name, i))
+            clock[0] += seconds
+            return tokens
+        return one
+
+    bare, served = bench_serving.paired(side("b", 1.0, 5), side("s", 3.0, 7), 4)
+    assert calls == [("b", 0), ("s", 0), ("b", 0), ("s", 0), ("s", 1), ("b", 1), ("b", 2), ("s", 2),
+                     ("s", 3), ("b", 3)]
+    assert (bare["p50_s"], bare["req_s"], bare["tokens"]) == (1.0, 1.0, 20)
+    assert (served["p50_s"], served["req_s"], served["tokens"]) == (3.0, pytest.approx(1 / 3), 28)
