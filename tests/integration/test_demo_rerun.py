@@ -1,7 +1,7 @@
 """`make demo`, twice: the second run reuses every result that exists for the same inputs and ends well.
 
 The demo job itself, as a process, on the tiny test model and a few prompts (every stage
-real: transformers distillation, one Ray Train worker, evaluation, promotion, Serve; the
+real: transformers distillation and serving, one Ray Train worker, evaluation, promotion, Serve; the
 second run skips serving, which produces nothing to reuse).
 The second run must say that its traces, its trained version and its evaluations exist
 already, reuse them instead of computing them again, and find the version already
@@ -54,6 +54,8 @@ def test_the_demo_runs_twice_and_reuses_what_exists(tiny_model_dir, tmp_path):
             "eval.suites=[harmful, over_refusal]", "eval.max_per_suite=2", "eval.sampling.max_tokens=8",
             "eval.engine.kind=transformers", "eval.engine.concurrency=1", f"eval.output_dir={tmp_path / 'eval'}",
             "eval.allow_contamination=true", "tracking.registered_model=r2d-demo-twice", f"serve.port={port}",
+            # vLLM's CPU attention has no kernel for the tiny model's head_dim 16: every engine is transformers.
+            "serve.engine.kind=transformers", "serve.engine.num_cpus=1",
             # A random tiny model cannot pass the real gates: open them, this checks that every stage re-runs.
             "gates.min_discrimination=-1", "gates.max_over_refusal=1", "gates.max_asr=1", "gates.max_attack_asr=1",
             "gates.min_gain_over_base=-1"]

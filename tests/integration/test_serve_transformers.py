@@ -45,7 +45,7 @@ def server(ray_session, tiny_model_dir, tmp_path_factory):
     port = _free_port()
     cfg = load_config("jobs/configs/tiny.yaml", [
         f"serve.model=models:/{MODEL}@champion", f"model.cache_dir={tmp_path_factory.mktemp('cache')}",
-        f"serve.port={port}", "serve.engine.num_cpus=1", f"serve.max_tokens_limit={LIMIT}",
+        f"serve.port={port}", "serve.engine.kind=transformers", "serve.engine.num_cpus=1", f"serve.max_tokens_limit={LIMIT}",
         "serve.default_max_tokens=8", "serve.engine.max_model_len=512", "serve.engine.batch_size=32",
         "serve.max_body_bytes=8192", f"serve.api_key_file={keys / 'api'}", f"serve.admin_key_file={keys / 'admin'}",
         "serve.allowed_modes=[show, guard]"])
