@@ -110,32 +110,41 @@ class BareVLLM:
     runs several in one call."""
 
     def __init__(self, max_tokens: int, timeout_s: float = 900) -> None:
+        import queue
         import subprocess
         import tempfile
+        import threading
 
         self._log = tempfile.TemporaryFile(mode="w+")
         self._proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--child", "vllm-bare", "--max-tokens", str(max_tokens)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
+        self._answers: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
         self._ask("", timeout_s)  # the child's first reply: the engine is loaded
 
+    def _read(self) -> None:
+        """The child's answers, in order; None when its stdout closes (it exited)."""
+        for line in self._proc.stdout:
+            if line.startswith(REPLY):
+                self._answers.put(json.loads(line[len(REPLY):]))
+        self._answers.put(None)
+
     def _ask(self, command: str, timeout_s: float = 600) -> dict:
-        import select
+        import queue
 
         if command:
             self._proc.stdin.write(command + "\n")
             self._proc.stdin.flush()
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            ready, _, _ = select.select([self._proc.stdout], [], [], max(0.0, deadline - time.time()))
-            line = self._proc.stdout.readline() if ready else ""
-            if line.startswith(REPLY):
-                return json.loads(line[len(REPLY):])
-            if ready and not line:  # EOF: the child died
-                break
-        self._log.seek(0)
-        raise RuntimeError(f"the bare vLLM child gave no answer to {command or 'start'!r}:\n"
-                           f"{self._log.read()[-2000:]}")
+        try:
+            answer = self._answers.get(timeout=timeout_s)
+        except queue.Empty:
+            answer = None
+        if answer is None or "error" in answer:
+            self._log.seek(0)
+            raise RuntimeError(f"the bare vLLM child gave no answer to {command or 'start'!r} ({answer}):\n"
+                               f"{self._log.read()[-2000:]}")
+        return answer
 
     def __call__(self, i: int) -> int:
         return self._ask(f"one {i}")["tokens"]
