@@ -349,8 +349,6 @@ def measure_server(size: dict, bare, log=print, profile_dir: str = "", engine: s
             (folder / "cpu.txt").write_text(f"# {engine} server at concurrency {c}\n{cpu.report(t0, t1)}")
             profiles[c] = {**{k: repo_path(v) for k, v in spy.paths.items()}, "cpu": repo_path(folder / "cpu.txt")}
     finally:
-        if hasattr(bare, "close"):
-            bare.close()
         serve.shutdown()
     return levels, bare_stats, startup, profiles
 
@@ -379,9 +377,13 @@ def run_engine(engine: str, size: dict, log=print, profile_dir: str = "") -> lis
         bare = bare_transformers(size["max_tokens"], threads)
         baseline, note = ("bare generate p50",
                           f"{size['max_tokens']} tok/request, greedy, replica {threads} thread(s), paired")
-    levels, bare_stats, startup, profiles = measure_server(
-        size, bare, log, profile_dir, engine,
-        profile_if=lambda lv, b: any(r.met is False for r in level_rows(engine, lv, b, baseline, note)))
+    try:
+        levels, bare_stats, startup, profiles = measure_server(
+            size, bare, log, profile_dir, engine,
+            profile_if=lambda lv, b: any(r.met is False for r in level_rows(engine, lv, b, baseline, note)))
+    finally:
+        if hasattr(bare, "close"):  # the bare vLLM child, also when the server failed to start
+            bare.close()
     log(f"  {engine} server start-up to the first completion {startup:.0f}s")
     rows = level_rows(engine, levels, bare_stats, baseline, note)
     if "batch32_req_s" in bare_stats:
