@@ -45,6 +45,11 @@ def prompt(i: int) -> str:
     return f"Tell me a fact about the number {i}."
 
 
+def request_body(i: int, max_tokens: int) -> dict:
+    """The chat request every client sends: prompt ``i``, greedy, ``max_tokens``."""
+    return {"messages": [{"role": "user", "content": prompt(i)}], "max_tokens": max_tokens, "temperature": 0.0}
+
+
 def serve_config(port: int, engine: str = "transformers"):
     """tiny.yaml's serving on ``engine``: a vLLM deployment reserves two cores, as many as its bare baseline
     uses; a transformers replica one (one torch thread, as its baseline)."""
@@ -216,10 +221,8 @@ async def _load(url: str, concurrency: int, total: int, max_tokens: int) -> dict
     async def client(http) -> None:
         nonlocal tokens
         for i in next_i:
-            body = {"messages": [{"role": "user", "content": prompt(i)}], "max_tokens": max_tokens,
-                    "temperature": 0.0}
             start = time.perf_counter()
-            r = await http.post(url, json=body)
+            r = await http.post(url, json=request_body(i, max_tokens))
             r.raise_for_status()
             latencies.append(time.perf_counter() - start)
             tokens += r.json()["usage"]["completion_tokens"]
@@ -279,8 +282,7 @@ def served_one(url: str, max_tokens: int):
     http = httpx.Client(timeout=900)
 
     def one(i: int) -> int:
-        body = {"messages": [{"role": "user", "content": prompt(i)}], "max_tokens": max_tokens, "temperature": 0.0}
-        r = http.post(url, json=body)
+        r = http.post(url, json=request_body(i, max_tokens))
         r.raise_for_status()
         return r.json()["usage"]["completion_tokens"]
 

@@ -1,7 +1,7 @@
 """`make demo`, twice: the second run reuses every result that exists for the same inputs and ends well.
 
 The demo job itself, as a process, on the tiny test model and a few prompts (every stage
-real: transformers distillation and serving, one Ray Train worker, evaluation, promotion, Serve; the
+real, every engine transformers: distillation, one Ray Train worker, evaluation, promotion, Serve; the
 second run skips serving, which produces nothing to reuse).
 The second run must say that its traces, its trained version and its evaluations exist
 already, reuse them instead of computing them again, and find the version already
