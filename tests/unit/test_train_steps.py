@@ -138,3 +138,79 @@ def test_pivot_rows_get_their_own_learning_rate(tiny_model_dir):
     assert by_kind["rows"]["lr"] / by_kind["rest"]["lr"] == pytest.approx(20.0)
     assert len(optimizer.param_groups) == 2 and sum(len(g["params"]) for g in optimizer.param_groups) == \
         sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_row_rate_adamw_first_step_by_hand():
+    """Step 1 of Adam moves each element by lr * g / (|g| + eps) = lr (bias-corrected moments are g and g^2).
+    Other rows: 1 * (1 - lr * wd) - lr = 1 - 0.001 - 0.01 = 0.989. The rows 1 and 3 (x10, no decay):
+    1 - 10 * 0.01 = 0.9."""
+    from r2d.train.steps import RowRateAdamW
+
+    matrix = torch.nn.Parameter(torch.ones(4, 3))
+    other = torch.nn.Parameter(torch.ones(2))
+    optimizer = RowRateAdamW([{"params": [other, matrix], "lr": 0.01, "weight_decay": 0.1}], matrix, [3, 1],
+                             10.0, lr=0.01)
+    matrix.grad, other.grad = torch.full((4, 3), 0.5), torch.full((2,), 0.5)
+    optimizer.step()
+    expected = torch.full((4, 3), 0.989)
+    expected[[1, 3]] = 0.9
+    torch.testing.assert_close(matrix.detach(), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(other.detach(), torch.full((2,), 0.989), rtol=0, atol=1e-6)
+
+
+def test_row_rate_adamw_is_the_rows_own_group_at_every_step():
+    """Five steps with changing gradients and a decaying rate: the rows end exactly where AdamW puts them
+    as a parameter of their own at 10 x the rate without decay, the rest where a plain AdamW puts it."""
+    from r2d.train.steps import RowRateAdamW
+
+    torch.manual_seed(0)
+    start, rows = torch.randn(6, 4), [0, 5]
+    rest = [1, 2, 3, 4]
+    matrix = torch.nn.Parameter(start.clone())
+    ours = RowRateAdamW([{"params": [matrix], "lr": 1e-2, "weight_decay": 0.1}], matrix, rows, 10.0, lr=1e-2)
+    own, plain = torch.nn.Parameter(start[rows].clone()), torch.nn.Parameter(start[rest].clone())
+    reference = torch.optim.AdamW([{"params": [plain], "lr": 1e-2, "weight_decay": 0.1},
+                                   {"params": [own], "lr": 1e-1, "weight_decay": 0.0}], lr=1e-2)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0 / (1 + step)) for o in (ours, reference)]
+    for _ in range(5):
+        grad = torch.randn(6, 4)
+        matrix.grad, own.grad, plain.grad = grad.clone(), grad[rows].clone(), grad[rest].clone()
+        for o, schedule in zip((ours, reference), schedules):
+            o.step()
+            schedule.step()
+        if _ == 2:  # a resume: the optimizer's and schedule's states loaded into new ones mid-run
+            states = ours.state_dict(), schedules[0].state_dict()
+            ours = RowRateAdamW([{"params": [matrix], "lr": 1e-2, "weight_decay": 0.1}], matrix, rows, 10.0, lr=1e-2)
+            schedules[0] = torch.optim.lr_scheduler.LambdaLR(ours, lambda step: 1.0 / (1 + step))
+            ours.load_state_dict(states[0])
+            schedules[0].load_state_dict(states[1])
+    torch.testing.assert_close(matrix.detach()[rows], own.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(matrix.detach()[rest], plain.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(matrix.detach()[rows], start[rows], atol=0.1)  # the rows did move, and far
+
+
+def test_full_fine_tuning_gives_the_pivot_rows_their_own_rate(tiny_model_dir):
+    """Full fine-tuning: the pivot rows of the (tied) embedding matrix step at the multiplier, the rest at the
+    model's rate; LoRA keeps peft's separate rows in a group of their own; fsdp cannot slice the matrix."""
+    from r2d.config import ConfigError
+    from r2d.train.steps import RowRateAdamW
+
+    cfg = _cfg(tiny_model_dir, "train.lora.enabled=false")
+    model, tok, pivots = build_model(cfg)
+    rows = pivot_rows(pivots)
+    optimizer, _ = make_optimizer(model, 1e-3, 0.0, "constant", 0.0, 10, 10.0, rows)
+    assert isinstance(optimizer, RowRateAdamW) and optimizer.matrix is model.get_input_embeddings().weight
+    assert optimizer.rows.tolist() == sorted(rows) and len(optimizer.param_groups) == 1
+    matrix = model.get_input_embeddings().weight
+    before = matrix.detach().clone()
+    optimizer_step(model, optimizer, _, _windows(tok, pivots, synthetic_rows(4), 4, 1)[0], loss_settings(cfg, pivots))
+    moved = (matrix.detach() - before).abs().amax(dim=1)
+    others = [i for i in range(matrix.shape[0]) if i not in rows and moved[i] > 0]
+    # First Adam step: every element that has a gradient moves by lr (or 10 lr in a pivot row).
+    assert moved[rows].min().item() == pytest.approx(1e-2, rel=1e-3)
+    assert moved[others].max().item() == pytest.approx(1e-3, rel=1e-3)
+    lora, _, _ = build_model(_cfg(tiny_model_dir))
+    assert type(make_optimizer(lora, 1e-3, 0.0, "constant", 0.0, 10, 10.0, rows)[0]) is torch.optim.AdamW
+    assert type(make_optimizer(model, 1e-3, 0.0, "constant", 0.0, 10, 1.0, rows)[0]) is torch.optim.AdamW
+    with pytest.raises(ConfigError, match="pivot_lr_multiplier"):
+        load_config(None, ["train.lora.enabled=false", "train.strategy=fsdp", "train.pivot_lr_multiplier=10"])

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from r2d.config import Config
 from r2d.runtime import set_threads
 from r2d.train import checkpoint, run_log
-from r2d.train.model import build_model
+from r2d.train.model import build_model, pivot_rows
 from r2d.train.objective import LossSettings
 from r2d.train.tokenize import DROP_MALFORMED, DROP_NO_LABELS, DROP_TOO_LONG
 from r2d.train.steps import collate_window, is_full, make_optimizer, optimizer_step, windows
@@ -110,7 +110,7 @@ def train_func_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model, parallel_strategy=tc.strategy,  # [1]
                                           parallel_strategy_kwargs=strategy_kwargs)
     optimizer, scheduler = make_optimizer(model, tc.learning_rate, tc.weight_decay, tc.scheduler,
-                                          tc.warmup_ratio, total_steps, tc.pivot_lr_multiplier)
+                                          tc.warmup_ratio, total_steps, tc.pivot_lr_multiplier, pivot_rows(pivots))
 
     # 3. resume from the latest checkpoint, if this run has one
     state = {"step": 0, "epoch": 0, "windows_done": 0, "mlflow_run_id": None, "dropped": {}}

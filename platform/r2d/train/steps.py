@@ -32,12 +32,41 @@ TOKEN_ROWS = "trainable_tokens_delta"
 """Name part of peft's trainable embedding rows (the pivot and think tokens)."""
 
 
+class RowRateAdamW(torch.optim.AdamW):
+    """AdamW that steps some rows of one matrix at ``multiplier`` times their group's rate, without weight decay.
+
+    Full fine-tuning trains the new token rows inside the whole embedding matrix, one parameter, so they
+    cannot have a parameter group of their own. AdamW's step is linear in the learning rate (its moments
+    do not depend on it; decoupled decay is ``lr * wd * p``), so after the step the rows' change, less the
+    decay, scaled by ``multiplier`` is exactly the step a group of their own at ``multiplier * lr`` and no
+    decay would take — what peft's separate rows get under LoRA.
+    """
+
+    def __init__(self, params, matrix: torch.nn.Parameter, rows: list[int], multiplier: float, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.matrix, self.multiplier = matrix, multiplier
+        self.rows = torch.as_tensor(sorted(set(rows)), dtype=torch.long, device=matrix.device)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        # Looked up at each step: the scheduler changes its lr, and load_state_dict replaces the groups.
+        group = next(g for g in self.param_groups if any(p is self.matrix for p in g["params"]))
+        before = self.matrix[self.rows].clone()
+        loss = super().step(closure)
+        decay = group["lr"] * group["weight_decay"] * before
+        self.matrix[self.rows] = before + self.multiplier * (self.matrix[self.rows] - before + decay)
+        return loss
+
+
 def make_optimizer(model, learning_rate: float, weight_decay: float, scheduler: str,
-                   warmup_ratio: float, total_steps: int, token_lr_multiplier: float = 1.0):
+                   warmup_ratio: float, total_steps: int, token_lr_multiplier: float = 1.0,
+                   token_rows: list[int] = ()):
     """AdamW over the trainable parameters, and a warmup + decay schedule over ``total_steps``.
 
     The new token rows get ``learning_rate * token_lr_multiplier`` (no weight decay: decay
     would pull them back toward zero, not toward the vocabulary), everything else ``learning_rate``.
+    Under LoRA the rows are peft's own parameter; in full fine-tuning they are ``token_rows`` of the
+    input embedding matrix (:class:`RowRateAdamW`).
     """
     from transformers import get_scheduler
 
@@ -47,7 +76,14 @@ def make_optimizer(model, learning_rate: float, weight_decay: float, scheduler: 
     groups = [{"params": rest, "lr": learning_rate, "weight_decay": weight_decay}]
     if rows:
         groups.append({"params": rows, "lr": learning_rate * token_lr_multiplier, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
+    groups = [g for g in groups if g["params"]]
+    matrix = None
+    if not rows and token_rows and token_lr_multiplier != 1.0:  # full fine-tuning: the rows are in the matrix
+        matrix = getattr(model, "module", model).get_input_embeddings().weight
+    if matrix is not None and matrix.requires_grad:
+        optimizer = RowRateAdamW(groups, matrix, list(token_rows), token_lr_multiplier, lr=learning_rate)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=learning_rate)
     name = "constant_with_warmup" if scheduler == "constant" else scheduler
     warmup = int(round(warmup_ratio * total_steps))
     return optimizer, get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
