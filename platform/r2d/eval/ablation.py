@@ -152,7 +152,7 @@ def tradeoff_plot(runs: dict[str, list[dict]], path, targets: tuple[float, float
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = plt.subplots(figsize=(8.5, 5))
     ax.fill_between([0, targets[1]], 0, targets[0], color="tab:green", alpha=0.12, label="target")
     ax.plot([0, 1], [1, 0], color="grey", lw=0.8, ls="--", label="no discrimination")
     for i, (variant, results) in enumerate(runs.items()):
@@ -164,7 +164,7 @@ def tradeoff_plot(runs: dict[str, list[dict]], path, targets: tuple[float, float
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="over-refusal (benign prompts refused)",
            ylabel="attack success rate (harmful prompts answered)",
            title=("Out-of-distribution" if ood else "In-distribution") + " trade-off, one point per run")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes: it hides no point
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
