@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -43,11 +44,6 @@ class Timeline:
     def __str__(self) -> str:
         return "\n".join(self.lines)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _set_priority(nice: int, pid: str = "self") -> None:
@@ -83,15 +79,15 @@ class LoopbackCluster:
 
     def __init__(self, temp_dir: Path, env: dict, timeline: Timeline) -> None:
         self.temp_dir, self.env, self.timeline = temp_dir, env, timeline
-        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.nodes: dict[str, subprocess.Popen] = {}
 
     def _start(self, name: str, args: list[str]) -> None:
         # Every per-node port explicit: several nodes (and maybe another Ray) share this host.
-        ports = [f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-                 f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                 f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+        ports = [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                 f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                 f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
         log = open(self.temp_dir.parent / f"{self.temp_dir.name}.{name}.log", "a")
         self.nodes[name] = subprocess.Popen(
             # A temp dir per node: nodes sharing one session dir share runtime_resources/, and one
@@ -143,11 +139,11 @@ class LoopbackCluster:
     def start_head(self) -> None:
         def args() -> list[str]:
             # Fresh ports on every attempt: a failed start may still hold the old ones.
-            self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+            self.gcs_port, self.dashboard_port = free_port(), free_port()
             self.address = f"http://127.0.0.1:{self.dashboard_port}"
             return ["--head", f"--port={self.gcs_port}", "--num-cpus=0", "--include-dashboard=true",
                     f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
-                    f"--ray-client-server-port={_free_port()}"]
+                    f"--ray-client-server-port={free_port()}"]
 
         self._start_until("head", args, lambda: self._dashboard_up() and HEAD in self.alive_resources(),
                           "the head node")

@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 
 from loopback_cluster import ROOT, Timeline, node_env, start_cluster
-from loopback_cluster import _free_port as free_port
+from ports import free_port
 
 RECIPE = "jobs/configs/qwen2.5-7b.yaml"
 OVERRIDE = "jobs/configs/rehearse.yaml"

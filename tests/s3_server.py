@@ -14,23 +14,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+from ports import free_port
 
 BUCKET = "r2d-test"
 REGION = "us-east-1"
 READ_ONLY = ["s3:GetObject", "s3:ListBucket", "s3:GetBucketLocation"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(port: int | None = None, timeout_s: float = 30) -> tuple[subprocess.Popen, str]:

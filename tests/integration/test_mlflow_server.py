@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ports import free_port
 from registry_chain import HARMFUL, base_evaluation, distill, evaluation, train
 
 from r2d import run_tags as T
@@ -33,17 +33,12 @@ MLFLOW = str(Path(sys.executable).parent / "mlflow")
 WRITERS, RUNS_PER_WRITER = 2, 20
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real tracking server on a loopback port; stopped (this process only) at the end."""
     tmp = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen([MLFLOW, "server", "--backend-store-uri", f"sqlite:///{tmp}/db.sqlite",
                              "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
@@ -88,7 +83,7 @@ def use_server(server, monkeypatch):
 def test_unreachable_server_fails_fast_and_names_the_uri(monkeypatch, capsys):
     from r2d.cli import main
 
-    uri = f"http://127.0.0.1:{_free_port()}"  # bound then released: nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # bound then released: nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")

@@ -8,12 +8,12 @@ reasoning model, and must recover the steps from ``reasoning_content``.
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from ports import free_port
 
 from r2d.config import load_config
 
@@ -22,11 +22,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ("<think>The request seeks real harm![UNSAFE] Refusing keeps people safe.[SAFE]</think>"
           "Sorry, I cannot help with that")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +32,7 @@ def endpoint(ray_session, tmp_path_factory):
     from r2d.serve.app import build_app
 
     model = make_tiny_llama(tmp_path_factory.mktemp("scripted") / "teacher", script=SCRIPT, seed=1)
-    port = _free_port()
+    port = free_port()
     cfg = load_config(ROOT / "jobs/configs/tiny.yaml", [
         f"serve.model={model}", f"serve.port={port}", "serve.mode=hide", "serve.engine.kind=transformers",
         "serve.engine.num_cpus=1", "serve.engine.max_model_len=512", "serve.max_tokens_limit=128",

@@ -4,11 +4,11 @@ batches that survive a bad request, and a client that leaves."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import httpx
 import pytest
+from ports import free_port
 from serve_helpers import (check_disconnect_stops_generation, check_streams_add_up, fuzz_with_schemathesis,
                            make_forced_unsafe_model, register)
 
@@ -24,11 +24,6 @@ CHAT = {"model": "r2d", "messages": [{"role": "user", "content": "How do I bake 
 FUZZ_CASES = 1000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(ray_session, tiny_model_dir, tmp_path_factory):
@@ -42,7 +37,7 @@ def server(ray_session, tiny_model_dir, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys")
     (keys / "api").write_text(KEY)
     (keys / "admin").write_text(ADMIN)
-    port = _free_port()
+    port = free_port()
     cfg = load_config("jobs/configs/tiny.yaml", [
         f"serve.model=models:/{MODEL}@champion", f"model.cache_dir={tmp_path_factory.mktemp('cache')}",
         f"serve.port={port}", "serve.engine.kind=transformers", "serve.engine.num_cpus=1", f"serve.max_tokens_limit={LIMIT}",

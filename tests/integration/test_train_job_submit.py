@@ -8,7 +8,6 @@ Ray. It is stopped by terminating the `ray start --block` process this test star
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from r2d.train.synthetic import write_synthetic_traces
 
@@ -25,11 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 EXCLUDES = [".venv", ".venv/**", ".r2d", ".r2d/**", ".git", ".git/**", "**/__pycache__", "*.egg-info",
             ".pytest_cache", "benchmarks/results/**"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_dashboard(address: str, head: subprocess.Popen, log_path: Path, timeout: float = 240) -> None:
@@ -68,9 +63,9 @@ def test_ray_job_submit_trains_on_a_ray_start_cluster(state_dir, tiny_model_dir,
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_AUTH_MODE"] = "disabled"  # a throwaway loopback cluster; token auth would 401 the probes
     temp_dir = tempfile.mkdtemp(prefix="r2dray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     # Every fixed default port (agent 52365, client 10001, ...) may belong to another Ray here.
-    ports = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+    ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                      "metrics-export-port", "runtime-env-agent-port",
                                                      "ray-client-server-port")]
     log = open(tmp_path / "ray-start.log", "w")
