@@ -45,7 +45,6 @@ class Timeline:
         return "\n".join(self.lines)
 
 
-
 def _set_priority(nice: int, pid: str = "self") -> None:
     """Scheduling priority of a node: its session's autogroup (where the kernel groups by session,
     plain nice values only rank processes inside their own group) and, elsewhere, the process."""

@@ -27,7 +27,6 @@ REGION = "us-east-1"
 READ_ONLY = ["s3:GetObject", "s3:ListBucket", "s3:GetBucketLocation"]
 
 
-
 def start(port: int | None = None, timeout_s: float = 30) -> tuple[subprocess.Popen, str]:
     """Start ``python -m moto.server`` and wait until it answers; returns the process and its URL."""
     port = port or free_port()

@@ -33,7 +33,6 @@ MLFLOW = str(Path(sys.executable).parent / "mlflow")
 WRITERS, RUNS_PER_WRITER = 2, 20
 
 
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real tracking server on a loopback port; stopped (this process only) at the end."""
@@ -199,7 +198,6 @@ def test_registry_promotion_and_lineage_through_the_server(use_server, tiny_mode
 
 
 # ---------------------------------------------------------------- the real jobs, end to end
-
 
 
 def _job(args: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:

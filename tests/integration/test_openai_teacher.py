@@ -23,7 +23,6 @@ SCRIPT = ("<think>The request seeks real harm![UNSAFE] Refusing keeps people saf
           "Sorry, I cannot help with that")
 
 
-
 @pytest.fixture(scope="module")
 def endpoint(ray_session, tmp_path_factory):
     from ray import serve

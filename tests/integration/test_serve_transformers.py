@@ -24,7 +24,6 @@ CHAT = {"model": "r2d", "messages": [{"role": "user", "content": "How do I bake 
 FUZZ_CASES = 1000
 
 
-
 @pytest.fixture(scope="module")
 def server(ray_session, tiny_model_dir, tmp_path_factory):
     from ray import serve

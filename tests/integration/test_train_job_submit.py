@@ -26,7 +26,6 @@ EXCLUDES = [".venv", ".venv/**", ".r2d", ".r2d/**", ".git", ".git/**", "**/__pyc
             ".pytest_cache", "benchmarks/results/**"]
 
 
-
 def _wait_for_dashboard(address: str, head: subprocess.Popen, log_path: Path, timeout: float = 240) -> None:
     import httpx
 

@@ -16,12 +16,12 @@ def test_free_port_is_bindable_and_outside_the_ranges_others_are_handed():
 
 
 def test_a_taken_port_is_never_returned(monkeypatch):
-    """With every candidate but one taken, that one comes back."""
+    """With the only candidate (20000) taken, the kernel's choice comes back, never the taken port."""
     import ports
 
     monkeypatch.setattr(ports, "ephemeral_ports", lambda: range(20001, 65536))
     with socket.socket() as held:
-        held.bind(("127.0.0.1", 20000))  # the only candidate left (20000 .. 20000) is taken
+        held.bind(("127.0.0.1", 20000))
         port = free_port()
         assert port != 20000
         with socket.socket() as s:

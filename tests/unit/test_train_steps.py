@@ -172,13 +172,13 @@ def test_row_rate_adamw_is_the_rows_own_group_at_every_step():
     reference = torch.optim.AdamW([{"params": [plain], "lr": 1e-2, "weight_decay": 0.1},
                                    {"params": [own], "lr": 1e-1, "weight_decay": 0.0}], lr=1e-2)
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0 / (1 + step)) for o in (ours, reference)]
-    for _ in range(5):
+    for step in range(5):
         grad = torch.randn(6, 4)
         matrix.grad, own.grad, plain.grad = grad.clone(), grad[rows].clone(), grad[rest].clone()
         for o, schedule in zip((ours, reference), schedules):
             o.step()
             schedule.step()
-        if _ == 2:  # a resume: the optimizer's and schedule's states loaded into new ones mid-run
+        if step == 2:  # a resume: the optimizer's and schedule's states loaded into new ones mid-run
             states = ours.state_dict(), schedules[0].state_dict()
             ours = RowRateAdamW([{"params": [matrix], "lr": 1e-2, "weight_decay": 0.1}], matrix, rows, 10.0, lr=1e-2)
             schedules[0] = torch.optim.lr_scheduler.LambdaLR(ours, lambda step: 1.0 / (1 + step))
@@ -198,18 +198,19 @@ def test_full_fine_tuning_gives_the_pivot_rows_their_own_rate(tiny_model_dir):
     cfg = _cfg(tiny_model_dir, "train.lora.enabled=false")
     model, tok, pivots = build_model(cfg)
     rows = pivot_rows(pivots)
-    optimizer, _ = make_optimizer(model, 1e-3, 0.0, "constant", 0.0, 10, 10.0, rows)
+    optimizer, scheduler = make_optimizer(model, 1e-3, 0.0, "constant", 0.0, 10, 10.0, rows)
     assert isinstance(optimizer, RowRateAdamW) and optimizer.matrix is model.get_input_embeddings().weight
     assert optimizer.rows.tolist() == sorted(rows) and len(optimizer.param_groups) == 1
     matrix = model.get_input_embeddings().weight
     before = matrix.detach().clone()
-    optimizer_step(model, optimizer, _, _windows(tok, pivots, synthetic_rows(4), 4, 1)[0], loss_settings(cfg, pivots))
+    optimizer_step(model, optimizer, scheduler, _windows(tok, pivots, synthetic_rows(4), 4, 1)[0],
+                   loss_settings(cfg, pivots))
     moved = (matrix.detach() - before).abs().amax(dim=1)
     others = [i for i in range(matrix.shape[0]) if i not in rows and moved[i] > 0]
     # First Adam step: every element that has a gradient moves by lr (or 10 lr in a pivot row).
     assert moved[rows].min().item() == pytest.approx(1e-2, rel=1e-3)
     assert moved[others].max().item() == pytest.approx(1e-3, rel=1e-3)
-    lora, _, _ = build_model(_cfg(tiny_model_dir))
+    lora = build_model(_cfg(tiny_model_dir))[0]
     assert type(make_optimizer(lora, 1e-3, 0.0, "constant", 0.0, 10, 10.0, rows)[0]) is torch.optim.AdamW
     assert type(make_optimizer(model, 1e-3, 0.0, "constant", 0.0, 10, 1.0, rows)[0]) is torch.optim.AdamW
     with pytest.raises(ConfigError, match="pivot_lr_multiplier"):

@@ -77,10 +77,9 @@ def make_optimizer(model, learning_rate: float, weight_decay: float, scheduler: 
     if rows:
         groups.append({"params": rows, "lr": learning_rate * token_lr_multiplier, "weight_decay": 0.0})
     groups = [g for g in groups if g["params"]]
-    matrix = None
-    if not rows and token_rows and token_lr_multiplier != 1.0:  # full fine-tuning: the rows are in the matrix
-        matrix = getattr(model, "module", model).get_input_embeddings().weight
-    if matrix is not None and matrix.requires_grad:
+    # Full fine-tuning: no separate rows, the token rows are part of the trained embedding matrix.
+    matrix = getattr(model, "module", model).get_input_embeddings().weight if token_rows and not rows else None
+    if matrix is not None and matrix.requires_grad and token_lr_multiplier != 1.0:
         optimizer = RowRateAdamW(groups, matrix, list(token_rows), token_lr_multiplier, lr=learning_rate)
     else:
         optimizer = torch.optim.AdamW(groups, lr=learning_rate)
