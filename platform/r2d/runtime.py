@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from pathlib import Path
 
@@ -27,6 +29,26 @@ VLLM_CPU_ENV = {
 def package_dir() -> Path:
     """The folder of the ``r2d`` package (shipped to cluster workers)."""
     return Path(r2d.__file__).resolve().parent
+
+
+def source_digest(*names: str) -> str:
+    """A digest of the ``r2d`` package's source under ``names`` (files or folders, relative to it).
+
+    Reuse keys carry it, so that a finished run is not reused after the code that made it changed.
+    """
+    return _source_digest(package_dir(), tuple(sorted(names)))
+
+
+@functools.cache
+def _source_digest(root: Path, names: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for name in names:
+        path = root / name
+        if not path.exists():
+            raise FileNotFoundError(f"no {name!r} in the r2d package ({root})")
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def worker_env() -> dict[str, str]:

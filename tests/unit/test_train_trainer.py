@@ -37,3 +37,51 @@ def test_traces_default_to_the_distillation_output(tmp_path, monkeypatch):
     monkeypatch.setenv("R2D_WORKDIR", str(tmp_path))
     assert traces_uri(load_config(None, [])) == str(tmp_path / ".r2d/traces/tiny")
     assert traces_uri(load_config(None, ["train.traces=s3://b/t"])) == "s3://b/t"
+
+
+def test_source_digest_follows_the_files_it_names(tmp_path, monkeypatch):
+    from r2d import runtime
+
+    def digest(*names):
+        return runtime.source_digest(*names)
+
+    root = tmp_path / "a"
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "loop.py").write_text("x = 1\n")
+    (root / "losses.py").write_text("y = 2\n")
+    (root / "notes.txt").write_text("not source\n")
+    monkeypatch.setattr(runtime, "package_dir", lambda: root)
+    first = digest("train", "losses.py")
+    assert digest("losses.py", "train") == first  # order does not matter
+    assert digest("train") != first
+    # the same files elsewhere: the same digest; one byte changed in a named file: another
+    other = tmp_path / "b"
+    (other / "train").mkdir(parents=True)
+    (other / "train" / "loop.py").write_text("x = 1\n")
+    (other / "losses.py").write_text("y = 2\n")
+    monkeypatch.setattr(runtime, "package_dir", lambda: other)
+    assert digest("train", "losses.py") == first
+    changed = tmp_path / "c"
+    (changed / "train").mkdir(parents=True)
+    (changed / "train" / "loop.py").write_text("x = 3\n")
+    (changed / "losses.py").write_text("y = 2\n")
+    monkeypatch.setattr(runtime, "package_dir", lambda: changed)
+    assert digest("train", "losses.py") != first
+    with pytest.raises(FileNotFoundError, match="'gone.py'"):
+        digest("gone.py")
+
+
+def test_reuse_keys_name_real_source_and_change_with_it(monkeypatch):
+    """A finished training or evaluation is not reused once the code that made it changed."""
+    from r2d import runtime
+    from r2d.eval.evaluate import EVAL_SOURCE, eval_key, make_targets
+    from r2d.train.run_log import TRAINING_SOURCE, train_key
+
+    runtime.source_digest(*TRAINING_SOURCE)  # every name exists in the package
+    runtime.source_digest(*EVAL_SOURCE)
+    cfg = load_config(None, [])
+    target = make_targets(cfg, [cfg.model.source])[0]
+    before = train_key(cfg, "digest"), eval_key(cfg, target, "suites")
+    monkeypatch.setattr(runtime, "source_digest", lambda *names: "changed")
+    after = train_key(cfg, "digest"), eval_key(cfg, target, "suites")
+    assert before[0] != after[0] and before[1] != after[1]

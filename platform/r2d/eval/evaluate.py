@@ -115,19 +115,26 @@ def _fingerprint(source: str) -> list:
     return []
 
 
+# What an evaluation executes: a change here (a judge fixed, an engine's decoding) is new numbers.
+EVAL_SOURCE = ("eval", "engines", "refusal.py", "llama_guard.py", "pivots.py", "models.py")
+
+
 def eval_key(cfg, target: Target, digest: str) -> str:
     """A digest of everything an evaluation's numbers depend on, for one target (after pinning).
 
     The model (a pinned ``models:/name/N``, or a source and its files), its system prompt,
-    the suites' digest, the judge and its model, sampling, the output filter and the general tasks.
+    the suites' digest, the judge and its model, sampling, the output filter, the general tasks
+    and the source of the code that generates and judges (:data:`EVAL_SOURCE`).
     """
+    from r2d.runtime import source_digest
+
     e = cfg.eval
     payload = {"source": target.model.source, "files": _fingerprint(target.model.source),
                "dtype": target.model.dtype, "system_prompt": target.system_prompt, "suite_digest": digest,
                "engine": target.engine.kind, "judge": e.judge,
                "judge_model": dataclasses.asdict(e.judge_model) if e.judge != "refusal" else None,
                "sampling": dataclasses.asdict(e.sampling), "output_filter": e.output_filter,
-               "general": [e.general_tasks, e.general_limit]}
+               "general": [e.general_tasks, e.general_limit], "code": source_digest(*EVAL_SOURCE)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -21,18 +21,26 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
             for k, v in config_flatten(tree, prefix).items()}
 
 
+# What a training run executes: a change here is a different model, so a finished run is not reused.
+TRAINING_SOURCE = ("train", "losses.py", "pivots.py", "models.py", "data/splits.py", "distill/reasoning.py")
+
+
 def train_key(cfg: Config, traces_digest: str) -> str:
     """A digest of everything a training run's result depends on: the same key, the same model.
 
     The student, every ``train`` setting but where checkpoints go, the worker count (it sets
-    the global batch) and the traces' content digest.
+    the global batch), the traces' content digest and the source of the code that trains
+    (:data:`TRAINING_SOURCE`).
     """
     import dataclasses
     import hashlib
 
+    from r2d.runtime import source_digest
+
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("storage_path", "traces")}
     payload = {"model": dataclasses.asdict(cfg.model), "train": train, "traces_digest": traces_digest,
-               "workers": cfg.resources.train_workers, "use_gpu": cfg.resources.use_gpu}
+               "workers": cfg.resources.train_workers, "use_gpu": cfg.resources.use_gpu,
+               "code": source_digest(*TRAINING_SOURCE)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
