@@ -33,6 +33,7 @@ MODEL_VERSION = "r2d.model_version"
 EVAL_KEY = "r2d.eval_key"  # digest of what an evaluation measured: model (pinned), suites, judge, sampling
 SUITE_DIGEST = "r2d.suite_digest"
 JUDGE = "r2d.judge"
+EVAL_CODE = "r2d.eval_code"  # digest of the source that generated and judged (r2d.eval.evaluate.eval_code)
 EVAL_RUN_PREFIX = "r2d.eval_run."  # on a model version: + suite digest -> eval run id
 
 # promotion

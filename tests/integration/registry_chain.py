@@ -77,10 +77,12 @@ def train(mlflow, client, exp_id: str, model_dir: Path, traces: Path, name: str)
 
 
 def evaluation(mlflow, client, exp_id: str, name: str, version: str, suite: str, **metrics) -> str:
-    """A real evaluation run (numbers logged here) and the version's reuse tag."""
+    """A real evaluation run (numbers logged here, by this code) and the version's reuse tag."""
+    from r2d.eval.evaluate import eval_code
+
     with mlflow.start_run(experiment_id=exp_id, run_name=f"eval-v{version}") as run:
         mlflow.set_tags({T.STAGE: "eval", T.MODEL_URI: f"models:/{name}/{version}", T.MODEL_VERSION: version,
-                         T.SUITE_DIGEST: suite, T.JUDGE: "refusal"})
+                         T.SUITE_DIGEST: suite, T.JUDGE: "refusal", T.EVAL_CODE: eval_code()})
         mlflow.log_metrics(metrics)
     client.set_model_version_tag(name, version, T.EVAL_RUN_PREFIX + suite, run.info.run_id)
     return run.info.run_id

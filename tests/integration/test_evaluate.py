@@ -40,7 +40,7 @@ def _register(tiny_model_dir, name: str) -> str:
 def test_evaluate_tiny_models_end_to_end(ray_session, tiny_model_dir, state_dir, tmp_path):
     from mlflow import MlflowClient
 
-    from r2d.eval.evaluate import evaluate_models
+    from r2d.eval.evaluate import eval_code, evaluate_models
 
     suite = tmp_path / "my_prompts.jsonl"  # any JSONL with prompt + label: no code change needed
     suite.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
@@ -88,6 +88,7 @@ def test_evaluate_tiny_models_end_to_end(ray_session, tiny_model_dir, state_dir,
     run = client.get_run(out[uri]["run_id"])
     assert run.data.tags[T.MODEL_URI] == uri and run.data.tags[T.MODEL_VERSION] == version
     assert run.data.tags[T.SUITE_DIGEST] == digest and run.data.tags[T.JUDGE] == "refusal"
+    assert run.data.tags[T.EVAL_CODE] == eval_code()  # promotion reuses it only while the code is the same
     assert run.data.metrics["asr"] == pytest.approx(out[uri]["asr"])
     assert {"discrimination", "discrimination_ci_lo", "discrimination_ci_hi", "asr_prefix"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -186,7 +186,7 @@ def test_an_evaluation_is_reused_only_when_its_run_names_this_version_and_suite(
     from r2d.registry.promote import find_evaluation
 
     tags = {T.STAGE: "eval", T.MODEL_URI: "models:/r2d@challenger", T.MODEL_VERSION: "3", T.SUITE_DIGEST: "s1",
-            T.JUDGE: "refusal"}
+            T.JUDGE: "refusal", T.EVAL_CODE: "c1"}
 
     class Client:
         def __init__(self, **changes):
@@ -197,8 +197,9 @@ def test_an_evaluation_is_reused_only_when_its_run_names_this_version_and_suite(
                                    data=SimpleNamespace(tags=self.tags, metrics={"asr": 0.1}))
 
     version = SimpleNamespace(name="r2d", version="3", tags={T.EVAL_RUN_PREFIX + "s1": "run-1"})
-    assert find_evaluation(Client(), version, "s1", judge="refusal").summary["asr"] == 0.1
+    assert find_evaluation(Client(), version, "s1", judge="refusal", code="c1").summary["asr"] == 0.1
     for changes in ({T.MODEL_VERSION: "2"}, {T.MODEL_URI: "models:/other@champion"}, {T.SUITE_DIGEST: "s2"},
-                    {T.JUDGE: "guard"}, {T.STAGE: "train"}, {T.MODEL_VERSION: None}):
-        assert find_evaluation(Client(**changes), version, "s1", judge="refusal") is None, changes
+                    {T.JUDGE: "guard"}, {T.STAGE: "train"}, {T.MODEL_VERSION: None},
+                    {T.EVAL_CODE: "c0"}, {T.EVAL_CODE: None}):  # evaluated by other code, or before the tag
+        assert find_evaluation(Client(**changes), version, "s1", judge="refusal", code="c1") is None, changes
     assert find_evaluation(Client(), version, "s2") is None  # no pointer for that suite at all

@@ -37,7 +37,7 @@ from r2d.eval.report import output_json, write_report
 from r2d.eval.runner import Target, make_targets, run_target
 from r2d.eval.suites import Suite, load_suites, suite_digest
 
-__all__ = ["contamination_report", "eval_key", "evaluate_models", "find_reusable", "traces_prompts"]
+__all__ = ["contamination_report", "eval_code", "eval_key", "evaluate_models", "find_reusable", "traces_prompts"]
 
 
 def traces_prompts(path: str) -> list[str] | None:
@@ -119,6 +119,13 @@ def _fingerprint(source: str) -> list:
 EVAL_SOURCE = ("eval", "engines", "refusal.py", "llama_guard.py", "pivots.py", "models.py")
 
 
+def eval_code() -> str:
+    """The digest of the source an evaluation runs (:data:`EVAL_SOURCE`)."""
+    from r2d.runtime import source_digest
+
+    return source_digest(*EVAL_SOURCE)
+
+
 def eval_key(cfg, target: Target, digest: str) -> str:
     """A digest of everything an evaluation's numbers depend on, for one target (after pinning).
 
@@ -126,15 +133,13 @@ def eval_key(cfg, target: Target, digest: str) -> str:
     the suites' digest, the judge and its model, sampling, the output filter, the general tasks
     and the source of the code that generates and judges (:data:`EVAL_SOURCE`).
     """
-    from r2d.runtime import source_digest
-
     e = cfg.eval
     payload = {"source": target.model.source, "files": _fingerprint(target.model.source),
                "dtype": target.model.dtype, "system_prompt": target.system_prompt, "suite_digest": digest,
                "engine": target.engine.kind, "judge": e.judge,
                "judge_model": dataclasses.asdict(e.judge_model) if e.judge != "refusal" else None,
                "sampling": dataclasses.asdict(e.sampling), "output_filter": e.output_filter,
-               "general": [e.general_tasks, e.general_limit], "code": source_digest(*EVAL_SOURCE)}
+               "general": [e.general_tasks, e.general_limit], "code": eval_code()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -224,7 +229,7 @@ def _log_mlflow(cfg, results: dict[str, dict], paths: dict[str, Path], meta: dic
             if entry.get("reused"):
                 continue  # its run already holds it
             model_tags = {**common, T.MODEL_URI: entry["model_uri"], T.JUDGE: entry["judge"],
-                          T.EVAL_KEY: entry["eval_key"]}
+                          T.EVAL_KEY: entry["eval_key"], T.EVAL_CODE: eval_code()}
             registered = entry["model_uri"][len("models:/"):].split("@")[0].split("/")[0]
             if entry.get("model_version"):
                 model_tags.update({T.MODEL_VERSION: entry["model_version"], T.MODEL_NAME: registered})

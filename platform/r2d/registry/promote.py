@@ -99,12 +99,13 @@ def suite_digest_for(cfg) -> str:
     return suite_digest(load_suites(cfg.eval.suites, cfg))
 
 
-def find_evaluation(client, version, digest: str, ability_key: str = "", judge: str | None = None
-                    ) -> Evaluation | None:
+def find_evaluation(client, version, digest: str, ability_key: str = "", judge: str | None = None,
+                    code: str | None = None) -> Evaluation | None:
     """Reuse the evaluation run a version is tagged with for ``digest``, if that run really is its evaluation.
 
     A tag is only a pointer: the run it names must still exist and its own tags must name
-    this registered model, this version and this suite digest (and ``judge``, when given).
+    this registered model, this version and this suite digest (and ``judge`` and the evaluation
+    code's digest ``code``, when given: numbers from a judge since fixed are not reused).
     Anything else (a run of another version, of other suites, a deleted run) is no evaluation.
     """
     from mlflow.exceptions import MlflowException
@@ -125,7 +126,8 @@ def find_evaluation(client, version, digest: str, ability_key: str = "", judge: 
         name = ""
     if (run.info.lifecycle_stage == "deleted" or tags.get(T.STAGE) != "eval" or name != version.name
             or tags.get(T.MODEL_VERSION) != str(version.version) or tags.get(T.SUITE_DIGEST) != digest
-            or (judge is not None and tags.get(T.JUDGE) != judge)):
+            or (judge is not None and tags.get(T.JUDGE) != judge)
+            or (code is not None and tags.get(T.EVAL_CODE) != code)):
         return None
     return Evaluation(str(version.version), run_id, summary_from_metrics(run.data.metrics, ability_key), True)
 
@@ -226,8 +228,10 @@ def _evaluate_now(cfg, client, name: str, versions: dict[str, Any], digest: str 
 def gather_evaluations(cfg, client, name: str, versions: dict[str, Any], digest: str | None,
                        evaluate: bool, evaluate_fn: Callable | None = None) -> dict[str, Evaluation]:
     """Reuse or produce an evaluation for each role ("candidate", "champion") on the same suite."""
-    ability = cfg.gates.ability_metric
-    found = {role: find_evaluation(client, mv, digest, ability, cfg.eval.judge) if digest else None
+    from r2d.eval.evaluate import eval_code
+
+    ability, code = cfg.gates.ability_metric, eval_code()
+    found = {role: find_evaluation(client, mv, digest, ability, cfg.eval.judge, code) if digest else None
              for role, mv in versions.items()}
     todo = {role: versions[role] for role, ev in found.items() if ev is None}
     if todo and evaluate:
