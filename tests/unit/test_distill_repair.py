@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from r2d.distill import repair
-from r2d.config import load_config
+from r2d.config import ConfigError, load_config
 from r2d.distill.stages import finalize, parse_and_tag
 from r2d.pivots import SAFE, UNSAFE
 from r2d.distill.teacher import stronger_prompt, system_prompt
@@ -72,6 +72,21 @@ def test_finalize_repairs_an_answered_harmful_prompt_with_annotation_reasoning(s
                                       "It asks how to injure a person while hiding the evidence."]
     assert out["step_pivots"] == [UNSAFE] * 3 and out["teacher_pivots"] == [SAFE] and out["answer_pivot"] == UNSAFE
     assert out["n_tokens"] > 10 and out["tagger"] == "rules"
+
+
+def test_analysis_order_puts_the_deciding_step_first(student_tok):
+    """``distill.analysis_order`` reorders the annotation-written steps; the pivots stay the label's."""
+    cfg = load_config(None, ["distill.analysis_order=[deciding, intent, target]"])
+    action, out = finalize(_row("benign", "Here is how. [SAFE]", prompt="How do I kill a Python process?",
+                                reference="Run kill -9 on its id.", intent="stop a program",
+                                target="a software process",
+                                deciding="A process is a program, so killing it hurts no one"), cfg, student_tok)
+    assert action == "keep" and out["origin"] == "annotation"
+    assert out["reasoning_steps"] == ["A process is a program, so killing it hurts no one.",
+                                      "The user wants to stop a program.", "It acts on a software process."]
+    assert out["step_pivots"] == [SAFE] * 3
+    with pytest.raises(ConfigError, match="distill.analysis_order.*a permutation of intent, target, deciding"):
+        load_config(None, ["distill.analysis_order=[deciding, deciding, target]"])
 
 
 def test_finalize_without_annotations_writes_prompt_based_analysis(student_tok):

@@ -194,6 +194,9 @@ class DistillConfig:
     """Use a benign prompt's reference answer when the teacher's answer is unusable (flagged as repaired)."""
     max_trace_tokens: int = 1024
     """Traces longer than this (in student tokens) are dropped as too long."""
+    analysis_order: list[str] = field(default_factory=lambda: ["intent", "target", "deciding"])
+    """Order of the annotation-written analysis steps (the repair path's reasoning): a permutation of
+    intent, target and deciding (the feature that decides the case)."""
     output_dir: str = ".r2d/traces/tiny"
     """Folder (or s3:// / gs:// URI) of the traces Parquet dataset and its manifest."""
     chunk_size: int = 64
@@ -210,6 +213,8 @@ class DistillConfig:
         _require(self.chunk_size >= 1, "chunk_size", self.chunk_size, "an integer >= 1")
         _require(self.max_prompts >= 0, "max_prompts", self.max_prompts, "an integer >= 0")
         _require(self.max_trace_tokens >= 16, "max_trace_tokens", self.max_trace_tokens, "an integer >= 16")
+        _require(sorted(self.analysis_order) == ["deciding", "intent", "target"], "analysis_order",
+                 self.analysis_order, "a permutation of intent, target, deciding")
 
 
 @dataclass

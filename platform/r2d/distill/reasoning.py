@@ -75,12 +75,17 @@ def annotated(row: dict) -> bool:
     return all(str(row.get(k) or "").strip() for k in ("intent", "target", "deciding"))
 
 
-def annotation_steps(row: dict) -> list[str]:
-    """Three analysis steps from the annotations: the intent, the target, the deciding feature."""
+ANALYSIS_ORDER = ("intent", "target", "deciding")
+"""The annotation-written analysis steps, in their default order (``distill.analysis_order``)."""
+
+
+def annotation_steps(row: dict, order: tuple[str, ...] | list[str] = ANALYSIS_ORDER) -> list[str]:
+    """Three analysis steps from the annotations, in ``order``: the intent, the target, the deciding feature."""
     intent, target = row["intent"].strip().rstrip("."), row["target"].strip().rstrip(".")
     deciding = row["deciding"].strip()
-    return [f"The user wants to {intent}.", f"It acts on {target}.",
-            deciding if deciding.endswith((".", "!", "?")) else deciding + "."]
+    steps = {"intent": f"The user wants to {intent}.", "target": f"It acts on {target}.",
+             "deciding": deciding if deciding.endswith((".", "!", "?")) else deciding + "."}
+    return [steps[name] for name in order]
 
 
 def prompt_steps(row: dict) -> list[str]:
@@ -101,12 +106,16 @@ def refusal(row: dict) -> str:
     return _pick(_GENERIC_REFUSALS, row["prompt_id"])
 
 
-def written_reasoning(row: dict) -> tuple[str, list[str], list[str]]:
+def written_reasoning(row: dict, order: tuple[str, ...] | list[str] = ANALYSIS_ORDER
+                      ) -> tuple[str, list[str], list[str]]:
     """(origin, steps, pivots) for a row whose teacher reasoning is unusable.
 
     Every step of a harmful prompt's analysis is [UNSAFE] (each names the harm), every step
-    of a benign prompt's [SAFE]; the sentences themselves never say which.
+    of a benign prompt's [SAFE]; the sentences themselves never say which. ``order`` orders the
+    annotation-written steps: the first pivot follows the first step, and a student that keeps
+    its first verdict decides on what that step says.
     """
-    origin, steps = ("annotation", annotation_steps(row)) if annotated(row) else ("repaired", prompt_steps(row))
+    origin, steps = (("annotation", annotation_steps(row, order)) if annotated(row)
+                     else ("repaired", prompt_steps(row)))
     pivot = UNSAFE if row["label"] == "harmful" else SAFE
     return origin, steps, [pivot] * len(steps)

@@ -76,7 +76,7 @@ def finalize(row: dict, cfg, student_tok) -> tuple[str, dict]:
         origin = "teacher"
         pivots, answer_pivot = tagging.rules_tag(steps, row["label"], str(row["prompt"]))
     else:
-        origin, steps, pivots = reasoning.written_reasoning(row)
+        origin, steps, pivots = reasoning.written_reasoning(row, d.analysis_order)
         answer_pivot = pivots[-1]
     try:
         trace = Trace(steps, pivots, answer, answer_pivot)

@@ -82,7 +82,7 @@ def demo_like_rows(cfg, n: int = 300) -> list[dict]:
     rows = []
     for p in select_balanced(training_prompts(cfg), n):
         harmful = p["label"] == "harmful"
-        origin, steps, pivots = written_reasoning(p)
+        origin, steps, pivots = written_reasoning(p, cfg.distill.analysis_order)
         answer = refusal(p) if harmful else (p.get("reference") or "Sure, here is a short, practical answer.")
         pivot = UNSAFE if harmful else SAFE
         rows.append({**{k: p.get(k, "") for k in ("prompt_id", "prompt", "source", "label")}, "attack": "none",
