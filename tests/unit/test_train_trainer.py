@@ -42,33 +42,25 @@ def test_traces_default_to_the_distillation_output(tmp_path, monkeypatch):
 def test_source_digest_follows_the_files_it_names(tmp_path, monkeypatch):
     from r2d import runtime
 
-    def digest(*names):
-        return runtime.source_digest(*names)
+    def package(name: str, loop: str):
+        """A package folder with train/loop.py, losses.py and a non-source file; the digest is read there."""
+        root = tmp_path / name
+        (root / "train").mkdir(parents=True)
+        (root / "train" / "loop.py").write_text(loop)
+        (root / "losses.py").write_text("y = 2\n")
+        (root / "notes.txt").write_text(f"not source: {name}\n")
+        monkeypatch.setattr(runtime, "package_dir", lambda: root)
 
-    root = tmp_path / "a"
-    (root / "train").mkdir(parents=True)
-    (root / "train" / "loop.py").write_text("x = 1\n")
-    (root / "losses.py").write_text("y = 2\n")
-    (root / "notes.txt").write_text("not source\n")
-    monkeypatch.setattr(runtime, "package_dir", lambda: root)
-    first = digest("train", "losses.py")
-    assert digest("losses.py", "train") == first  # order does not matter
-    assert digest("train") != first
-    # the same files elsewhere: the same digest; one byte changed in a named file: another
-    other = tmp_path / "b"
-    (other / "train").mkdir(parents=True)
-    (other / "train" / "loop.py").write_text("x = 1\n")
-    (other / "losses.py").write_text("y = 2\n")
-    monkeypatch.setattr(runtime, "package_dir", lambda: other)
-    assert digest("train", "losses.py") == first
-    changed = tmp_path / "c"
-    (changed / "train").mkdir(parents=True)
-    (changed / "train" / "loop.py").write_text("x = 3\n")
-    (changed / "losses.py").write_text("y = 2\n")
-    monkeypatch.setattr(runtime, "package_dir", lambda: changed)
-    assert digest("train", "losses.py") != first
+    package("a", "x = 1\n")
+    first = runtime.source_digest("train", "losses.py")
+    assert runtime.source_digest("losses.py", "train") == first  # order does not matter
+    assert runtime.source_digest("train") != first
+    package("b", "x = 1\n")  # the same source elsewhere (another non-source file): the same digest
+    assert runtime.source_digest("train", "losses.py") == first
+    package("c", "x = 3\n")  # one byte changed in a named file: another
+    assert runtime.source_digest("train", "losses.py") != first
     with pytest.raises(FileNotFoundError, match="'gone.py'"):
-        digest("gone.py")
+        runtime.source_digest("gone.py")
 
 
 def test_reuse_keys_name_real_source_and_change_with_it(monkeypatch):
