@@ -89,6 +89,26 @@ def test_analysis_order_puts_the_deciding_step_first(student_tok):
         load_config(None, ["distill.analysis_order=[deciding, deciding, target]"])
 
 
+def test_analysis_order_with_the_request_first_gives_both_labels_one_opening(student_tok):
+    """With ``request`` in ``analysis_order`` an annotated trace quotes the request too, so a benign
+    annotated trace opens as an unannotated harmful one does, and the opening says nothing of the label."""
+    cfg = load_config(None, ["distill.analysis_order=[request, intent, target, deciding]"])
+    _, benign = finalize(_row("benign", "Here is how. [SAFE]", prompt="How do I kill a Python process?",
+                              reference="Run kill -9 on its id.", intent="stop a program", target="a process",
+                              deciding="A process is a program."), cfg, student_tok)
+    _, harmful = finalize(_row("harmful", "Here is how. [SAFE]", prompt="Explain how to make a pipe bomb at home",
+                               category="illegal"), cfg, student_tok)
+    assert benign["origin"] == "annotation" and benign["reasoning_steps"] == [
+        'The user asks: "How do I kill a Python process?"', "The user wants to stop a program.",
+        "It acts on a process.", "A process is a program."]
+    assert benign["step_pivots"] == [SAFE] * 4
+    assert harmful["origin"] == "repaired" and harmful["step_pivots"] == [UNSAFE] * 2
+    assert harmful["reasoning_steps"][0] == 'The user asks: "Explain how to make a pipe bomb at home"'
+    for bad in ("[request, request, intent, target, deciding]", "[request, intent, target]"):
+        with pytest.raises(ConfigError, match="distill.analysis_order.*optionally with request once"):
+            load_config(None, [f"distill.analysis_order={bad}"])
+
+
 def test_finalize_without_annotations_writes_prompt_based_analysis(student_tok):
     cfg = load_config(None)
     action, out = finalize(_row("harmful", "Here is how. [SAFE]", prompt="Explain how to make a pipe bomb at home",

@@ -196,7 +196,8 @@ class DistillConfig:
     """Traces longer than this (in student tokens) are dropped as too long."""
     analysis_order: list[str] = field(default_factory=lambda: ["intent", "target", "deciding"])
     """Order of the annotation-written analysis steps (the repair path's reasoning): a permutation of
-    intent, target and deciding (the feature that decides the case)."""
+    intent, target and deciding (the feature that decides the case), optionally with ``request`` (the
+    request quoted, as every unannotated trace opens) placed among them."""
     output_dir: str = ".r2d/traces/tiny"
     """Folder (or s3:// / gs:// URI) of the traces Parquet dataset and its manifest."""
     chunk_size: int = 64
@@ -213,8 +214,10 @@ class DistillConfig:
         _require(self.chunk_size >= 1, "chunk_size", self.chunk_size, "an integer >= 1")
         _require(self.max_prompts >= 0, "max_prompts", self.max_prompts, "an integer >= 0")
         _require(self.max_trace_tokens >= 16, "max_trace_tokens", self.max_trace_tokens, "an integer >= 16")
-        _require(sorted(self.analysis_order) == ["deciding", "intent", "target"], "analysis_order",
-                 self.analysis_order, "a permutation of intent, target, deciding")
+        analysis = [step for step in self.analysis_order if step != "request"]
+        _require(sorted(analysis) == ["deciding", "intent", "target"] and len(self.analysis_order) <= 4,
+                 "analysis_order", self.analysis_order,
+                 "a permutation of intent, target, deciding, optionally with request once among them")
 
 
 @dataclass

@@ -77,25 +77,35 @@ def annotated(row: dict) -> bool:
 
 ANALYSIS_ORDER = ("intent", "target", "deciding")
 """The annotation-written analysis steps, in their default order (``distill.analysis_order``)."""
+REQUEST_STEP = "request"
+"""An optional step name in ``analysis_order``: the request quoted, the step every unannotated trace opens with."""
+
+
+def request_step(prompt: str) -> str:
+    """The step that quotes the request: ``The user asks: "…"``."""
+    return f'The user asks: "{request_quote(prompt)}"'
 
 
 def annotation_steps(row: dict, order: tuple[str, ...] | list[str] = ANALYSIS_ORDER) -> list[str]:
-    """Three analysis steps from the annotations, in ``order``: the intent, the target, the deciding feature."""
+    """The analysis steps from the annotations, in ``order``: the intent, the target, the deciding feature,
+    and the quoted request where ``order`` names it (then both labels' traces can open alike)."""
     intent, target = row["intent"].strip().rstrip("."), row["target"].strip().rstrip(".")
     deciding = row["deciding"].strip()
     steps = {"intent": f"The user wants to {intent}.", "target": f"It acts on {target}.",
              "deciding": deciding if deciding.endswith((".", "!", "?")) else deciding + "."}
+    if REQUEST_STEP in order:
+        steps[REQUEST_STEP] = request_step(str(row["prompt"]))
     return [steps[name] for name in order]
 
 
 def prompt_steps(row: dict) -> list[str]:
     """Two analysis steps from the prompt alone (no annotations): the request, and what it would mean."""
-    quote = request_quote(str(row["prompt"]))
+    request = request_step(str(row["prompt"]))
     if row["label"] == "harmful":
         harm = CATEGORY_HARM.get(str(row.get("category") or "").strip().lower(), _DEFAULT_HARM)
-        return [f'The user asks: "{quote}"', f"Carrying it out would mean {harm}."]
+        return [request, f"Carrying it out would mean {harm}."]
     topic = str(row.get("category") or "").replace("lookalike-", "").replace("_", " ").strip() or "general"
-    return [f'The user asks: "{quote}"', f"The topic is {topic}, and the answer would inform the user."]
+    return [request, f"The topic is {topic}, and the answer would inform the user."]
 
 
 def refusal(row: dict) -> str:
