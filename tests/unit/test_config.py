@@ -28,6 +28,7 @@ def test_gpu_recipe_has_paper_settings():
     assert cfg.distill.teacher.source == "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"
     assert cfg.distill.engine.kind == "vllm" and cfg.distill.engine.tensor_parallel_size == 8
     assert cfg.distill.tagger == "guard" and "Llama-Guard-3" in cfg.distill.guard.source
+    assert (cfg.distill.sampling.temperature, cfg.distill.sampling.repetition_penalty) == (0.6, 1.0)
     assert (cfg.train.lora.r, cfg.train.lora.alpha) == (64, 64)
     assert cfg.train.learning_rate == 2e-4 and cfg.train.scheduler == "cosine"
     assert cfg.resources.use_gpu and cfg.model.dtype == "bfloat16"
@@ -43,6 +44,22 @@ def test_overrides_keep_types():
     assert cfg.serve.mode == "guard"
     assert cfg.train.learning_rate == pytest.approx(1e-3)
     assert cfg.train.cpo_weight == 0.0 and isinstance(cfg.train.cpo_weight, float)
+
+
+def test_a_partial_mapping_keeps_the_fields_own_defaults():
+    """Setting one key of a nested section keeps that section's own defaults for the rest, not the
+    plain dataclass's: the guard stays Llama Guard, the judge model stays unset, the teacher's sampling
+    keeps its repetition penalty. Keys named are still checked."""
+    default = load_config(None)
+    assert default.distill.guard.source == "meta-llama/Llama-Guard-3-8B" and default.eval.judge_model.source == ""
+    cfg = load_config(None, ["distill.guard.dtype=bfloat16", "eval.judge_model.dtype=bfloat16",
+                             "distill.sampling.max_tokens=64"])
+    assert (cfg.distill.guard.source, cfg.distill.guard.dtype) == ("meta-llama/Llama-Guard-3-8B", "bfloat16")
+    assert (cfg.eval.judge_model.source, cfg.eval.judge_model.dtype) == ("", "bfloat16")
+    assert (cfg.distill.sampling.max_tokens, cfg.distill.sampling.repetition_penalty) == (64, 1.2)
+    assert load_config(None, ["distill={sampling: {top_p: 0.5}}"]).distill.guard.source == default.distill.guard.source
+    with pytest.raises(ConfigError, match="distill.guard.bogus: unknown key"):
+        load_config(None, ["distill.guard.bogus=1"])
 
 
 @pytest.mark.parametrize("override, fragments", [

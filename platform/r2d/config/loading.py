@@ -70,8 +70,14 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"{where}{unknown[0]}: unknown key, expected one of {sorted(names)}")
     kwargs = {}
+    defaults = {f.name: f.default_factory for f in dataclasses.fields(cls)
+                if f.default_factory is not dataclasses.MISSING}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else key
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict) and key in defaults:
+            # A mapping that names some keys keeps the field's own default for the others: the guard's
+            # source stays Llama Guard when only its dtype is set, not the plain ModelConfig's model.
+            value = merge(dataclasses.asdict(defaults[key]()), value, dotted)
         kwargs[key] = _coerce(hints[key], value, dotted)
     try:
         return cls(**kwargs)
