@@ -15,17 +15,20 @@ The driver holds the lease on ``distill.output_dir`` for the whole run (a second
 same output is refused), and the guard engines live for the whole run (they load once, not
 once per pass or chunk). Row schema: :mod:`r2d.distill.stages`. Re-running skips prompt_ids
 already committed; a crash costs at most the chunk in flight. When every prompt is committed already by the same teacher,
-prompt, tagger and sampling, :func:`run` starts nothing and returns the manifest (``reused``).
+prompt, tagger and sampling, :func:`run` starts nothing and returns the manifest (``reused``); a folder whose traces
+were made under other trace-defining settings is refused (:func:`changed_settings`), never topped up.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
 from collections import Counter
 
 from r2d import commits
+from r2d.config import ConfigError
 from r2d.data.splits import select_balanced, training_prompts
 from r2d.distill import guard, run_log, store
 from r2d.distill.stages import FIRST_PASS, PROMPT_KEYS, Finalize, commit, parse_and_tag
@@ -38,7 +41,7 @@ MANIFEST_EVERY_S = 30.0
 
 
 _SAME_TRACES = ("teacher", "system_prompt_id", "tagger", "guard", "sampling", "max_regenerations", "on_unrepaired",
-                "use_references", "max_trace_tokens")
+                "use_references", "max_trace_tokens", "analysis_order")
 """The distillation settings that make the traces what they are (output folder and sizes aside)."""
 
 
@@ -55,7 +58,13 @@ def run(cfg) -> tuple[dict, dict]:
     reports: list = []
     prompts = select_balanced(training_prompts(cfg, reports), d.max_prompts)
     existing = store.read_manifest(d.output_dir)
-    if existing and not store.pending(prompts, d.output_dir) and _same_traces(existing, cfg):
+    # Resuming under other settings would mix two kinds of traces under a manifest naming one.
+    changed = changed_settings(existing, cfg) if existing else {}
+    if changed:
+        diffs = "; ".join(f"{k}: {there!r} there, {here!r} here" for k, (there, here) in changed.items())
+        raise ConfigError(f"distill.output_dir: {d.output_dir} holds traces made with other settings ({diffs}); "
+                          "give these settings their own distill.output_dir, or delete that folder to distil again")
+    if existing and not store.pending(prompts, d.output_dir):
         return existing, {"reused": True, "skipped_existing": len(prompts), "attempted": 0}
     # 2. the output: this driver alone writes it, until the run ends (a second one is refused here)
     with commits.HeldLease(store.location(d.output_dir), ttl_s=d.lease_ttl_s) as lease:
@@ -75,10 +84,13 @@ def run(cfg) -> tuple[dict, dict]:
     return manifest, stats
 
 
-def _same_traces(manifest: dict, cfg) -> bool:
+def changed_settings(manifest: dict, cfg) -> dict[str, tuple]:
+    """The trace-defining settings (:data:`_SAME_TRACES`) that differ between a manifest and ``cfg``:
+    {name: (recorded, current)}. A setting a manifest predates counts as its default."""
     recorded = (manifest.get("config") or {}).get("distill") or {}
-    current = cfg.to_dict()["distill"]
-    return all(recorded.get(k) == current[k] for k in _SAME_TRACES)
+    current, defaults = cfg.to_dict()["distill"], dataclasses.asdict(type(cfg.distill)())
+    return {k: (recorded.get(k, defaults[k]), current[k]) for k in _SAME_TRACES
+            if recorded.get(k, defaults[k]) != current[k]}
 
 
 def generated_rows(prompts: list[dict], cfg, system: str, last_pass: bool = True, guards: list | None = None):

@@ -144,3 +144,24 @@ def test_drop_records_survive_a_kill_mid_write(tmp_path):
     prompts = [{"prompt_id": p} for p in "abcde"]
     assert [p["prompt_id"] for p in store.pending(prompts, out)] == ["c", "d", "e"]
     assert store.manifest(out, {})["drops"] == {"too_long": 1}
+
+
+def test_a_folder_of_traces_made_under_other_settings_is_refused(tmp_path):
+    """Resuming into traces made under other trace-defining settings would mix two kinds of traces under a
+    manifest naming one: it is refused, naming what differs. A manifest older than a setting holds its default."""
+    from pipelines.distill import changed_settings, run
+    from r2d.config import ConfigError, load_config
+
+    cfg = load_config(None, [f"distill.output_dir={tmp_path}"])
+    older = cfg.to_dict()
+    del older["distill"]["analysis_order"]  # written before the setting existed
+    assert changed_settings({"config": older}, cfg) == {}
+    store.write_manifest(tmp_path, {"config": older, "rows": 1})
+    other = load_config(None, [f"distill.output_dir={tmp_path}", "distill.sampling.max_tokens=64",
+                               "distill.analysis_order=[request, intent, target, deciding]"])
+    assert sorted(changed_settings({"config": older}, other)) == ["analysis_order", "sampling"]
+    with pytest.raises(ConfigError, match=rf"^distill.output_dir: {tmp_path} holds traces made with other settings "
+                                          r"\(sampling: .*'max_tokens': 256.* there, .*'max_tokens': 64.* here; "
+                                          r"analysis_order: \['intent', 'target', 'deciding'\] there, "
+                                          r"\['request', 'intent', 'target', 'deciding'\] here\)"):
+        run(other)
