@@ -86,11 +86,19 @@ def run(cfg) -> tuple[dict, dict]:
 
 def changed_settings(manifest: dict, cfg) -> dict[str, tuple]:
     """The trace-defining settings (:data:`_SAME_TRACES`) that differ between a manifest and ``cfg``:
-    {name: (recorded, current)}. A setting a manifest predates counts as its default."""
+    {dotted name: (recorded, current)}, down to the key that differs inside a section. A setting a
+    manifest predates counts as its default."""
     recorded = (manifest.get("config") or {}).get("distill") or {}
     current, defaults = cfg.to_dict()["distill"], dataclasses.asdict(type(cfg.distill)())
-    return {k: (recorded.get(k, defaults[k]), current[k]) for k in _SAME_TRACES
-            if recorded.get(k, defaults[k]) != current[k]}
+    changed: dict[str, tuple] = {}
+    for key in _SAME_TRACES:
+        there, here = recorded.get(key, defaults[key]), current[key]
+        if isinstance(there, dict) and isinstance(here, dict):
+            changed |= {f"{key}.{k}": (there.get(k), here.get(k)) for k in sorted({*there, *here})
+                        if there.get(k) != here.get(k)}
+        elif there != here:
+            changed[key] = (there, here)
+    return changed
 
 
 def generated_rows(prompts: list[dict], cfg, system: str, last_pass: bool = True, guards: list | None = None):
