@@ -88,6 +88,16 @@ def test_portable_reports_relative_under_root_only(tmp_path):
     assert runs["base"][0]["report"] == str(inside)  # the saved runs are not changed
 
 
+def test_variants_file_base_goes_before_each_variant(tmp_path):
+    path = tmp_path / "v.yaml"
+    path.write_text("base: [train.lora.enabled=true]\nvariants:\n  a: []\n  b: [train.lora.r=64]\n")
+    assert load_variants(str(path)) == ({"a": ["train.lora.enabled=true"],
+                                         "b": ["train.lora.enabled=true", "train.lora.r=64"]}, "a")
+    path.write_text("base: train.lora.enabled=true\nvariants: {a: []}\n")
+    with pytest.raises(ValueError, match="expected 'base: \\[key=value, ...\\]'"):
+        load_variants(str(path))
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "variants").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_variants_file_applies_to_the_tiny_config(path):
     from r2d.config import load_config

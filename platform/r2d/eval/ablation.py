@@ -34,7 +34,9 @@ def value(result: dict[str, Any], key: str) -> float | None:
 
 
 def load_variants(path: str) -> tuple[dict[str, list[str]], str]:
-    """A variants file: ``{baseline: NAME, variants: {NAME: [overrides, ...]}}`` → (variants, baseline).
+    """A variants file: ``{baseline: NAME, base: [overrides], variants: {NAME: [overrides, ...]}}`` →
+    (variants, baseline). ``base`` (optional) goes before every variant's own overrides: the recipe
+    the variants were measured against, so they keep their meaning when the config's defaults change.
 
     Raises:
         ValueError: naming the file and what was expected.
@@ -45,10 +47,13 @@ def load_variants(path: str) -> tuple[dict[str, list[str]], str]:
     variants = data.get("variants") if isinstance(data, dict) else None
     if not isinstance(variants, dict) or not all(isinstance(v, list) for v in variants.values()):
         raise ValueError(f"{path}: expected 'variants: {{name: [key=value, ...]}}'")
+    base = data.get("base") or []
+    if not isinstance(base, list):
+        raise ValueError(f"{path}: expected 'base: [key=value, ...]', got {base!r}")
     baseline = str(data.get("baseline") or next(iter(variants)))
     if baseline not in variants:
         raise ValueError(f"{path}: baseline {baseline!r} is not one of the variants {sorted(variants)}")
-    return {str(k): [str(o) for o in v] for k, v in variants.items()}, baseline
+    return {str(k): [str(o) for o in [*base, *v]] for k, v in variants.items()}, baseline
 
 
 def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
