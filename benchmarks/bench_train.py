@@ -8,7 +8,7 @@ and windows (``batch_size x grad_accum`` traces a step). Variants:
   gap-drawn LoRA dropout (``train.packing`` + ``train.chunked_ce`` + ``train.lora.sparse_dropout``);
   ``packed, full logits`` is the packing alone, ``packed, torch dropout`` all but the dropout;
 - ``packed, SFT only`` (``cpo_weight=0``): what CPO costs on the packed step; on CPU, ``packed,
-  verdict term`` (``verdict_weight=1``, off in tiny.yaml) what the verdict-following term would cost;
+  verdict term`` (``verdict_weight=1``) what the verdict-following term costs;
 - a plain Hugging Face-style loop (the model's own loss, AdamW), on the same padded rows and
   on the same packed rows (position ids only: transformers' own packed-sequence mask);
 - TRL's ``SFTTrainer`` when ``trl`` is importable (the bench extra), padded and with its own
@@ -67,9 +67,10 @@ GPU_VARIANTS = {
 }
 
 
-SHAPE = ["train.verdict_weight=0", "train.micro_batch_tokens=4096"]
-"""The objective every variant can run (the padded reference has no verdict term) and the packed budget it was
-measured with, whatever tiny.yaml says; ``packed, verdict term`` adds the term."""
+SHAPE = ["train.lora.enabled=true", "train.verdict_weight=0", "train.micro_batch_tokens=4096"]
+"""The student every variant was measured on (LoRA r = 16: the gap-drawn dropout is LoRA's), the objective every
+variant can run (the padded reference has no verdict term) and the packed budget, whatever tiny.yaml says (it
+fine-tunes every weight with the verdict term); ``packed, verdict term`` adds the term."""
 
 
 def train_config(use_gpu: bool, overrides: list[str] = ()):
