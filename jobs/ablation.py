@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from r2d.config import load_config, load_config_or_exit
+    from r2d.config import exit_on_config_error, load_config, load_config_or_exit
     from r2d.eval.ablation import VARIANTS, load_variants
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             vcfg = load_config(args.config, [*base_overrides, *overrides, f"train.seed={seed}",
                                              f"train.run_name=ablation-{key}-{tag}-s{seed}"])
             if read_table(vcfg.distill.output_dir, ["prompt_id"]).num_rows == 0:
-                distill(vcfg)  # a variant with its own data mix distils its own traces once
+                with exit_on_config_error(parser.prog):  # its folder may hold traces of other settings
+                    distill(vcfg)  # a variant with its own data mix distils its own traces once
             outcome = run_training(vcfg)
             model = f"models:/{vcfg.tracking.registered_model}/{outcome.model_version}"
             # The same prompts for every variant: the base config's suites; contamination against its own traces.

@@ -85,7 +85,7 @@ def serve_and_ask(cfg, model_uri: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from r2d.config import ConfigError, load_config_or_exit
+    from r2d.config import exit_on_config_error, load_config_or_exit
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="jobs/configs/tiny.yaml")
@@ -114,11 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. distil traces from the teacher on the training side of the prompt split
     with stage("distill"):
-        try:
+        with exit_on_config_error(parser.prog):  # the traces folder may be made under other settings
             manifest, stats = distill(cfg)
-        except ConfigError as err:  # the traces folder was distilled under other settings
-            print(f"{parser.prog}: error: {err}", file=sys.stderr)
-            return 2
         run_ids["distill"] = manifest.get("mlflow_run_id", "")
         if stats.get("reused"):
             print(f"already distilled: reusing the {manifest['rows']} traces in {cfg.distill.output_dir}")

@@ -30,7 +30,7 @@ def summary(manifest: dict, stats: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from r2d.config import ConfigError, parse_job_args
+    from r2d.config import exit_on_config_error, parse_job_args
     from r2d.runtime import init_ray
 
     # 1. config
@@ -40,11 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     # 3. work
     from pipelines.distill import run
 
-    try:
+    with exit_on_config_error("distill"):  # the output folder may hold traces made under other settings
         manifest, stats = run(cfg)
-    except ConfigError as err:  # the output folder holds traces made under other settings
-        print(f"distill: error: {err}", file=sys.stderr)
-        return 2
     # 4. report
     if stats.get("reused"):
         print(f"distill: every prompt is distilled already in {cfg.distill.output_dir} by the same teacher and "

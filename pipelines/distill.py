@@ -51,19 +51,20 @@ def run(cfg) -> tuple[dict, dict]:
     Stats carry ``reused`` when the traces were all there already (nothing ran, no new MLflow run).
 
     Raises:
+        r2d.config.ConfigError: ``distill.output_dir`` holds traces made under other settings.
         r2d.commits.LeaseError: another live driver is writing ``distill.output_dir``.
     """
     d = cfg.distill
-    # 1. prompts: the training side of the split evaluation also uses; never the held-out side
-    reports: list = []
-    prompts = select_balanced(training_prompts(cfg, reports), d.max_prompts)
-    existing = store.read_manifest(d.output_dir)
     # Resuming under other settings would mix two kinds of traces under a manifest naming one.
+    existing = store.read_manifest(d.output_dir)
     changed = changed_settings(existing, cfg) if existing else {}
     if changed:
         diffs = "; ".join(f"{k}: {there!r} there, {here!r} here" for k, (there, here) in changed.items())
         raise ConfigError(f"distill.output_dir: {d.output_dir} holds traces made with other settings ({diffs}); "
                           "give these settings their own distill.output_dir, or delete that folder to distil again")
+    # 1. prompts: the training side of the split evaluation also uses; never the held-out side
+    reports: list = []
+    prompts = select_balanced(training_prompts(cfg, reports), d.max_prompts)
     if existing and not store.pending(prompts, d.output_dir):
         return existing, {"reused": True, "skipped_existing": len(prompts), "attempted": 0}
     # 2. the output: this driver alone writes it, until the run ends (a second one is refused here)

@@ -62,6 +62,19 @@ def test_a_partial_mapping_keeps_the_fields_own_defaults():
         load_config(None, ["distill.guard.bogus=1"])
 
 
+def test_a_config_error_inside_an_entry_point_is_one_line_and_status_2(capsys):
+    from r2d.config import exit_on_config_error
+
+    with pytest.raises(SystemExit) as stop, exit_on_config_error("distill"):
+        raise ConfigError("distill.output_dir: x holds traces made with other settings")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "distill: error: distill.output_dir: x holds traces made with other settings\n"
+    with exit_on_config_error("distill"):  # nothing raised: nothing printed, no exit
+        pass
+    with pytest.raises(ValueError), exit_on_config_error("distill"):  # other errors pass through
+        raise ValueError("not a config error")
+
+
 @pytest.mark.parametrize("override, fragments", [
     # unknown key
     ("train.bogus=1", ["train.bogus", "unknown key"]),

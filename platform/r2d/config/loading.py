@@ -8,6 +8,7 @@ attribute docstrings back from the schema's source so that ``--help`` can print 
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -231,19 +232,30 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_config_or_exit(path: str | Path | None, overrides: list[str] | None, prog: str) -> Config:
-    """:func:`load_config` for entry points: a bad config prints one line and exits with status 2.
+@contextlib.contextmanager
+def exit_on_config_error(prog: str):
+    """Inside it, a :class:`ConfigError` prints one line, ``PROG: error: ...``, and exits with status 2.
 
-    The line names the dotted field, the value and what was expected; a traceback would
-    bury it, and status 2 is what argparse uses for bad usage.
+    For entry points: a bad config, or a setting found wrong only once a stage reads what it points
+    at (a traces folder made under other settings), is a usage error; a traceback would bury the line.
     """
     import sys
 
     try:
-        return load_config(path, overrides)
+        yield
     except ConfigError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def load_config_or_exit(path: str | Path | None, overrides: list[str] | None, prog: str) -> Config:
+    """:func:`load_config` for entry points: a bad config prints one line and exits with status 2.
+
+    The line names the dotted field, the value and what was expected; status 2 is what argparse
+    uses for bad usage (:func:`exit_on_config_error`).
+    """
+    with exit_on_config_error(prog):
+        return load_config(path, overrides)
 
 
 def parse_job_args(argv: list[str] | None, description: str) -> tuple[Config, list[str]]:
