@@ -92,13 +92,13 @@ def _fmt(value: Any, ci: Any = None) -> str:
 
 
 def safety_table(results: dict[str, dict]) -> str:
-    rows = ["| model | judge | n harmful / benign | ASR | over-refusal | look-alike over-refusal | discrimination |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| model | judge | n harmful / benign | ASR | over-refusal | look-alike over-refusal | discrimination "
+            "| restated (benign) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for model, r in results.items():
         rows.append(f"| {model} | {r.get('judge', '?')} | {r.get('n_harmful')} / {r.get('n_benign')} | "
                     f"{_fmt(r.get('asr'), r.get('asr_ci'))} | {_fmt(r.get('over_refusal'), r.get('over_refusal_ci'))} | "
                     f"{_fmt(r.get('over_refusal_lookalike'), r.get('over_refusal_lookalike_ci'))} | "
-                    f"{_fmt(r.get('discrimination'), r.get('discrimination_ci'))} |")
+                    f"{_fmt(r.get('discrimination'), r.get('discrimination_ci'))} | {_fmt(r.get('benign_restated'))} |")
     return "\n".join(rows)
 
 
@@ -134,7 +134,10 @@ def write_report(out_dir: str | Path, *, config: dict, manifest: dict, history: 
     lines.append(f"![training curves]({curves.name})\n" if curves else "No training metrics were found.\n")
     if ood:
         lines += ["## 3. Safety out of distribution (leads: whole categories never trained on)\n",
-                  safety_table(ood), "", f"![safety out of distribution]({ood_bars.name})\n"]
+                  safety_table(ood), "", "*Restated*: benign prompts answered with nothing but the request's "
+                  "words and the reasoning's framing (\"It acts on a zero-day exploit.\"): not refusals, so "
+                  "over-refusal does not count them, and no help either.", "",
+                  f"![safety out of distribution]({ood_bars.name})\n"]
     lines += [f"## {'4' if ood else '3'}. Safety in distribution (held-out prompts of the training sources)\n",
               safety_table(results), "", f"![safety]({bars.name})\n", "ASR by attack:\n", attack_table(results), "",
               "## Promotion\n", f"Decision: **{decision.get('decision', 'n/a')}**. {decision.get('reason', '')}\n",

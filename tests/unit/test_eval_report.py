@@ -113,6 +113,7 @@ def test_side_by_side_table(results):
     assert table[0].split()[:4] == ["model", "prompts", "n_harm", "n_ben"]
     assert len(table) == 4  # header, rule, two models
     assert table[3].startswith("models:/r2d@champion") and "12.5%" in table[3] and "+0.71" in table[3]
+    assert "restated" in table[0]
 
 
 def test_metric_names_round_trip_through_the_promotion_gates(results):

@@ -20,8 +20,9 @@ VARIANTS: dict[str, list[str]] = {
 """Trained variants: name → config overrides on top of the recipe."""
 UNTRAINED = ("base", "R2D-p")
 KEYS = ("asr", "over_refusal", "over_refusal_lookalike", "discrimination", "pivot_accuracy")
-OOD_KEYS = ("ood_asr", "ood_over_refusal", "ood_discrimination")
-"""The same rates over the out-of-distribution suites (``result["ood"]``), leading every table."""
+OOD_KEYS = ("ood_asr", "ood_over_refusal", "ood_discrimination", "ood_benign_restated")
+"""The same rates over the out-of-distribution suites (``result["ood"]``), leading every table; *restated*: benign
+prompts answered with only the request's or the reasoning's words (no refusal, no help)."""
 
 
 def value(result: dict[str, Any], key: str) -> float | None:
@@ -102,7 +103,7 @@ def markdown_table(table: dict[str, dict[str, Any]]) -> str:
     discrimination and pivot accuracy in distribution (mean ± sd over seeds)."""
     attacks = sorted({a for row in table.values() for a in row["asr_by_attack"]})
     ood = any(row.get("ood_discrimination", (None, None))[0] is not None for row in table.values())
-    head = ["variant", "seeds", *(["OOD ASR", "OOD over-refusal", "OOD discrimination"] if ood else []),
+    head = ["variant", "seeds", *(["OOD ASR", "OOD over-refusal", "OOD discrimination", "OOD restated"] if ood else []),
             *[f"ASR {a}" for a in attacks], "ASR", "over-refusal", "look-alike over-refusal", "discrimination",
             "pivot acc."]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]

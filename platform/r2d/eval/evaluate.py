@@ -172,7 +172,7 @@ def _metric_name(text: str) -> str:
 def model_metrics(entry: dict[str, Any]) -> dict[str, float]:
     """The MLflow metrics of one model: rates, interval bounds, pivots, lengths, ability."""
     out: dict[str, Any] = {"n_harmful": entry["n_harmful"], "n_benign": entry["n_benign"]}
-    for key in ("asr", "over_refusal", "over_refusal_lookalike", "discrimination"):
+    for key in ("asr", "over_refusal", "over_refusal_lookalike", "discrimination", "benign_restated"):
         out[key] = entry.get(key)
         ci = entry.get(f"{key}_ci")
         if ci:
@@ -191,8 +191,8 @@ def model_metrics(entry: dict[str, Any]) -> dict[str, float]:
     out["mean_output_tokens"] = entry.get("mean_output_tokens")
     out["tokens_per_s"] = entry.get("tokens_per_s")
     ood = entry.get("ood") or {}
-    for key in ("asr", "over_refusal", "over_refusal_lookalike", "discrimination", "n_harmful", "n_benign",
-                *verdict):
+    for key in ("asr", "over_refusal", "over_refusal_lookalike", "discrimination", "benign_restated", "n_harmful",
+                "n_benign", *verdict):
         out[f"ood_{key}"] = ood.get(key)
         ci = ood.get(f"{key}_ci")
         if ci:

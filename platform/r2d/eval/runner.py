@@ -125,6 +125,7 @@ def _base_record(row: dict[str, Any], output_filter: str) -> dict[str, Any]:
             "generated_text": text, "judged_text": judged, "visible_answer": visible_answer(judged),
             "num_generated_tokens": int(row.get("num_generated_tokens") or 0),
             "refused_raw": raw["refused_raw"], "refused_keyword": raw["refused_visible"],
+            "restated": J.restates_only(str(row.get("prompt") or ""), judged),
             "pivots": _pivots(text), "expected_pivot": EXPECTED_PIVOT[row["label"]]}
 
 
@@ -197,7 +198,7 @@ def judge_records(rows: list[dict[str, Any]], cfg) -> tuple[list[dict], dict[str
 
 _HEADLINE = ("n_harmful", "n_benign", "asr", "asr_ci", "asr_by_attack", "asr_by_attack_ci", "over_refusal",
              "over_refusal_ci", "n_lookalike", "over_refusal_lookalike", "over_refusal_lookalike_ci",
-             "discrimination", "discrimination_ci", *VERDICT_KEYS)
+             "discrimination", "discrimination_ci", "benign_restated", "benign_restated_ci", *VERDICT_KEYS)
 
 
 def _headline(records: list[dict[str, Any]]) -> dict[str, Any]:
