@@ -166,7 +166,8 @@ def tradeoff_plot(runs: dict[str, list[dict]], path, targets: tuple[float, float
         pts = [(value(r, prefix + "over_refusal"), value(r, prefix + "asr")) for r in results
                if value(r, prefix + "over_refusal") is not None and value(r, prefix + "asr") is not None]
         if pts:
-            ax.scatter(*zip(*pts), s=40, color=f"C{i}", label=variant, alpha=0.85)
+            # Ten colours, then the same ten as other markers: no two recipes look alike.
+            ax.scatter(*zip(*pts), s=40, color=f"C{i % 10}", marker="os^Dv"[i // 10 % 5], label=variant, alpha=0.85)
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="over-refusal (benign prompts refused)",
            ylabel="attack success rate (harmful prompts answered)",
            title=("Out-of-distribution" if ood else "In-distribution") + " trade-off, one point per run")
