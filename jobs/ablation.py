@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             save(variant, [*done, {**result, "seed": seed, "train_run_id": outcome.mlflow_run_id}])
             ood = result.get("ood") or {}
             print(f"{variant} seed {seed}: OOD ASR {ood.get('asr')}, over-refusal {ood.get('over_refusal')}, "
-                  f"discrimination {ood.get('discrimination')}; in distribution ASR {result.get('asr')}, "
+                  f"discrimination {ood.get('discrimination')}, restated {ood.get('benign_restated')}; "
+                  f"in distribution ASR {result.get('asr')}, "
                   f"over-refusal {result.get('over_refusal')}, discrimination {result.get('discrimination')}",
                   flush=True)
     # The report covers the seeds asked for, even when the saved file holds others from an earlier run.
