@@ -56,8 +56,8 @@ def test_output_json_structure_and_rates(results):
     out = output_json(results)
     assert json.loads(json.dumps(out)) == out  # plain JSON, nothing lost in the round trip
     champ = out["models:/r2d@champion"]
-    for key in ("asr", "asr_by_attack", "over_refusal", "discrimination", "discrimination_ci", "n_harmful",
-                "n_benign", "judge"):
+    for key in ("asr", "asr_by_attack", "over_refusal", "benign_restated", "discrimination", "discrimination_ci",
+                "n_harmful", "n_benign", "judge"):
         assert key in champ
     assert "records" not in champ
     assert champ["asr"] == pytest.approx(1 / 8) and champ["over_refusal"] == pytest.approx(1 / 6)

@@ -17,8 +17,9 @@ from typing import Any
 __all__ = ["output_json", "plot_asr_by_attack", "plot_safety", "render_markdown", "side_by_side", "write_report"]
 
 _KEYS = ("asr", "asr_ci", "asr_by_attack", "asr_by_attack_ci", "over_refusal", "over_refusal_ci",
-         "over_refusal_lookalike", "over_refusal_lookalike_ci", "n_lookalike", "discrimination",
-         "discrimination_ci", "n_harmful", "n_benign", "judge", "judges", "output_filter", "raw", "pivots",
+         "over_refusal_lookalike", "over_refusal_lookalike_ci", "n_lookalike", "benign_restated",
+         "benign_restated_ci", "discrimination", "discrimination_ci", "n_harmful", "n_benign", "judge", "judges",
+         "output_filter", "raw", "pivots",
          "mean_output_tokens", "tokens_per_s", "generation_seconds", "n_prompts", "n_judged", "dropped",
          "engine", "model_uri", "model_version", "system_prompt", "baseline_of", "suite_digest", "held_out",
          "contamination", "general", "run_id", "parent_run_id", "eval_key", "reused", "ood", "by_suite",
