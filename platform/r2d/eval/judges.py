@@ -87,15 +87,15 @@ def _content_words(text: str) -> list[str]:
     return [w for w in _WORD_RE.findall(text.lower()) if w not in _FUNCTION_WORDS]
 
 
+_ENDINGS = frozenset({"s", "es", "d", "ed", "ing", "er", "ers"})
+
+
 def _same_word(word: str, known: str) -> bool:
     """The same word up to its ending: the first five letters, or a short word and its inflection."""
     if min(len(word), len(known)) >= 5:
         return word[:5] == known[:5]
     short, long_ = sorted((word, known), key=len)
     return long_ == short or (long_.startswith(short) and long_[len(short):] in _ENDINGS)
-
-
-_ENDINGS = frozenset({"s", "es", "d", "ed", "ing", "er", "ers"})
 
 
 def restates_only(prompt: str, text: str) -> bool:
@@ -116,7 +116,8 @@ def restates_only(prompt: str, text: str) -> bool:
         text: Raw model output (reasoning included).
 
     Returns:
-        True when the visible answer is non-empty and adds no content word.
+        True when the visible answer is non-empty, has no content word outside the request and the
+        reasoning, and at most :data:`_RESTATE_NEW_WORDS` outside the request.
     """
     answer = visible_answer(text)
     words = _content_words(answer)
