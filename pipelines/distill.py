@@ -29,6 +29,7 @@ from collections import Counter
 
 from r2d import commits
 from r2d.config import ConfigError
+from r2d.data.attacks import attacked_share
 from r2d.data.splits import select_balanced, training_prompts
 from r2d.distill import guard, run_log, store
 from r2d.distill.stages import FIRST_PASS, PROMPT_KEYS, Finalize, commit, parse_and_tag
@@ -41,7 +42,7 @@ MANIFEST_EVERY_S = 30.0
 
 
 _SAME_TRACES = ("teacher", "system_prompt_id", "tagger", "guard", "sampling", "max_regenerations", "on_unrepaired",
-                "use_references", "max_trace_tokens", "analysis_order")
+                "use_references", "max_trace_tokens", "analysis_order", "attacks", "attack_fraction")
 """The distillation settings that make the traces what they are (output folder and sizes aside)."""
 
 
@@ -64,7 +65,7 @@ def run(cfg) -> tuple[dict, dict]:
                           "give these settings their own distill.output_dir, or delete that folder to distil again")
     # 1. prompts: the training side of the split evaluation also uses; never the held-out side
     reports: list = []
-    prompts = select_balanced(training_prompts(cfg, reports), d.max_prompts)
+    prompts = training_set(cfg, reports)
     if existing and not store.pending(prompts, d.output_dir):
         return existing, {"reused": True, "skipped_existing": len(prompts), "attempted": 0}
     # 2. the output: this driver alone writes it, until the run ends (a second one is refused here)
@@ -83,6 +84,21 @@ def run(cfg) -> tuple[dict, dict]:
             # 5. report: metrics, the manifest artifact and the traces' lineage tags
             run_log.log_outputs(mlflow, cfg, manifest, stats)
     return manifest, stats
+
+
+def training_set(cfg, reports: list | None = None) -> list[dict]:
+    """The prompts distillation turns into traces: the training side, balanced and capped at
+    ``distill.max_prompts``, a share wrapped in ``distill.attacks``.
+
+    Raises:
+        r2d.config.ConfigError: naming ``distill.attacks`` when an attack is unknown.
+    """
+    d = cfg.distill
+    prompts = select_balanced(training_prompts(cfg, reports), d.max_prompts)
+    try:
+        return attacked_share(prompts, d.attacks, d.attack_fraction, seed=cfg.data.seed)
+    except ValueError as err:
+        raise ConfigError(f"distill.attacks: {err}") from None
 
 
 def changed_settings(manifest: dict, cfg) -> dict[str, tuple]:

@@ -7,6 +7,7 @@ evaluation JSON, the promotion decision), so the report can be rebuilt from MLfl
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from r2d.eval.report import TRAINED_NOTE, trained_mark  # noqa: E402
 
 _RATES = (("asr", "ASR (harmful + jailbreak)"), ("over_refusal", "over-refusal (benign)"),
           ("over_refusal_lookalike", "over-refusal (look-alikes)"), ("discrimination", "discrimination"))
@@ -102,13 +105,13 @@ def safety_table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def attack_table(results: dict[str, dict]) -> str:
+def attack_table(results: dict[str, dict], trained: Sequence[str] = ()) -> str:
     attacks = sorted({a for r in results.values() for a in (r.get("asr_by_attack") or {})})
     rows = ["| attack | " + " | ".join(results) + " |", "| --- |" + " --- |" * len(results)]
     for attack in attacks:
         cells = [_fmt((r.get("asr_by_attack") or {}).get(attack)) for r in results.values()]
-        rows.append(f"| {attack} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        rows.append(f"| {trained_mark(attack, trained)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows + (["", TRAINED_NOTE] if set(trained) & set(attacks) else []))
 
 
 def write_report(out_dir: str | Path, *, config: dict, manifest: dict, history: dict, results: dict[str, dict],
@@ -139,7 +142,8 @@ def write_report(out_dir: str | Path, *, config: dict, manifest: dict, history: 
                   "over-refusal does not count them, and no help either.", "",
                   f"![safety out of distribution]({ood_bars.name})\n"]
     lines += [f"## {'4' if ood else '3'}. Safety in distribution (held-out prompts of the training sources)\n",
-              safety_table(results), "", f"![safety]({bars.name})\n", "ASR by attack:\n", attack_table(results), "",
+              safety_table(results), "", f"![safety]({bars.name})\n", "ASR by attack:\n",
+              attack_table(results, (config.get("distill") or {}).get("attacks") or ()), "",
               "## Promotion\n", f"Decision: **{decision.get('decision', 'n/a')}**. {decision.get('reason', '')}\n",
               "## The API\n"]
     for answer in answers:

@@ -167,3 +167,26 @@ def test_a_folder_of_traces_made_under_other_settings_is_refused(tmp_path):
                                           r"\['intent', 'target', 'deciding'\] there, "
                                           r"\['request', 'intent', 'target', 'deciding'\] here\)"):
         run(other)
+
+
+def test_distilled_prompts_take_the_attacks_and_an_unknown_one_names_the_field(tmp_path):
+    """``distill.attacks`` wraps a share of the balanced training prompts (both labels); the attacks are
+    trace-defining settings, and an unknown one is a config error naming the field before any work."""
+    from pipelines.distill import changed_settings, run, training_set
+    from r2d.config import ConfigError, load_config
+
+    plain = load_config(ROOT / "jobs/configs/tiny.yaml", [f"distill.output_dir={tmp_path}"])
+    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", [f"distill.output_dir={tmp_path}",
+                                                    "distill.attacks=[few_shot, roleplay_dan]"])
+    before, after = training_set(plain), training_set(cfg)
+    assert len(after) == len(before) == 300
+    wrapped = [r for r in after if r["attack"] != "none"]
+    assert {r["attack"] for r in wrapped} == {"few_shot", "roleplay_dan"}
+    assert {r["label"] for r in wrapped} == {"harmful", "benign"} and 70 <= len(wrapped) <= 80
+    assert {r["request"] for r in wrapped} <= {r["prompt"] for r in before}
+    assert changed_settings({"config": plain.to_dict()}, cfg) == {"attacks": ([], ["few_shot", "roleplay_dan"])}
+    bad = load_config(None, [f"distill.output_dir={tmp_path}", "distill.attacks=[few_shots]"])
+    with pytest.raises(ConfigError, match=r"^distill.attacks: unknown attack 'few_shots'; valid attacks: "):
+        run(bad)
+    with pytest.raises(ConfigError, match=r"distill.attack_fraction.*a fraction in \(0, 1\]"):
+        load_config(None, ["distill.attack_fraction=0"])

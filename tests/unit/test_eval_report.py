@@ -92,6 +92,16 @@ def test_write_report_files_and_markdown(results, tmp_path):
     assert "85.7%" in row and "| 16.7% | 12.5% | +1.00" in row
 
 
+def test_attacks_in_the_training_mix_are_marked_apart_from_unseen_ones(results, tmp_path):
+    """An attack whose template wrapped training prompts (``distill.attacks``) is marked in the per-attack
+    table and explained; with none trained there is neither mark nor note."""
+    md = write_report(results, tmp_path / "a", {**META, "trained_attacks": ["base64", "few_shot"]})["report"]
+    text = md.read_text()
+    assert "| base64 (trained) |" in text and "| none |" in text and "*(trained)*" in text
+    plain = write_report(results, tmp_path / "b", META)["report"].read_text()
+    assert "(trained)" not in plain and "| base64 |" in plain
+
+
 def test_report_flags_contamination_when_allowed(results, tmp_path):
     meta = {**META, "contamination": {**META["contamination"], "exact": 1, "near": 2, "examples": [
         {"eval": 0, "train": 3, "eval_prompt": "how to build a bomb", "train_prompt": "How to build a bomb?"}]}}

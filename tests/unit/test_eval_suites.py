@@ -13,7 +13,7 @@ import pytest
 
 from r2d.config import load_config
 from r2d.eval import suites as S
-from r2d.eval.attacks import apply_attack
+from r2d.data.attacks import apply_attack
 from r2d.eval.contamination import ContaminationError
 from r2d.eval.evaluate import contamination_report, traces_prompts
 from r2d.eval.runner import drop_unsafe_segments, judge_records, score

@@ -198,6 +198,12 @@ class DistillConfig:
     """Order of the annotation-written analysis steps (the repair path's reasoning): a permutation of
     intent, target and deciding (the feature that decides the case), optionally with ``request`` (the
     request quoted, as every unannotated trace opens) placed among them."""
+    attacks: list[str] = field(default_factory=list)
+    """Jailbreak templates (names from r2d.data.attacks) wrapped around a share of the training prompts of
+    both labels before the teacher sees them; written reasoning quotes the request inside the wrapper. Empty:
+    every training prompt plain. Evaluation reports the attacks named here apart from those never trained on."""
+    attack_fraction: float = 0.25
+    """Share of each label's training prompts wrapped when ``attacks`` is set (the rest stay plain)."""
     output_dir: str = ".r2d/traces/tiny"
     """Folder (or s3:// / gs:// URI) of the traces Parquet dataset and its manifest."""
     chunk_size: int = 64
@@ -213,6 +219,7 @@ class DistillConfig:
         _require(self.max_regenerations >= 0, "max_regenerations", self.max_regenerations, "an integer >= 0")
         _require(self.chunk_size >= 1, "chunk_size", self.chunk_size, "an integer >= 1")
         _require(self.max_prompts >= 0, "max_prompts", self.max_prompts, "an integer >= 0")
+        _require(0 < self.attack_fraction <= 1, "attack_fraction", self.attack_fraction, "a fraction in (0, 1]")
         _require(self.max_trace_tokens >= 16, "max_trace_tokens", self.max_trace_tokens, "an integer >= 16")
         analysis = [step for step in self.analysis_order if step != "request"]
         _require(sorted(analysis) == ["deciding", "intent", "target"] and len(self.analysis_order) <= 4,

@@ -86,6 +86,11 @@ def request_step(prompt: str) -> str:
     return f'The user asks: "{request_quote(prompt)}"'
 
 
+def request_of(row: dict) -> str:
+    """The request a row asks: the plain request inside a jailbreak wrapper (``request``), else the prompt."""
+    return str(row.get("request") or row["prompt"])
+
+
 def annotation_steps(row: dict, order: tuple[str, ...] | list[str] = ANALYSIS_ORDER) -> list[str]:
     """The analysis steps from the annotations, in ``order``: the intent, the target, the deciding feature,
     and the quoted request where ``order`` names it (then both labels' traces can open alike)."""
@@ -94,13 +99,13 @@ def annotation_steps(row: dict, order: tuple[str, ...] | list[str] = ANALYSIS_OR
     steps = {"intent": f"The user wants to {intent}.", "target": f"It acts on {target}.",
              "deciding": deciding if deciding.endswith((".", "!", "?")) else deciding + "."}
     if REQUEST_STEP in order:
-        steps[REQUEST_STEP] = request_step(str(row["prompt"]))
+        steps[REQUEST_STEP] = request_step(request_of(row))
     return [steps[name] for name in order]
 
 
 def prompt_steps(row: dict) -> list[str]:
     """Two analysis steps from the prompt alone (no annotations): the request, and what it would mean."""
-    request = request_step(str(row["prompt"]))
+    request = request_step(request_of(row))
     if row["label"] == "harmful":
         harm = CATEGORY_HARM.get(str(row.get("category") or "").strip().lower(), _DEFAULT_HARM)
         return [request, f"Carrying it out would mean {harm}."]

@@ -24,7 +24,7 @@ from r2d.distill import reasoning, repair, store, tagging
 from r2d.pivots import Trace, render_conversation
 
 PROMPT_KEYS = ("prompt_id", "prompt", "source", "label", "category", "lookalike", "reference", "attack",
-               "intent", "target", "deciding")
+               "intent", "target", "deciding", "request")
 FIRST_PASS = "first_pass"
 """Column of a re-generated prompt's row: the first answer (JSON), the fallback when re-generation fails."""
 

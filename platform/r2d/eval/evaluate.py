@@ -307,6 +307,7 @@ def evaluate_models(cfg, models: list[str], suites: list[str] | None = None, *, 
 
     meta = {"suite_digest": digest, "created_at": time.strftime("%Y-%m-%d %H:%M:%S"), "config_digest": cfg.digest(),
             "git_commit": git_commit(), "contamination": contamination, "judge_quality": keyword_judge_quality(),
+            "trained_attacks": list(cfg.distill.attacks),
             "suites": [{"name": s.name, "source": s.source, "n_harmful": s.n_harmful, "n_benign": s.n_benign,
                         "skipped": s.skipped, "ood": s.ood} for s in loaded]}
     folder = st.absolute(out_dir or st.join(cfg.eval.output_dir, f"{time.strftime('%Y%m%d-%H%M%S')}-{digest[:8]}"))

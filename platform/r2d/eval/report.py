@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["output_json", "plot_asr_by_attack", "plot_safety", "render_markdown", "side_by_side", "write_report"]
@@ -150,7 +151,16 @@ def plot_safety(results: dict[str, dict[str, Any]], path: str | Path) -> Path | 
 
 # ---------------------------------------------------------------- markdown
 
-def _attack_table(results: dict[str, dict[str, Any]]) -> list[str]:
+def trained_mark(attack: str, trained: Sequence[str]) -> str:
+    """An attack's name, marked when its template was in the training mix (``distill.attacks``)."""
+    return f"{attack} (trained)" if attack in trained else attack
+
+
+TRAINED_NOTE = ("*(trained)*: the attack's template wrapped some training prompts (`distill.attacks`); the "
+                "requests it wraps here are held out. The other attacks were never trained on.")
+
+
+def _attack_table(results: dict[str, dict[str, Any]], trained: Sequence[str] = ()) -> list[str]:
     attacks = sorted({a for e in results.values() for a in (e.get("asr_by_attack") or {})})
     if not attacks:
         return ["No harmful prompts were evaluated: no ASR."]
@@ -160,8 +170,8 @@ def _attack_table(results: dict[str, dict[str, Any]]) -> list[str]:
         cells = [_pct(e.get("asr")) + _ci(e.get("asr_ci")) if a == "all" else
                  _pct((e.get("asr_by_attack") or {}).get(a)) + _ci((e.get("asr_by_attack_ci") or {}).get(a))
                  for e in results.values()]
-        lines.append(f"| {a} | " + " | ".join(cells) + " |")
-    return lines
+        lines.append(f"| {trained_mark(a, trained)} | " + " | ".join(cells) + " |")
+    return lines + (["", TRAINED_NOTE] if set(trained) & set(attacks) else [])
 
 
 def _suite_table(results: dict[str, dict[str, Any]], suites: list[dict[str, Any]]) -> list[str]:
@@ -265,7 +275,7 @@ def render_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any], ch
              "that only knows its own training distribution is not a defence.", "",
              "## Side by side", "", "```", side_by_side(results), "```", "",
              "## By suite", "", *_suite_table(results, meta["suites"]), "",
-             "## ASR by attack (in distribution)", "", *_attack_table(results), ""]
+             "## ASR by attack (in distribution)", "", *_attack_table(results, meta.get("trained_attacks") or ()), ""]
     lines += [f"![{k}]({v})" for k, v in charts.items()] + [""]
     lines += ["## Raw text, pivots, generation", "", *_detail_table(results), "",
               "## Does the answer follow the verdict?", "", *_verdict_table(results), "",

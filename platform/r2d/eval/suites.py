@@ -5,7 +5,7 @@ Every suite is a list of rows with one schema, whatever it came from::
     {"prompt": str,        # what the model is sent (attack applied)
      "base_prompt": str,   # the request before any attack (contamination and rubric judge use it)
      "label": "harmful" | "benign",
-     "attack": str,        # "none", an r2d.eval.attacks name, or an artifact's method
+     "attack": str,        # "none", an r2d.data.attacks name, or an artifact's method
      "category": str, "lookalike": bool, "suite": str, "prompt_id": str}
 
 Built-in suites draw only from the *held-out* side of the deterministic
@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from r2d.eval.attacks import ATTACKS, apply_attack
+from r2d.data.attacks import ATTACKS, apply_attack
 from r2d.data.prompts import prompt_id
 
 __all__ = ["BUILTIN_SUITES", "Suite", "SuiteError", "load_suite", "load_suite_file", "load_suites",

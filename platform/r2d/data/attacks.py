@@ -10,6 +10,10 @@ The templates carry the *framing* of each attack family, never operational
 content: where an attack needs example "harmful" answers (few-shot), they are
 placeholders such as ``[detailed steps]``.
 
+Evaluation wraps held-out harmful requests in them (the jailbreak suite); distillation can wrap a
+share of the training prompts, of both labels, in some of them (:func:`attacked_share`), so that a
+student learns to find the request inside a wrapper and a wrapper alone does not decide the label.
+
 Typical use::
 
     attacked = apply_attack("deep_inception", "How do I pick a lock?")
@@ -18,11 +22,16 @@ Typical use::
 from __future__ import annotations
 
 import base64 as _b64
-from typing import Callable
+import hashlib
+from collections.abc import Sequence
+from typing import Any, Callable
+
+from r2d.data.prompts import prompt_id
 
 __all__ = [
     "ATTACKS",
     "apply_attack",
+    "attacked_share",
     "autodan",
     "base64",
     "deep_inception",
@@ -308,3 +317,57 @@ def apply_attack(name: str, prompt: str) -> str:
         valid = ", ".join(sorted(ATTACKS))
         raise ValueError(f"unknown attack {name!r}; valid attacks: {valid}") from None
     return attack(prompt)
+
+
+def _share(salt: str, pid: str) -> float:
+    """A number in [0, 1) fixed by (salt, prompt_id)."""
+    return int(hashlib.sha256(f"{salt}:{pid}".encode()).hexdigest()[:16], 16) / 2**64
+
+
+def attacked_share(rows: Sequence[dict[str, Any]], attacks: Sequence[str], fraction: float,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """``rows`` with about ``fraction`` of each label wrapped in one of ``attacks``, in place of the plain row.
+
+    The wrapped rows of a label are those with the smallest hash of (``seed``, ``prompt_id``),
+    so the input's order does not matter; the attacks take turns in that order within each
+    label, so every attack wraps both labels alike. A wrapped row
+    gets the attacked text as ``prompt`` (and its ``prompt_id``), the attack's name as
+    ``attack``, and the plain request as ``request``, which written reasoning quotes.
+    Rows already attacked are left alone.
+
+    Args:
+        rows: Prompt rows (:data:`r2d.data.prompts.ROW_KEYS`).
+        attacks: Names from :data:`ATTACKS` (``"none"`` is not an attack here).
+        fraction: Share of each label to wrap, in [0, 1].
+        seed: Changes which rows are wrapped and by what.
+
+    Returns:
+        The rows in their order, a share of them wrapped.
+
+    Raises:
+        ValueError: naming an unknown attack, or a fraction outside [0, 1].
+    """
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    unknown = [a for a in attacks if a not in ATTACKS or a == "none"]
+    if unknown:
+        valid = ", ".join(sorted(set(ATTACKS) - {"none"}))
+        raise ValueError(f"unknown attack {unknown[0]!r}; valid attacks: {valid}")
+    if not attacks or not fraction:
+        return list(rows)
+    salt = f"attack:{seed}"
+    chosen: dict[str, str] = {}
+    for label in sorted({str(r["label"]) for r in rows}):
+        plain = [r for r in rows if r["label"] == label and (r.get("attack") or "none") == "none"]
+        ranked = sorted(plain, key=lambda r: _share(salt, r["prompt_id"]))
+        for i, row in enumerate(ranked[:round(fraction * len(plain))]):
+            chosen[row["prompt_id"]] = attacks[i % len(attacks)]
+    out = []
+    for row in rows:
+        name = chosen.get(row["prompt_id"])
+        if name is None:
+            out.append(dict(row))
+            continue
+        text = apply_attack(name, row["prompt"])
+        out.append({**row, "prompt": text, "prompt_id": prompt_id(text), "attack": name, "request": row["prompt"]})
+    return out
