@@ -62,7 +62,8 @@ def test_a_commit_needs_no_cpu_while_the_engine_holds_them_all(ray_session, tmp_
         row = {"prompt_id": "p1", "prompt": "hi", "source": "benign", "label": "benign", "attack": "none",
                "teacher": "t", "system_prompt_id": "s", "reasoning_steps": ["a"], "step_pivots": ["[SAFE]"],
                "teacher_pivots": [""], "answer": "ok", "answer_pivot": "[SAFE]", "tagger": "rules",
-               "repaired": False, "n_tokens": 3, "created_at": store.now(), "origin": "teacher"}
+               "repaired": False, "n_tokens": 3, "created_at": store.now(), "origin": "teacher",
+               "request": ""}
         done = threading.Thread(target=store.commit_chunk, args=([row], [], [], tmp_path, "t-00000"), daemon=True)
         done.start()
         done.join(60)

@@ -28,7 +28,8 @@ def _row(pid, label="benign", pivots=("[SAFE]",), teacher=("",), repaired=False,
             "reasoning_steps": [f"step {i}" for i in range(len(pivots))], "step_pivots": list(pivots),
             "teacher_pivots": list(teacher), "answer": answer,
             "answer_pivot": "[UNSAFE]" if label == "harmful" else "[SAFE]", "tagger": "rules",
-            "repaired": repaired, "n_tokens": 42, "created_at": datetime.now(timezone.utc), "origin": origin}
+            "repaired": repaired, "n_tokens": 42, "created_at": datetime.now(timezone.utc), "origin": origin,
+            "request": ""}
 
 
 def _write(out, name, rows, drops=(), errors=()):
@@ -38,7 +39,7 @@ def _write(out, name, rows, drops=(), errors=()):
 def test_schema_matches_the_design_contract():
     assert store.COLUMNS == ("prompt_id", "prompt", "source", "label", "attack", "teacher", "system_prompt_id",
                               "reasoning_steps", "step_pivots", "teacher_pivots", "answer", "answer_pivot",
-                              "tagger", "repaired", "n_tokens", "created_at", "origin")
+                              "tagger", "repaired", "n_tokens", "created_at", "origin", "request")
     table = store.to_table([_row("a")])
     assert table.schema.equals(store.SCHEMA)
     assert table.schema.field("step_pivots").type == pa.list_(pa.string())
@@ -98,6 +99,21 @@ def test_chunks_written_before_the_origin_column_still_read(tmp_path):
     assert store.manifest(tmp_path, {})["by_origin"] == {"benign:unrecorded": 1}
 
 
+def test_chunks_written_before_the_request_column_read_and_hash_as_before(tmp_path):
+    """``request`` (the plain request inside a wrapped prompt) reads as null from older chunks, and an empty
+    one leaves the content hash as it was, so a model trained on those traces is still found by it."""
+    import hashlib
+
+    old = store.to_table([_row("a")]).drop_columns(["request"])
+    commits.commit_chunk(str(tmp_path), "chunk-old", {"data/chunk-old/part.parquet": old})
+    table = store.read_table(tmp_path)
+    assert table.column("request").to_pylist() == [None]
+    before = [{k: v for k, v in r.items() if k != "created_at"} for r in old.to_pylist()]
+    assert store.digest(table) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert store.digest(table) == store.digest(store.to_table([_row("a")]))
+    assert store.digest(store.to_table([{**_row("a"), "request": "plain"}])) != store.digest(table)
+
+
 _KILLED_WRITER = """
 import os, sys, time
 from datetime import datetime, timezone
@@ -108,7 +124,7 @@ out, ready = sys.argv[1], sys.argv[2]
 row = dict(prompt_id="a", prompt="p", source="s", label="benign", attack="none", teacher="t",
            system_prompt_id="v1", reasoning_steps=["x"], step_pivots=["[SAFE]"], teacher_pivots=[""],
            answer="ok", answer_pivot="[SAFE]", tagger="rules", repaired=False, n_tokens=1,
-           created_at=datetime.now(timezone.utc), origin="teacher")
+           created_at=datetime.now(timezone.utc), origin="teacher", request="")
 store.commit_chunk([row], [{"prompt_id": "b", "reason": "too_long"}], [], out, "r-00000")
 real = st._local_write
 

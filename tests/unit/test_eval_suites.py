@@ -285,6 +285,26 @@ def test_traces_prompts_reads_the_distillation_layout(tmp_path):
     assert traces_prompts(str(tmp_path / "missing")) is None
 
 
+def test_a_request_trained_inside_an_encoding_wrapper_still_counts_as_contamination(tmp_path):
+    """A training prompt wrapped in base64 (``distill.attacks``) hides its request from a text comparison;
+    the traces keep the plain request beside it, and the check compares that too."""
+    from r2d import commits
+    from r2d.data.attacks import apply_attack
+    from r2d.distill import store as traces_io
+
+    request = TRAIN[0]
+    row = {**{c: None for c in traces_io.COLUMNS}, "prompt_id": "x", "label": "harmful",
+           "prompt": apply_attack("base64", request), "attack": "base64", "request": request}
+    commits.commit_chunk(str(tmp_path), "chunk-a-00000", {"data/chunk-a-00000/part.parquet": traces_io.to_table([row])})
+    assert traces_prompts(str(tmp_path)) == [row["prompt"], request]
+    suite = S.load_suite_file(_write(tmp_path / "leak.jsonl", [{"prompt": request, "label": "harmful"}]))
+    with pytest.raises(ContaminationError, match="1 exact"):
+        contamination_report([suite], str(tmp_path), 0.6, allow=False)
+    without = traces_io.to_table([{**row, "request": ""}])
+    commits.commit_chunk(str(tmp_path / "old"), "chunk-a-00000", {"data/chunk-a-00000/part.parquet": without})
+    assert contamination_report([suite], str(tmp_path / "old"), 0.6, allow=False)["clean"] is True
+
+
 def test_guard_and_rubric_judges_run_their_model_and_name_themselves(monkeypatch):
     """The guard rates harmful rows only (benign rows keep the keyword judge: a guard cannot see a
     refusal); the rubric rates every row; unparsable verdicts are dropped and counted."""

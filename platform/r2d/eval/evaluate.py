@@ -41,7 +41,8 @@ __all__ = ["contamination_report", "eval_code", "eval_key", "evaluate_models", "
 
 
 def traces_prompts(path: str) -> list[str] | None:
-    """The ``prompt`` column of a traces dataset, or None when there is none at ``path``.
+    """The ``prompt`` column of a traces dataset, and the plain requests inside its wrapped prompts
+    (``request``, where present), or None when there is none at ``path``.
 
     ``path`` is a distillation output (a folder or an object-store prefix, read through
     :mod:`r2d.distill.store`, which sees only committed chunks) or any Parquet file, folder
@@ -54,7 +55,7 @@ def traces_prompts(path: str) -> list[str] | None:
 
     uri = st.absolute(path)
     if traces_io.exists(uri):
-        return [p for p in traces_io.read_table(uri, ["prompt"]).column("prompt").to_pylist() if p]
+        return _texts(traces_io.read_table(uri, ["prompt", "request"]))
     if st.is_local(uri):
         if not Path(uri).exists():
             return None
@@ -67,7 +68,12 @@ def traces_prompts(path: str) -> list[str] | None:
     data = pads.dataset([st.filesystem(f)[1] for f in files], format="parquet", filesystem=fs)
     if "prompt" not in data.schema.names:
         raise ValueError(f"traces dataset {path!r} has no 'prompt' column (columns: {data.schema.names})")
-    return [p for p in data.to_table(columns=["prompt"]).column("prompt").to_pylist() if p]
+    return _texts(data.to_table(columns=[c for c in ("prompt", "request") if c in data.schema.names]))
+
+
+def _texts(table) -> list[str]:
+    """The non-empty prompts of a traces table, then the non-empty requests it wraps."""
+    return [t for c in ("prompt", "request") if c in table.column_names for t in table.column(c).to_pylist() if t]
 
 
 def contamination_report(suites: list[Suite], traces: str, threshold: float, allow: bool) -> dict[str, Any]:

@@ -88,6 +88,6 @@ def demo_like_rows(cfg, n: int = 300) -> list[dict]:
         rows.append({**{k: p.get(k, "") for k in ("prompt_id", "prompt", "source", "label")}, "attack": "none",
                      "teacher": "demo-like", "system_prompt_id": "r2d-safety-v1", "reasoning_steps": steps,
                      "step_pivots": pivots, "teacher_pivots": [""] * len(steps), "answer": answer,
-                     "answer_pivot": pivot, "tagger": "rules", "repaired": True, "n_tokens": 0, "origin": origin,
+                     "answer_pivot": pivot, "tagger": "rules", "repaired": True, "n_tokens": 0, "origin": origin, "request": "",
                      "created_at": datetime.now(timezone.utc).isoformat()})
     return rows
