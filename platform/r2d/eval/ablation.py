@@ -173,7 +173,7 @@ def tradeoff_plot(runs: dict[str, list[dict]], path, targets: tuple[float, float
            title=("Out-of-distribution" if ood else "In-distribution") + " trade-off, one point per run")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes: it hides no point
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend beside the axes is kept whole
     plt.close(fig)
 
 
