@@ -100,6 +100,14 @@ def test_attacks_in_the_training_mix_are_marked_apart_from_unseen_ones(results, 
     assert "| base64 (trained) |" in text and "| none |" in text and "*(trained)*" in text
     plain = write_report(results, tmp_path / "b", META)["report"].read_text()
     assert "(trained)" not in plain and "| base64 |" in plain
+    # the marks come from the traces the model was trained on: the attacks their manifest records
+    from r2d.distill import store
+    from r2d.eval.evaluate import trained_attacks
+
+    store.write_manifest(tmp_path / "traces", {"config": {"distill": {"attacks": ["few_shot"]}}})
+    assert trained_attacks(str(tmp_path / "traces")) == ["few_shot"]
+    store.write_manifest(tmp_path / "plain", {"config": {"distill": {}}})
+    assert trained_attacks(str(tmp_path / "plain")) == [] == trained_attacks(str(tmp_path / "none"))
 
 
 def test_report_flags_contamination_when_allowed(results, tmp_path):

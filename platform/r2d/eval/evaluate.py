@@ -76,6 +76,18 @@ def _texts(table) -> list[str]:
     return [t for c in ("prompt", "request") if c in table.column_names for t in table.column(c).to_pylist() if t]
 
 
+def trained_attacks(traces: str) -> list[str]:
+    """The attacks whose templates wrapped training prompts of the traces at ``traces`` (the ``distill.attacks``
+    their manifest records), [] for plain traces or none there."""
+    from r2d.distill import store as traces_io
+
+    try:
+        manifest = traces_io.read_manifest(traces)
+    except (OSError, ValueError):  # an unreadable manifest, or a path that is not a traces folder
+        return []
+    return list(((manifest.get("config") or {}).get("distill") or {}).get("attacks") or [])
+
+
 def contamination_report(suites: list[Suite], traces: str, threshold: float, allow: bool) -> dict[str, Any]:
     """Overlap between the suites' unattacked prompts and the traces' prompts.
 
@@ -266,7 +278,8 @@ def evaluate_models(cfg, models: list[str], suites: list[str] | None = None, *, 
         suites: Built-in suite names or files; None uses ``cfg.eval.suites``.
         output: Also write the JSON here.
         prompt_only_baseline: Add R2D-p (``cfg.model.source`` + the safety system prompt).
-        traces: Traces dataset for the contamination check; default ``eval.traces`` or ``distill.output_dir``.
+        traces: Traces dataset for the contamination check and the report's trained-attack marks (its manifest);
+            default ``eval.traces`` or ``distill.output_dir``.
         allow_contamination: Override ``eval.allow_contamination``.
         out_dir: Report folder; default ``<eval.output_dir>/<time>-<digest>``.
         log_mlflow: Log the MLflow runs and tag model versions.
@@ -290,8 +303,8 @@ def evaluate_models(cfg, models: list[str], suites: list[str] | None = None, *, 
     targets = make_targets(cfg, list(models), prompt_only_baseline)
     # 2. contamination, before any generation is paid for
     allow = cfg.eval.allow_contamination if allow_contamination is None else allow_contamination
-    contamination = contamination_report(loaded, traces or cfg.eval.traces or cfg.distill.output_dir,
-                                         cfg.eval.contamination_threshold, allow)
+    traces = traces or cfg.eval.traces or cfg.distill.output_dir
+    contamination = contamination_report(loaded, traces, cfg.eval.contamination_threshold, allow)
     held_out = contamination["clean"] if contamination["checked"] else None
     versions = _pin_versions(targets) if log_mlflow else {}
     # 3. generate, judge, score (or reuse an earlier evaluation of the same inputs)
@@ -313,7 +326,7 @@ def evaluate_models(cfg, models: list[str], suites: list[str] | None = None, *, 
 
     meta = {"suite_digest": digest, "created_at": time.strftime("%Y-%m-%d %H:%M:%S"), "config_digest": cfg.digest(),
             "git_commit": git_commit(), "contamination": contamination, "judge_quality": keyword_judge_quality(),
-            "trained_attacks": list(cfg.distill.attacks),
+            "trained_attacks": trained_attacks(traces),
             "suites": [{"name": s.name, "source": s.source, "n_harmful": s.n_harmful, "n_benign": s.n_benign,
                         "skipped": s.skipped, "ood": s.ood} for s in loaded]}
     folder = st.absolute(out_dir or st.join(cfg.eval.output_dir, f"{time.strftime('%Y%m%d-%H%M%S')}-{digest[:8]}"))
