@@ -22,10 +22,10 @@ Typical use::
 from __future__ import annotations
 
 import base64 as _b64
-import hashlib
 from collections.abc import Sequence
 from typing import Any, Callable
 
+from r2d.data.mix import seeded_rank
 from r2d.data.prompts import prompt_id
 
 __all__ = [
@@ -319,11 +319,6 @@ def apply_attack(name: str, prompt: str) -> str:
     return attack(prompt)
 
 
-def _share(salt: str, pid: str) -> float:
-    """A number in [0, 1) fixed by (salt, prompt_id)."""
-    return int(hashlib.sha256(f"{salt}:{pid}".encode()).hexdigest()[:16], 16) / 2**64
-
-
 def attacked_share(rows: Sequence[dict[str, Any]], attacks: Sequence[str], fraction: float,
                    seed: int = 0) -> list[dict[str, Any]]:
     """``rows`` with about ``fraction`` of each label wrapped in one of ``attacks``, in place of the plain row.
@@ -359,7 +354,7 @@ def attacked_share(rows: Sequence[dict[str, Any]], attacks: Sequence[str], fract
     chosen: dict[str, str] = {}
     for label in sorted({str(r["label"]) for r in rows}):
         plain = [r for r in rows if r["label"] == label and (r.get("attack") or "none") == "none"]
-        ranked = sorted(plain, key=lambda r: _share(salt, r["prompt_id"]))
+        ranked = sorted(plain, key=lambda r: seeded_rank(salt, r["prompt_id"]))
         for i, row in enumerate(ranked[:round(fraction * len(plain))]):
             chosen[row["prompt_id"]] = attacks[i % len(attacks)]
     out = []

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from r2d.data.dedup import THRESHOLD, NgramIndex
 
 
-def _rank(salt: str, pid: str) -> int:
-    """A uniform 64-bit number fixed by (salt, prompt_id)."""
+def seeded_rank(salt: str, pid: str) -> int:
+    """A uniform 64-bit number fixed by (salt, prompt_id): every seeded choice over prompts sorts by it."""
     return int(hashlib.sha256(f"{salt}:{pid}".encode()).hexdigest()[:16], 16)
 
 
@@ -96,10 +96,10 @@ def mix(sources: Sequence[Sequence[dict]], sizes: Sequence[int] | None = None,
         pool = _unique(rows, taken)
         if k < 0 or k > len(pool):
             raise ValueError(f"source {i}: asked for {k} rows, {len(pool)} unique available")
-        drawn = sorted(pool, key=lambda r: _rank(salt, r["prompt_id"]))[:k]
+        drawn = sorted(pool, key=lambda r: seeded_rank(salt, r["prompt_id"]))[:k]
         taken.update(r["prompt_id"] for r in drawn)
         chosen.extend(drawn)
-    return sorted(chosen, key=lambda r: _rank(f"order:{seed}", r["prompt_id"]))
+    return sorted(chosen, key=lambda r: seeded_rank(f"order:{seed}", r["prompt_id"]))
 
 
 def _near_duplicates(train: list[str], evals: list[str], threshold: float) -> set[int]:
@@ -143,7 +143,7 @@ def split(rows: Sequence[dict], eval_fraction: float, seed: int = 0,
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     cut = eval_fraction * 2**64
-    is_eval = [_rank(f"split:{seed}", r["prompt_id"]) < cut for r in rows]
+    is_eval = [seeded_rank(f"split:{seed}", r["prompt_id"]) < cut for r in rows]
     train_idx = [i for i, e in enumerate(is_eval) if not e]
     moved = _near_duplicates([rows[i]["prompt"] for i in train_idx],
                              [r["prompt"] for r, e in zip(rows, is_eval) if e], threshold)

@@ -72,8 +72,8 @@ def traces_prompts(path: str) -> list[str] | None:
 
 
 def _texts(table) -> list[str]:
-    """The non-empty prompts of a traces table, then the non-empty requests it wraps."""
-    return [t for c in ("prompt", "request") if c in table.column_names for t in table.column(c).to_pylist() if t]
+    """The non-empty texts of a table read as (prompt[, request]): the prompts, then the requests they wrap."""
+    return [t for c in table.column_names for t in table.column(c).to_pylist() if t]
 
 
 def trained_attacks(traces: str) -> list[str]:
