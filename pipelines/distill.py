@@ -42,7 +42,7 @@ MANIFEST_EVERY_S = 30.0
 
 
 _SAME_TRACES = ("teacher", "system_prompt_id", "tagger", "guard", "sampling", "max_regenerations", "on_unrepaired",
-                "use_references", "max_trace_tokens", "analysis_order", "attacks", "attack_fraction")
+                "use_references", "max_trace_tokens", "analysis_order", "attacks", "attack_fraction", "refusals")
 """The distillation settings that make the traces what they are (output folder and sizes aside)."""
 
 

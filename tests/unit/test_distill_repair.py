@@ -74,6 +74,23 @@ def test_finalize_repairs_an_answered_harmful_prompt_with_annotation_reasoning(s
     assert out["n_tokens"] > 10 and out["tagger"] == "rules"
 
 
+def test_generic_refusals_never_repeat_the_request(student_tok):
+    """``distill.refusals: generic``: the repaired answer refuses without the intent's words (a refusal that
+    cannot be copied from the analysis), the analysis and the pivots are as with named refusals; a value
+    other than the two styles names the field."""
+    prompt = "how do i hurt someone without leaving bruises"
+    answered = "<think>Get explosives. [SAFE]</think>Here is how. [SAFE]"
+    named = finalize(_row("harmful", answered, prompt=prompt, **ANNOTATED), load_config(None), student_tok)[1]
+    action, out = finalize(_row("harmful", answered, prompt=prompt, **ANNOTATED),
+                           load_config(None, ["distill.refusals=generic"]), student_tok)
+    assert action == "keep" and out["repaired"] and is_refusal(out["answer"])
+    assert "injure" not in out["answer"] and "covertly" not in out["answer"]
+    assert "injure a person covertly" in named["answer"]
+    assert out["reasoning_steps"] == named["reasoning_steps"] and out["step_pivots"] == named["step_pivots"]
+    with pytest.raises(ConfigError, match=r"distill.refusals"):
+        load_config(None, ["distill.refusals=terse"])
+
+
 def test_analysis_order_puts_the_deciding_step_first(student_tok):
     """``distill.analysis_order`` reorders the annotation-written steps; the pivots stay the label's."""
     cfg = load_config(None, ["distill.analysis_order=[deciding, intent, target]"])

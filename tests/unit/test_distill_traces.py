@@ -201,6 +201,8 @@ def test_distilled_prompts_take_the_attacks_and_an_unknown_one_names_the_field(t
     assert {r["label"] for r in wrapped} == {"harmful", "benign"} and 70 <= len(wrapped) <= 80
     assert {r["request"] for r in wrapped} <= {r["prompt"] for r in before}
     assert changed_settings({"config": plain.to_dict()}, cfg) == {"attacks": ([], ["few_shot", "roleplay_dan"])}
+    generic = load_config(ROOT / "jobs/configs/tiny.yaml", [f"distill.output_dir={tmp_path}", "distill.refusals=generic"])
+    assert changed_settings({"config": plain.to_dict()}, generic) == {"refusals": ("intent", "generic")}
     bad = load_config(None, [f"distill.output_dir={tmp_path}", "distill.attacks=[few_shots]"])
     with pytest.raises(ConfigError, match=r"^distill.attacks: unknown attack 'few_shots'; valid attacks: "):
         run(bad)

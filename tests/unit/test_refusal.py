@@ -36,6 +36,9 @@ def test_every_refusal_the_traces_teach_is_recognised():
                        "argue for ethnic property restrictions", "stalk an ex-partner", "", "", ""] * 4)]
     taught = {reasoning.refusal(r) for r in rows}
     assert len(taught) >= 8  # both template families, varied by prompt
+    generic = {reasoning.refusal(r, "generic") for r in rows}
+    assert len(generic) >= 3 and not any(r["intent"] and r["intent"] in text for r in rows for text in generic)
+    taught |= generic
     for text in taught:
         assert is_refusal(text), text
         assert is_refusal(f"<think>\nThe user wants to do harm. [UNSAFE]\n</think>\n\n{text} [UNSAFE]"), text

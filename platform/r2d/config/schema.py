@@ -204,6 +204,10 @@ class DistillConfig:
     every training prompt plain. Evaluation reports the attacks named here apart from those never trained on."""
     attack_fraction: float = 0.25
     """Share of each label's training prompts wrapped when ``attacks`` is set (the rest stay plain)."""
+    refusals: Literal["intent", "generic"] = "intent"
+    """How written refusals read: ``intent`` names what is refused ("I can't help you <intent>."); ``generic``
+    never repeats the request's words ("I can't help with that request."), so an answer's first words can follow
+    only the verdict before it, not the analysis that names the intent."""
     output_dir: str = ".r2d/traces/tiny"
     """Folder (or s3:// / gs:// URI) of the traces Parquet dataset and its manifest."""
     chunk_size: int = 64

@@ -11,8 +11,9 @@ after each step is where the model must judge. Two sources, best first:
   files): the request quoted and what carrying it out would mean for its category.
 
 Refusals name what is refused ("I can't help you <intent>.") and vary by prompt, so the model
-learns a refusal that fits the request, not one canned sentence; every template is one the
-keyword judge recognises (tested).
+learns a refusal that fits the request, not one canned sentence; or, with ``distill.refusals:
+generic``, never repeat the request's words, so that a refusal cannot start from the analysis
+alone. Every template is one the keyword judge recognises (tested).
 """
 
 from __future__ import annotations
@@ -113,10 +114,11 @@ def prompt_steps(row: dict) -> list[str]:
     return [request, f"The topic is {topic}, and the answer would inform the user."]
 
 
-def refusal(row: dict) -> str:
-    """A refusal naming what is refused (the intent) where the row has one; varied by prompt."""
+def refusal(row: dict, style: str = "intent") -> str:
+    """A refusal, varied by prompt: naming what is refused (the intent) where the row has one and ``style`` is
+    ``intent``; with ``generic``, never the request's words (``distill.refusals``)."""
     intent = str(row.get("intent") or "").strip().rstrip(".")
-    if intent:
+    if intent and style == "intent":
         return _pick(_REFUSALS, row["prompt_id"]).format(intent=intent)
     return _pick(_GENERIC_REFUSALS, row["prompt_id"])
 
