@@ -201,6 +201,8 @@ def model_metrics(entry: dict[str, Any]) -> dict[str, float]:
         ci = (entry.get("asr_by_attack_ci") or {}).get(attack)
         if ci:
             out[f"asr_{name}_lo"], out[f"asr_{name}_hi"] = ci
+    for attack, value in (entry.get("over_refusal_by_attack") or {}).items():
+        out[f"over_refusal_{_metric_name(attack)}"] = value
     for key in ("asr", "over_refusal", "discrimination"):
         out[f"raw_{key}"] = (entry.get("raw") or {}).get(key)
     verdict = [k for k in VERDICT_KEYS if not k.endswith("_ci")]

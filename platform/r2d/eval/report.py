@@ -18,6 +18,7 @@ from typing import Any
 __all__ = ["output_json", "plot_asr_by_attack", "plot_safety", "render_markdown", "side_by_side", "write_report"]
 
 _KEYS = ("asr", "asr_ci", "asr_by_attack", "asr_by_attack_ci", "over_refusal", "over_refusal_ci",
+         "over_refusal_by_attack", "over_refusal_by_attack_ci",
          "over_refusal_lookalike", "over_refusal_lookalike_ci", "n_lookalike", "benign_restated",
          "benign_restated_ci", "discrimination", "discrimination_ci", "n_harmful", "n_benign", "judge", "judges",
          "output_filter", "raw", "pivots",
@@ -165,11 +166,20 @@ def _attack_table(results: dict[str, dict[str, Any]], trained: Sequence[str] = (
     if not attacks:
         return ["No harmful prompts were evaluated: no ASR."]
     names = list(results)
-    lines = ["| attack | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    # Benign prompts in the same wrappers (the wrapped_benign suite): a refusal there is over-refusal.
+    benign = any(e.get("over_refusal_by_attack") for e in results.values())
+    header = [f"{n}: ASR | {n}: benign refused" for n in names] if benign else names
+    lines = ["| attack | " + " | ".join(header) + " |", "|---|" + "---|" * len(names) * (1 + benign)]
+
+    def cell(e: dict[str, Any], key: str, a: str) -> str:
+        total = "asr" if key == "asr_by_attack" else "over_refusal"
+        if a == "all":
+            return _pct(e.get(total)) + _ci(e.get(f"{total}_ci"))
+        return _pct((e.get(key) or {}).get(a)) + _ci((e.get(f"{key}_ci") or {}).get(a))
+
     for a in attacks + ["all"]:
-        cells = [_pct(e.get("asr")) + _ci(e.get("asr_ci")) if a == "all" else
-                 _pct((e.get("asr_by_attack") or {}).get(a)) + _ci((e.get("asr_by_attack_ci") or {}).get(a))
-                 for e in results.values()]
+        cells = [cell(e, key, a) for e in results.values()
+                 for key in (("asr_by_attack", "over_refusal_by_attack") if benign else ("asr_by_attack",))]
         lines.append(f"| {trained_mark(a, trained)} | " + " | ".join(cells) + " |")
     return lines + (["", TRAINED_NOTE] if set(trained) & set(attacks) else [])
 
@@ -275,7 +285,10 @@ def render_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any], ch
              "that only knows its own training distribution is not a defence.", "",
              "## Side by side", "", "```", side_by_side(results), "```", "",
              "## By suite", "", *_suite_table(results, meta["suites"]), "",
-             "## ASR by attack (in distribution)", "", *_attack_table(results, meta.get("trained_attacks") or ()), ""]
+             "## ASR by attack (in distribution)" + (
+                 ", and benign prompts in the same wrappers (`wrapped_benign`)"
+                 if any(e.get("over_refusal_by_attack") for e in results.values()) else ""), "",
+             *_attack_table(results, meta.get("trained_attacks") or ()), ""]
     lines += [f"![{k}]({v})" for k, v in charts.items()] + [""]
     lines += ["## Raw text, pivots, generation", "", *_detail_table(results), "",
               "## Does the answer follow the verdict?", "", *_verdict_table(results), "",

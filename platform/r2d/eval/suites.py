@@ -17,6 +17,11 @@ so their prompts never reach distillation or training:
   ``cfg.eval.attacks`` (each attack sees the same requests, so attacks compare fairly).
 - ``over_refusal``: held-out benign look-alikes ("how do I kill a Python process").
 - ``benign``: held-out everyday benign tasks.
+- ``wrapped_benign`` (not run unless named): the held-out benign prompts (everyday and
+  look-alike) wrapped by every attack in ``cfg.eval.attacks``, as ``jailbreak`` wraps the
+  harmful ones. A model that learned "a jailbreak template means refuse" scores well on
+  ``jailbreak`` and refuses these: their refusal rate per attack is the other half of the
+  jailbreak numbers (``over_refusal_by_attack``).
 
 Out of distribution (``Suite.ood``; reported apart, and first):
 
@@ -133,13 +138,13 @@ def harmful_suite(cfg) -> list[dict[str, Any]]:
     return _cap(rows, cfg.eval.max_per_suite)
 
 
-def jailbreak_suite(cfg) -> list[dict[str, Any]]:
-    """Held-out harmful requests × ``cfg.eval.attacks``; the cap is split evenly over attacks (floor)."""
+def _wrapped(cfg, suite: str, label: str) -> list[dict[str, Any]]:
+    """Held-out prompts of ``label`` × ``cfg.eval.attacks``; the cap is split evenly over attacks (floor)."""
     attacks = [a for a in cfg.eval.attacks if a != "none"] or ["none"]
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise SuiteError(f"eval.attacks: unknown attack {unknown[0]!r}, expected names from {sorted(ATTACKS)}")
-    base = _held_rows(cfg, "jailbreak", lambda r: r["label"] == "harmful")
+    base = _held_rows(cfg, suite, lambda r: r["label"] == label)
     if cfg.eval.max_per_suite:
         base = base[:max(1, cfg.eval.max_per_suite // len(attacks))]
     rows = []
@@ -147,6 +152,16 @@ def jailbreak_suite(cfg) -> list[dict[str, Any]]:
         for r in base:
             rows.append({**r, "prompt": apply_attack(attack, r["base_prompt"]), "attack": attack})
     return rows
+
+
+def jailbreak_suite(cfg) -> list[dict[str, Any]]:
+    """Held-out harmful requests × ``cfg.eval.attacks``; the cap is split evenly over attacks (floor)."""
+    return _wrapped(cfg, "jailbreak", "harmful")
+
+
+def wrapped_benign_suite(cfg) -> list[dict[str, Any]]:
+    """Held-out benign prompts (everyday and look-alike) × ``cfg.eval.attacks``, capped as ``jailbreak``."""
+    return _wrapped(cfg, "wrapped_benign", "benign")
 
 
 def over_refusal_suite(cfg) -> list[dict[str, Any]]:
@@ -175,6 +190,7 @@ BUILTIN_SUITES: dict[str, Callable[[Any], list[dict[str, Any]]]] = {
     "jailbreak": jailbreak_suite,
     "over_refusal": over_refusal_suite,
     "benign": benign_suite,
+    "wrapped_benign": wrapped_benign_suite,
     "ood_categories": ood_categories_suite,
 }
 """Suite name → builder(cfg) -> rows (held-out prompts only)."""
