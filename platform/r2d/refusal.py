@@ -58,11 +58,13 @@ _LONG_CONTENT_WORDS = 25
 def visible_answer(text: str) -> str:
     """Return what a user sees: the answer after the reasoning, without pivots.
 
-    Everything up to and including the last ``</think>`` is dropped. If a
-    ``<think>`` was opened but never closed, the whole text is reasoning (the
-    model ran out of tokens mid-thought) and the visible answer is ``""``. A
-    ``<think>`` reopened after the last ``</think>`` and never closed is cut off
-    the same way. Pivot tokens are removed and the result is stripped.
+    The reasoning ends at the *first* ``</think>``, as serving splits it
+    (:func:`r2d.pivots.split_reasoning`): whatever the model writes after it reaches
+    the user, even when it closes the reasoning again ("answer [SAFE] </think> more"),
+    so it is judged. Reasoning re-opened after it is dropped where it closes, and cut
+    off where it never does; stray tags and pivot tokens are removed. If a ``<think>``
+    was opened but never closed, the whole text is reasoning (the model ran out of
+    tokens mid-thought) and the visible answer is ``""``.
 
     Args:
         text: Raw model output.
@@ -71,14 +73,19 @@ def visible_answer(text: str) -> str:
         The visible answer, possibly empty.
     """
     if THINK_CLOSE in text:
-        text = text.rsplit(THINK_CLOSE, 1)[1]
+        text = text.split(THINK_CLOSE, 1)[1]
     elif THINK_OPEN in text:
         return ""
+    text = _REOPENED.sub(" ", text)
     if THINK_OPEN in text:
         text = text.split(THINK_OPEN, 1)[0]
+    text = text.replace(THINK_CLOSE, " ")
     for pivot in PIVOTS:
         text = text.replace(pivot, "")
     return text.strip()
+
+
+_REOPENED = re.compile(re.escape(THINK_OPEN) + r".*?" + re.escape(THINK_CLOSE), re.DOTALL)
 
 
 def _normalise(text: str) -> str:
