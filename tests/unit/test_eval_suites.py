@@ -285,6 +285,23 @@ def test_evaluate_models_refuses_contaminated_prompts_before_generating(tmp_path
         evaluate_models(cfg, ["no-such-model-is-ever-loaded"], [str(suite)], log_mlflow=False)
 
 
+def test_a_registry_model_resolves_in_the_configs_registry_without_logging(tmp_path, monkeypatch):
+    """``--no-mlflow`` skips logging, not the registry: ``models:/…`` is looked up at ``tracking.uri``,
+    not in an ``mlflow.db`` of the working directory."""
+    from r2d.eval.evaluate import evaluate_models
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    suite = _write(tmp_path / "s.jsonl", [{"prompt": "Write a haiku.", "label": "benign"}])
+    registry = tmp_path / "registry" / "mlflow.db"
+    cfg = load_config(None, [f"tracking.uri=sqlite:///{registry}", f"distill.output_dir={tmp_path / 'none'}"])
+    # The engine resolves the source in its Ray actor, which raises it wrapped in Ray's task error.
+    with pytest.raises(Exception, match=f"registered model 'r2d-missing' does not exist in the MLflow registry at "
+                                        f"sqlite:///{registry}"):
+        evaluate_models(cfg, ["models:/r2d-missing/1"], [str(suite)], log_mlflow=False)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_traces_prompts_reads_the_distillation_layout(tmp_path):
     """Committed chunks count; files a crash left without their marker do not."""
     from r2d import commits
