@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -286,20 +287,31 @@ def test_evaluate_models_refuses_contaminated_prompts_before_generating(tmp_path
 
 
 def test_a_registry_model_resolves_in_the_configs_registry_without_logging(tmp_path, monkeypatch):
-    """``--no-mlflow`` skips logging, not the registry: ``models:/…`` is looked up at ``tracking.uri``,
-    not in an ``mlflow.db`` of the working directory."""
-    from r2d.eval.evaluate import evaluate_models
+    """``--no-mlflow`` skips logging, not the registry: by the time ``models:/…`` sources are resolved, MLflow
+    (and the environment Ray workers started from here inherit) points at ``tracking.uri``, not at MLflow's
+    default ``mlflow.db`` of the working directory; nothing is created there."""
+    import mlflow
+
+    import r2d.eval.evaluate as E
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)
     suite = _write(tmp_path / "s.jsonl", [{"prompt": "Write a haiku.", "label": "benign"}])
-    registry = tmp_path / "registry" / "mlflow.db"
-    cfg = load_config(None, [f"tracking.uri=sqlite:///{registry}", f"distill.output_dir={tmp_path / 'none'}"])
-    # The engine resolves the source in its Ray actor, which raises it wrapped in Ray's task error.
-    with pytest.raises(Exception, match=f"registered model 'r2d-missing' does not exist in the MLflow registry at "
-                                        f"sqlite:///{registry}"):
-        evaluate_models(cfg, ["models:/r2d-missing/1"], [str(suite)], log_mlflow=False)
-    assert not (tmp_path / "mlflow.db").exists()
+    registry = f"sqlite:///{tmp_path / 'registry' / 'mlflow.db'}"
+    cfg = load_config(None, [f"tracking.uri={registry}", f"distill.output_dir={tmp_path / 'none'}"])
+    seen = {}
+
+    def resolve(cfg, models, baseline):
+        seen.update(uri=mlflow.get_tracking_uri(), env=os.environ.get("MLFLOW_TRACKING_URI"))
+        raise RuntimeError("resolved")
+
+    monkeypatch.setattr(E, "make_targets", resolve)
+    with pytest.raises(RuntimeError, match="resolved"):
+        E.evaluate_models(cfg, ["models:/r2d-missing/1"], [str(suite)], log_mlflow=False)
+    assert seen == {"uri": registry, "env": registry}
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "registry").exists()
+    mlflow.set_tracking_uri(None)
 
 
 def test_traces_prompts_reads_the_distillation_layout(tmp_path):
