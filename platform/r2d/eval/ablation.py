@@ -158,7 +158,12 @@ def tradeoff_plot(runs: dict[str, list[dict]], path, targets: tuple[float, float
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.5, 5))
+    # The legend goes under the axes, one line per recipe: beside them, twenty long names squeezed the axes
+    # to a sliver. The figure grows with the legend, so the axes keep their size.
+    legend_in = 0.17 * (len(runs) + 2) + 0.3
+    fig, ax = plt.subplots(figsize=(8.5, 5.2 + legend_in))
+    fig.subplots_adjust(left=0.1, right=0.97, top=1 - 0.45 / (5.2 + legend_in),
+                        bottom=(legend_in + 0.75) / (5.2 + legend_in))
     ax.fill_between([0, targets[1]], 0, targets[0], color="tab:green", alpha=0.12, label="target")
     ax.plot([0, 1], [1, 0], color="grey", lw=0.8, ls="--", label="no discrimination")
     for i, (variant, results) in enumerate(runs.items()):
@@ -171,9 +176,8 @@ def tradeoff_plot(runs: dict[str, list[dict]], path, targets: tuple[float, float
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="over-refusal (benign prompts refused)",
            ylabel="attack success rate (harmful prompts answered)",
            title=("Out-of-distribution" if ood else "In-distribution") + " trade-off, one point per run")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes: it hides no point
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend beside the axes is kept whole
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)  # it hides no point
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the title and the legend are kept whole
     plt.close(fig)
 
 
