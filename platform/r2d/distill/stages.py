@@ -63,7 +63,8 @@ def finalize(row: dict, cfg, student_tok) -> tuple[str, dict]:
     if not str(row.get("prompt") or "").strip():
         return "drop", _drop(row, repair.EMPTY_PROMPT)
     if row["label"] == "harmful":
-        action, answer, repaired = repair.decide_harmful(row["answer"], d.on_unrepaired, reasoning.refusal(row, d.refusals))
+        action, answer, repaired = repair.decide_harmful(row["answer"], d.on_unrepaired,
+                                                         reasoning.refusal(row, d.refusals))
     else:
         action, answer, repaired = repair.decide_benign(row["answer"], bool(row["truncated"]),
                                                         row.get("reference") or "", d.use_references)

@@ -197,7 +197,8 @@ def judge_records(rows: list[dict[str, Any]], cfg) -> tuple[list[dict], dict[str
 # ---------------------------------------------------------------- scoring
 
 _HEADLINE = ("n_harmful", "n_benign", "asr", "asr_ci", "asr_by_attack", "asr_by_attack_ci", "over_refusal",
-             "over_refusal_ci", "over_refusal_by_attack", "over_refusal_by_attack_ci", "n_lookalike", "over_refusal_lookalike", "over_refusal_lookalike_ci",
+             "over_refusal_ci", "over_refusal_by_attack", "over_refusal_by_attack_ci", "n_lookalike",
+             "over_refusal_lookalike", "over_refusal_lookalike_ci",
              "discrimination", "discrimination_ci", "benign_restated", "benign_restated_ci", *VERDICT_KEYS)
 
 
