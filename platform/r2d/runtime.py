@@ -111,14 +111,22 @@ def artifact_root() -> str:
     return (workdir() / ".r2d" / "mlartifacts").as_uri()
 
 
-def init_mlflow(experiment: str = "r2d", uri: str = ""):
-    """Point MLflow at the tracking URI and select (or create) the experiment."""
+def use_tracking(uri: str = "") -> str:
+    """Point MLflow (and the subprocesses and Ray workers started after) at the tracking URI; creates nothing."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
     resolved = tracking_uri(uri)
     os.environ["MLFLOW_TRACKING_URI"] = resolved  # Ray workers and subprocesses inherit it
     mlflow.set_tracking_uri(resolved)
+    return resolved
+
+
+def init_mlflow(experiment: str = "r2d", uri: str = ""):
+    """Point MLflow at the tracking URI and select (or create) the experiment."""
+    import mlflow
+
+    resolved = use_tracking(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         # A sqlite store would put artifacts under ./mlruns of whatever cwd a job has.
         location = artifact_root() if resolved.startswith("sqlite:") else None

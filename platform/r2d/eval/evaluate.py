@@ -161,18 +161,6 @@ def eval_key(cfg, target: Target, digest: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _use_registry(cfg) -> None:
-    """Point MLflow (and the Ray workers it starts) at ``tracking.uri`` without creating anything there."""
-    import os
-
-    import mlflow
-
-    from r2d.runtime import tracking_uri
-
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri(cfg.tracking.uri)
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-
-
 def find_reusable(cfg, key: str) -> dict[str, Any] | None:
     """The result entry of the newest finished evaluation run with this :func:`eval_key`, or None."""
     import mlflow
@@ -315,7 +303,9 @@ def evaluate_models(cfg, models: list[str], suites: list[str] | None = None, *, 
     rows = [{**r, "row": i} for i, r in enumerate(r for s in loaded for r in s.rows)]
     digest = suite_digest(loaded)
     if any(str(m).startswith("models:/") for m in models):
-        _use_registry(cfg)  # logging or not, a registry source is the config's registry's
+        from r2d.runtime import use_tracking
+
+        use_tracking(cfg.tracking.uri)  # logging or not, a registry source is the config's registry's
     targets = make_targets(cfg, list(models), prompt_only_baseline)
     # 2. contamination, before any generation is paid for
     allow = cfg.eval.allow_contamination if allow_contamination is None else allow_contamination

@@ -161,13 +161,17 @@ TRAINED_NOTE = ("*(trained)*: the attack's template wrapped some training prompt
                 "requests it wraps here are held out. The other attacks were never trained on.")
 
 
+def _wrapped_benign(results: dict[str, dict[str, Any]]) -> bool:
+    """Were benign prompts evaluated in the attacks' wrappers (``wrapped_benign``)? A refusal there is over-refusal."""
+    return any(e.get("over_refusal_by_attack") for e in results.values())
+
+
 def _attack_table(results: dict[str, dict[str, Any]], trained: Sequence[str] = ()) -> list[str]:
     attacks = sorted({a for e in results.values() for a in (e.get("asr_by_attack") or {})})
     if not attacks:
         return ["No harmful prompts were evaluated: no ASR."]
     names = list(results)
-    # Benign prompts in the same wrappers (the wrapped_benign suite): a refusal there is over-refusal.
-    benign = any(e.get("over_refusal_by_attack") for e in results.values())
+    benign = _wrapped_benign(results)
     header = [f"{n}: ASR | {n}: benign refused" for n in names] if benign else names
     lines = ["| attack | " + " | ".join(header) + " |", "|---|" + "---|" * len(names) * (1 + benign)]
 
@@ -287,7 +291,7 @@ def render_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any], ch
              "## By suite", "", *_suite_table(results, meta["suites"]), "",
              "## ASR by attack (in distribution)" + (
                  ", and benign prompts in the same wrappers (`wrapped_benign`)"
-                 if any(e.get("over_refusal_by_attack") for e in results.values()) else ""), "",
+                 if _wrapped_benign(results) else ""), "",
              *_attack_table(results, meta.get("trained_attacks") or ()), ""]
     lines += [f"![{k}]({v})" for k, v in charts.items()] + [""]
     lines += ["## Raw text, pivots, generation", "", *_detail_table(results), "",
