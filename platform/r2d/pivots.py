@@ -251,9 +251,36 @@ def split_reasoning(text: str) -> tuple[str, str]:
     """Return (reasoning, visible answer) with pivots and think tags removed.
 
     Text that opens ``<think>`` but never closes it is all reasoning: nothing is visible.
+    The answer is :func:`answer_part` of what follows the first ``</think>``.
     """
     reasoning, answer = raw_parts(text)
-    return strip_pivots(reasoning), strip_pivots(answer)
+    return strip_pivots(reasoning), strip_pivots(answer_part(answer))
+
+
+_REOPENED = re.compile(r"[ \t]*" + re.escape(THINK_OPEN) + r".*?" + re.escape(THINK_CLOSE) + r"[ \t]*", re.DOTALL)
+
+
+def answer_part(answer: str) -> str:
+    """What a user reads of the text after the first ``</think>``; pivots are kept.
+
+    A model may close its reasoning again after answering ("answer [SAFE] </think> more")
+    or re-open it: reasoning re-opened there is dropped where it closes and cut off where
+    it never does, and a stray ``</think>`` is removed, so no tag reaches the user.
+    """
+    if THINK_OPEN in answer:
+        answer = _REOPENED.sub(_gap, answer)
+        answer = answer.split(THINK_OPEN, 1)[0]
+    return _CLOSE.sub(_gap, answer)
+
+
+_CLOSE = re.compile(r"[ \t]*" + re.escape(THINK_CLOSE) + r"[ \t]*")
+
+
+def _gap(match: re.Match) -> str:
+    """What a removed tag leaves: a space between words, nothing at a line's start or end."""
+    text, start, end = match.string, match.start(), match.end()
+    at_edge = start == 0 or text[start - 1] == "\n" or end == len(text) or text[end] == "\n"
+    return "" if at_edge else " "
 
 
 def raw_parts(text: str) -> tuple[str, str]:

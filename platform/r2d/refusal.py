@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from r2d.pivots import PIVOTS, THINK_CLOSE, THINK_OPEN, raw_parts
+from r2d.pivots import split_reasoning
 
 # Models emit typographic apostrophes ("I can’t"); patterns use the ASCII one.
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u2032": "'"})
@@ -58,13 +58,13 @@ _LONG_CONTENT_WORDS = 25
 def visible_answer(text: str) -> str:
     """Return what a user sees: the answer after the reasoning, without pivots.
 
-    The reasoning ends at the *first* ``</think>``, split as serving splits it
-    (:func:`r2d.pivots.raw_parts`): whatever the model writes after it reaches
-    the user, even when it closes the reasoning again ("answer [SAFE] </think> more"),
-    so it is judged. Reasoning re-opened after it is dropped where it closes, and cut
-    off where it never does; stray tags and pivot tokens are removed. If a ``<think>``
-    was opened but never closed, the whole text is reasoning (the model ran out of
-    tokens mid-thought) and the visible answer is ``""``.
+    It is what serving shows (:func:`r2d.pivots.split_reasoning`): the reasoning ends
+    at the *first* ``</think>``, and whatever the model writes after it reaches the user,
+    even when it closes the reasoning again ("answer [SAFE] </think> more"), so it is
+    judged. Reasoning re-opened after it is dropped where it closes, and cut off where it
+    never does; stray tags and pivot tokens are removed. If a ``<think>`` was opened but
+    never closed, the whole text is reasoning (the model ran out of tokens mid-thought)
+    and the visible answer is ``""``.
 
     Args:
         text: Raw model output.
@@ -72,17 +72,7 @@ def visible_answer(text: str) -> str:
     Returns:
         The visible answer, possibly empty.
     """
-    _, text = raw_parts(text)
-    text = _REOPENED.sub(" ", text)
-    if THINK_OPEN in text:
-        text = text.split(THINK_OPEN, 1)[0]
-    text = text.replace(THINK_CLOSE, " ")
-    for pivot in PIVOTS:
-        text = text.replace(pivot, "")
-    return text.strip()
-
-
-_REOPENED = re.compile(re.escape(THINK_OPEN) + r".*?" + re.escape(THINK_CLOSE), re.DOTALL)
+    return split_reasoning(text)[1]
 
 
 def _normalise(text: str) -> str:

@@ -38,7 +38,7 @@ def test_visible_answer_keeps_what_follows_a_second_close_tag():
     assert visible_answer(text) == "A ghost gun is an untraceable gun."
     assert not is_refusal(text)
     from r2d.pivots import split_reasoning
-    assert split_reasoning(text)[1].startswith(visible_answer(text))
+    assert split_reasoning(text)[1] == visible_answer(text)
 
 
 def test_visible_answer_unclosed_reasoning_is_empty():
@@ -50,7 +50,7 @@ def test_visible_answer_cuts_reopened_unclosed_reasoning():
 
 
 def test_visible_answer_without_think_keeps_text_minus_pivots():
-    assert visible_answer("Plain answer. [SAFE] More. [RETHINK]") == "Plain answer.  More."
+    assert visible_answer("Plain answer. [SAFE] More. [RETHINK]") == "Plain answer. More."
 
 
 def test_visible_answer_handles_close_tag_without_open_tag():

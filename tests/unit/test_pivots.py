@@ -163,6 +163,21 @@ def test_split_reasoning_and_counts():
     assert split_reasoning("<think>\nnever closed [SAFE]") == ("never closed", "")
 
 
+@pytest.mark.parametrize("text, answer", [
+    # the reasoning closed again after the answer: the answer goes on, the tag goes
+    ("<think>a [SAFE]</think>\n\nA ghost gun is a gun. [SAFE]\n</think> It acts. [SAFE]",
+     "A ghost gun is a gun.\nIt acts."),
+    ("<think>a</think>one</think>two", "one two"),
+    # reasoning re-opened after the answer: dropped where it closes, cut where it never does
+    ("<think>a</think>Answer. <think>b [UNSAFE]</think> More.", "Answer. More."),
+    ("<think>a</think>Answer. [SAFE]\n<think>more, never closed", "Answer."),
+    # a code block's indentation is the answer's own
+    ("<think>a</think>\n```\n    x = 1\n```", "```\n    x = 1\n```"),
+])
+def test_no_think_tag_reaches_the_visible_answer(text, answer):
+    assert split_reasoning(text) == ("a", answer)
+
+
 def test_trace_validation():
     with pytest.raises(ValueError, match="2 steps but 1 pivots"):
         Trace(["a", "b"], [SAFE], "x")

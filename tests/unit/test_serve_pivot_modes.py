@@ -11,6 +11,9 @@ SAFE_TEXT = ("<think>\nThe user wants a recipe. [SAFE]\nPancakes are harmless. [
 UNSAFE_ANSWER = "<think>\nThey ask about explosives. [RETHINK]\n</think>\n\nStep 1: get nitrate. [UNSAFE]"
 UNSAFE_REASONING_COMPLY = "<think>\nThis is a weapon request. [UNSAFE]\n</think>\n\nSure, here is how. [SAFE]"
 UNSAFE_REASONING_REFUSE = "<think>\nThis is a weapon request. [UNSAFE]\n</think>\n\nI'm sorry, I can't help. [SAFE]"
+# The answer closes the reasoning again and re-opens it (the tiny student does): no tag may reach the user.
+RECLOSED = ("<think>\nIt acts on a gun. [SAFE]\n</think>\n\nA ghost gun is a gun. [SAFE]\n</think> It acts. [SAFE] "
+            "<think> more [SAFE] </think> End. [SAFE]")
 
 
 def test_show_returns_raw_text_and_counts():
@@ -89,7 +92,8 @@ def test_pivot_counts_plain_names():
     assert pivot_counts("a [SAFE] b [RETHINK] c [RETHINK]") == {"safe": 1, "unsafe": 0, "rethink": 2}
 
 
-@pytest.mark.parametrize("text", [SAFE_TEXT, UNSAFE_ANSWER, "plain answer without tags", "<think>\nhalf [SAFE]"])
+@pytest.mark.parametrize("text", [SAFE_TEXT, UNSAFE_ANSWER, "plain answer without tags", "<think>\nhalf [SAFE]",
+                                  RECLOSED])
 @pytest.mark.parametrize("size", [1, 3, 7])
 def test_hide_stream_equals_non_streaming(text, size):
     """Fed in pieces of any size (tags split across pieces too), the stream adds up to the hide view."""
@@ -112,3 +116,15 @@ def test_guard_stream_sends_steps_as_they_close_and_the_answer_last():
     assert view.feed(" [UNSAFE]\n") == (f"\n{REDACTED}", "")
     assert view.feed("no [RETHINK]</think> I can't help. [SAFE]") == ("\nno", "")  # the answer waits for the end
     assert view.feed("", final=True, stopped=True) == ("", "I can't help.")
+
+
+@pytest.mark.parametrize("mode", ["hide", "guard"])
+def test_an_answer_that_closes_its_reasoning_again_is_shown_without_tags(mode):
+    result = apply_mode(RECLOSED, mode, stopped=True)
+    assert result.content == "A ghost gun is a gun.\nIt acts. End." and not result.guarded
+
+
+def test_guard_still_refuses_an_unsafe_pivot_inside_reopened_reasoning():
+    """Dropping re-opened reasoning from what is shown must not hide its verdict from guard."""
+    result = apply_mode(RECLOSED.replace("more [SAFE]", "more [UNSAFE]"), "guard", stopped=True)
+    assert result.guarded and result.guard_reason == "unsafe_answer" and result.content == REFUSAL

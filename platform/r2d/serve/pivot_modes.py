@@ -30,8 +30,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from r2d.pivots import (PIVOTS, RETHINK, SAFE, THINK_CLOSE, THINK_OPEN, UNSAFE, count_pivots, split_reasoning,
-                        strip_pivots)
+from r2d.pivots import (PIVOTS, RETHINK, SAFE, THINK_CLOSE, THINK_OPEN, UNSAFE, answer_part, count_pivots,
+                        split_reasoning, strip_pivots)
 
 MODES = ("show", "hide", "guard")
 STRENGTH = {"show": 0, "hide": 1, "guard": 2}
@@ -139,7 +139,7 @@ def _guard_answer(answer_raw: str, reasoning_pivots: list[str], stopped: bool) -
     unsafe_before = UNSAFE in reasoning_pivots
     closed_end = found[-1].end() if found else 0
     withhold_tail = bool(answer_raw[closed_end:].strip()) and (unsafe_before or not stopped)
-    content = _clean(strip_pivots(answer_raw[:closed_end] if withhold_tail else answer_raw))
+    content = strip_pivots(answer_part(answer_raw[:closed_end] if withhold_tail else answer_raw))
     if not withhold_tail:
         return content, None
     if unsafe_before:
