@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             if read_table(vcfg.distill.output_dir, ["prompt_id"]).num_rows == 0:
                 with exit_on_config_error(parser.prog):  # its folder may hold traces of other settings
                     distill(vcfg)  # a variant with its own data mix distils its own traces once
-            outcome = run_training(vcfg)
+            with exit_on_config_error(parser.prog):  # its run name may hold checkpoints of other settings
+                outcome = run_training(vcfg)
             model = f"models:/{vcfg.tracking.registered_model}/{outcome.model_version}"
             # The same prompts for every variant: the base config's suites; contamination against its own traces.
             result = evaluate_models(cfg, [model], traces=vcfg.distill.output_dir)[model]

@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. SFT + CPO on 2 Ray Train workers; registers models:/r2d@challenger
     with stage("train"):
-        outcome = run_training(cfg)
+        with exit_on_config_error(parser.prog):  # the run name may hold checkpoints of other settings
+            outcome = run_training(cfg)
         run_ids["train"] = outcome.mlflow_run_id
         if outcome.reused:
             print(f"already trained: reusing run {outcome.mlflow_run_id} (same model, settings and traces)")

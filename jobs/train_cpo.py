@@ -13,7 +13,7 @@ import time
 
 
 def main(argv=None) -> int:
-    from r2d.config import parse_job_args
+    from r2d.config import exit_on_config_error, parse_job_args
     from r2d.runtime import init_mlflow, init_ray
     from r2d.train.trainer import run_training
 
@@ -26,7 +26,8 @@ def main(argv=None) -> int:
 
     # 3. work: train, checkpoint, register
     started = time.perf_counter()
-    outcome = run_training(cfg)
+    with exit_on_config_error("train_cpo.py"):  # the run name may hold checkpoints of other settings
+        outcome = run_training(cfg)
 
     # 4. report
     if outcome.reused:

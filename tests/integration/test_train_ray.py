@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from r2d import run_tags as T
-from r2d.config import load_config
+from r2d.config import ConfigError, load_config
 from r2d.pivots import render_conversation
 from r2d.train.synthetic import write_synthetic_traces
 
@@ -56,11 +56,12 @@ def test_killed_worker_resumes_and_the_registered_model_reloads_by_alias(ray_ses
     traces = write_synthetic_traces(tmp_path / "traces", 31, extra_rows=[malformed], distill_run_id="distill-run-1")
     manifest = json.loads((traces / "manifest.json").read_text())
     name = f"r2d-test-{uuid.uuid4().hex[:6]}"
-    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", [
+    overrides = [
         f"model.source={tiny_model_dir}", f"train.traces={traces}", "train.max_steps=5",
         "train.checkpoint_every=2", "train.batch_size=4", "train.grad_accum=1", f"train.storage_path={tmp_path / 'ckpt'}",
         f"train.run_name={name}", "train.max_failures=1", "resources.train_workers=2",
-        "resources.cpus_per_worker=0.5", f"tracking.registered_model={name}"])
+        "resources.cpus_per_worker=0.5", f"tracking.registered_model={name}"]
+    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", overrides)
     marker = tmp_path / "killed"
 
     # 1. train with worker 1 dying (os._exit) before optimizer step 3 (32 rows: equal shards, none cut)
@@ -105,3 +106,10 @@ def test_killed_worker_resumes_and_the_registered_model_reloads_by_alias(ray_ses
     assert got["tokens"] == expected
     assert got["vocab"] == model.get_input_embeddings().weight.shape[0] >= len(tok)  # resized vocabulary kept
     assert not list(Path(got["folder"]).glob("adapter_*"))  # merged weights, no adapter
+
+    # 5. the checkpoints carry the run's train key: the same run name under other settings is refused
+    state = json.loads((Path(outcome.checkpoint_path) / "state.json").read_text())
+    assert state["train_key"] == run.data.tags[T.TRAIN_KEY]
+    other = load_config(ROOT / "jobs/configs/tiny.yaml", [*overrides, "train.learning_rate=5.0e-4"])
+    with pytest.raises(ConfigError, match=rf"^train.run_name: '{name}' holds checkpoints of a run with other settings"):
+        run_training(other)

@@ -77,3 +77,29 @@ def test_reuse_keys_name_real_source_and_change_with_it(monkeypatch):
     monkeypatch.setattr(runtime, "source_digest", lambda *names: "changed")
     after = train_key(cfg, "digest"), eval_key(cfg, target, "suites")
     assert before[0] != after[0] and before[1] != after[1]
+
+
+def test_checkpoints_of_other_settings_under_the_run_name_are_refused(tmp_path):
+    """Ray Train resumes whatever the run folder holds: the newest checkpoint of another train key would be
+    trained on and registered as this run's. The driver refuses it, naming the field and the way out."""
+    import json
+
+    from r2d.config import ConfigError
+    from r2d.train.trainer import check_resumable
+
+    cfg = load_config(None, [f"train.storage_path={tmp_path}", "train.run_name=demo"])
+    check_resumable(cfg, "new")  # no folder yet: a fresh run
+    run = tmp_path / "demo"
+    (run / "_lease.json").parent.mkdir()
+    (run / "_lease.json").write_text("{}")
+    for name, key in [("checkpoint_2026-12-01_10-00-00.000001", "new"),
+                      ("checkpoint_2026-12-01_11-00-00.000001", "old")]:
+        (run / name).mkdir()
+        (run / name / "state.json").write_text(json.dumps({"step": 10, "train_key": key}))
+    with pytest.raises(ConfigError, match=rf"^train.run_name: 'demo' holds checkpoints of a run with other settings, "
+                                          rf"student, traces or training code \(train key old; this run's is new\) "
+                                          rf"in {run}; .* another train.run_name, or remove that folder"):
+        check_resumable(cfg, "new")
+    check_resumable(cfg, "old")  # the newest checkpoint is its own: resumed
+    (run / "checkpoint_2026-12-01_11-00-00.000001" / "state.json").write_text(json.dumps({"step": 10}))
+    check_resumable(cfg, "new")  # written before checkpoints stored the key: resumed as before

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from r2d import storage as st
 from r2d.commits import HeldLease
-from r2d.config import Config
+from r2d.config import Config, ConfigError
 from r2d.distill import store
 from r2d.distill.store import read_manifest
 from r2d.placement import scaling_config_kwargs
@@ -132,6 +132,7 @@ def run_training(cfg: Config, hooks: dict | None = None, reuse: bool = True) -> 
     Raises:
         FileNotFoundError: the traces folder holds no Parquet files.
         r2d.commits.LeaseError: another live driver runs ``train.run_name``.
+        r2d.config.ConfigError: ``train.run_name`` holds checkpoints of other settings (:func:`check_resumable`).
     """
     uri = traces_uri(cfg)
     manifest = read_manifest(uri)
@@ -147,9 +148,40 @@ def run_training(cfg: Config, hooks: dict | None = None, reuse: bool = True) -> 
         # What a fresh run would leave behind: its version as the challenger.
         MlflowClient().set_registered_model_alias(cfg.tracking.registered_model, ALIAS, found.model_version)
         return found
+    from r2d.train.run_log import train_key
+
+    key = train_key(cfg, info["traces_digest"])
     with HeldLease(run_folder(cfg), ttl_s=LEASE_TTL_S):
-        result = build_trainer(cfg, dataset, total, info, hooks).fit()
+        check_resumable(cfg, key)
+        result = build_trainer(cfg, dataset, total, {**info, "train_key": key}, hooks).fit()
     return _outcome(cfg, result, total)
+
+
+def check_resumable(cfg: Config, key: str) -> None:
+    """Refuse to resume checkpoints that a run of other settings wrote under this ``train.run_name``.
+
+    Ray Train resumes whatever its run folder holds. Checkpoints of another train key (other
+    ``train`` settings, student, traces, worker count or training code) would be loaded into this
+    run (only in part: a LoRA run keeps nothing of a full fine-tuning checkpoint), trained on
+    from their step, and registered under this run's settings. Checkpoints written before the key
+    was stored in them are resumed as before.
+
+    Raises:
+        r2d.config.ConfigError: naming ``train.run_name`` and the way out.
+    """
+    from r2d.train.checkpoint import STATE_FILE
+
+    folder = run_folder(cfg)
+    states = [uri for uri in st.list_files(folder) if uri.endswith(f"/{STATE_FILE}")
+              and uri.rsplit("/", 2)[-2].startswith("checkpoint_")]
+    if not states:
+        return
+    saved = json.loads(st.read_text(states[-1])).get("train_key")  # the newest: names sort by time
+    if saved and saved != key:
+        raise ConfigError(f"train.run_name: {cfg.train.run_name!r} holds checkpoints of a run with other settings, "
+                          f"student, traces or training code (train key {saved}; this run's is {key}) in {folder}; "
+                          "resuming would train on from them and register the result as this run's. Give this run "
+                          "another train.run_name, or remove that folder to start it over.")
 
 
 def run_folder(cfg: Config) -> str:
