@@ -191,9 +191,9 @@ def test_distilled_prompts_take_the_attacks_and_an_unknown_one_names_the_field(t
     from pipelines.distill import changed_settings, run, training_set
     from r2d.config import ConfigError, load_config
 
-    plain = load_config(ROOT / "jobs/configs/tiny.yaml", [f"distill.output_dir={tmp_path}"])
-    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", [f"distill.output_dir={tmp_path}",
-                                                    "distill.attacks=[few_shot, roleplay_dan]"])
+    keys = [f"distill.output_dir={tmp_path}", "distill.attack_fraction=0.25", "distill.refusals=intent"]
+    plain = load_config(ROOT / "jobs/configs/tiny.yaml", [*keys, "distill.attacks=[]"])
+    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", [*keys, "distill.attacks=[few_shot, roleplay_dan]"])
     before, after = training_set(plain), training_set(cfg)
     assert len(after) == len(before) == 300
     wrapped = [r for r in after if r["attack"] != "none"]
@@ -201,8 +201,13 @@ def test_distilled_prompts_take_the_attacks_and_an_unknown_one_names_the_field(t
     assert {r["label"] for r in wrapped} == {"harmful", "benign"} and 70 <= len(wrapped) <= 80
     assert {r["request"] for r in wrapped} <= {r["prompt"] for r in before}
     assert changed_settings({"config": plain.to_dict()}, cfg) == {"attacks": ([], ["few_shot", "roleplay_dan"])}
-    generic = load_config(ROOT / "jobs/configs/tiny.yaml", [f"distill.output_dir={tmp_path}", "distill.refusals=generic"])
+    generic = load_config(ROOT / "jobs/configs/tiny.yaml", [*keys, "distill.attacks=[]", "distill.refusals=generic"])
     assert changed_settings({"config": plain.to_dict()}, generic) == {"refusals": ("intent", "generic")}
+    # tiny.yaml's own recipe: a tenth of the prompts in four attacks, the rest as they were.
+    tiny = training_set(load_config(ROOT / "jobs/configs/tiny.yaml", [f"distill.output_dir={tmp_path}"]))
+    tiny_wrapped = [r for r in tiny if r["attack"] != "none"]
+    assert len(tiny) == 300 and 25 <= len(tiny_wrapped) <= 35
+    assert {r["attack"] for r in tiny_wrapped} == {"roleplay_dan", "deep_inception", "few_shot", "refusal_suppression"}
     bad = load_config(None, [f"distill.output_dir={tmp_path}", "distill.attacks=[few_shots]"])
     with pytest.raises(ConfigError, match=r"^distill.attacks: unknown attack 'few_shots'; valid attacks: "):
         run(bad)
