@@ -118,7 +118,24 @@ def build_trainer(cfg: Config, dataset, total_steps: int, lineage_info: dict, ho
                         train_loop_config={"cfg": cfg, "total_steps": total_steps, "lineage": lineage_info,
                                            "hooks": hooks or {}},
                         scaling_config=scaling, run_config=run, datasets={"train": dataset},
+                        dataset_config=ordered_ingest(),
                         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"))
+
+
+def ordered_ingest():
+    """Ray Train's ingest with the rows kept in order: every attempt gives each worker the same rows.
+
+    By default the splitter hands blocks to whichever worker asks first (and follows locality across
+    nodes), so a worker's shard differs from run to run. A resumed attempt skips the windows its
+    checkpoint trained on by position (``windows_done``): on another shard that would train some
+    rows twice and others never, and the same seed would not give the same model. With the order
+    kept, Ray Data ignores the locality hints and splits deterministically.
+    """
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options=options)
 
 
 def run_training(cfg: Config, hooks: dict | None = None, reuse: bool = True) -> TrainOutcome:
