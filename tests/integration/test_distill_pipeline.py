@@ -14,6 +14,7 @@ import pytest
 
 from r2d.distill import store
 from r2d.config import load_config
+from pipelines.distill import training_set
 from r2d.data.splits import training_prompts
 
 pytestmark = pytest.mark.integration
@@ -70,7 +71,8 @@ def test_killed_job_resumes_without_losing_or_duplicating(state_dir, tiny_model_
     overrides = _overrides(tiny_model_dir, out, 4, ["distill.chunk_size=1", "distill.max_regenerations=0",
                                                     "distill.sampling.max_tokens=96",
                                                     "distill.engine.batch_size=1"])
-    expected = {p["prompt_id"] for p in training_prompts(load_config(ROOT / "jobs/configs/tiny.yaml", overrides))}
+    # what the job distils: the training side, a share wrapped in tiny.yaml's attacks (with ids of their own)
+    expected = {p["prompt_id"] for p in training_set(load_config(ROOT / "jobs/configs/tiny.yaml", overrides))}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), str(ROOT)])}
     env.pop("RAY_ADDRESS", None)  # the job starts its own local Ray
 
