@@ -115,7 +115,7 @@ def train_func_per_worker(config: dict) -> None:
     # 3. resume from the latest checkpoint, if this run has one
     # train_key: what the driver checks before resuming (r2d.train.trainer.check_resumable)
     state = {"step": 0, "epoch": 0, "windows_done": 0, "mlflow_run_id": None, "dropped": {},
-             "train_key": config["lineage"].get("train_key")}
+             "train_key": config["lineage"]["train_key"]}
     resumed = ray.train.get_checkpoint()  # [2]
     if resumed is not None:
         with resumed.as_directory() as folder:

@@ -48,7 +48,7 @@ def train_key(cfg: Config, traces_digest: str) -> str:
 def lineage_tags(cfg: Config, lineage: dict, pivot_ids: dict[str, int] | None = None) -> dict[str, str]:
     """The lineage contract's tags for the training run and the model version."""
     out = {
-        T.TRAIN_KEY: train_key(cfg, lineage.get("traces_digest", "")),
+        T.TRAIN_KEY: lineage["train_key"],  # the driver's (r2d.train.trainer.lineage)
         T.STAGE: "train",
         T.CONFIG_DIGEST: cfg.digest(),
         T.GIT_COMMIT: lineage.get("git_commit", "unknown"),

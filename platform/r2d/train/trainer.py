@@ -94,10 +94,13 @@ def planned_steps(cfg: Config, n_rows: int) -> int:
 
 
 def lineage(cfg: Config, uri: str, manifest: dict) -> dict:
+    """What the run is trained from, and its train key: computed here once, and carried to the workers."""
     from r2d.run_tags import git_commit
+    from r2d.train.run_log import train_key
 
-    return {"traces_uri": uri, "traces_digest": str(manifest.get("digest", "")),
-            "distill_run_id": str(manifest.get("mlflow_run_id", "")), "git_commit": git_commit()}
+    digest = str(manifest.get("digest", ""))
+    return {"traces_uri": uri, "traces_digest": digest, "distill_run_id": str(manifest.get("mlflow_run_id", "")),
+            "git_commit": git_commit(), "train_key": train_key(cfg, digest)}
 
 
 def build_trainer(cfg: Config, dataset, total_steps: int, lineage_info: dict, hooks: dict | None = None):
@@ -156,7 +159,7 @@ def run_training(cfg: Config, hooks: dict | None = None, reuse: bool = True) -> 
     n_rows, dataset = read_traces(uri)
     total = planned_steps(cfg, n_rows)
     info = lineage(cfg, uri, manifest)
-    found = finished_run(cfg, info["traces_digest"], total) if reuse and cfg.train.register else None
+    found = finished_run(cfg, info, total) if reuse and cfg.train.register else None
     if found is not None:
         from mlflow import MlflowClient
 
@@ -165,12 +168,9 @@ def run_training(cfg: Config, hooks: dict | None = None, reuse: bool = True) -> 
         # What a fresh run would leave behind: its version as the challenger.
         MlflowClient().set_registered_model_alias(cfg.tracking.registered_model, ALIAS, found.model_version)
         return found
-    from r2d.train.run_log import train_key
-
-    key = train_key(cfg, info["traces_digest"])
     with HeldLease(run_folder(cfg), ttl_s=LEASE_TTL_S):
-        check_resumable(cfg, key)
-        result = build_trainer(cfg, dataset, total, {**info, "train_key": key}, hooks).fit()
+        check_resumable(cfg, info["train_key"])
+        result = build_trainer(cfg, dataset, total, info, hooks).fit()
     return _outcome(cfg, result, total)
 
 
@@ -206,23 +206,23 @@ def run_folder(cfg: Config) -> str:
     return st.join(st.absolute(cfg.train.storage_path), cfg.train.run_name)
 
 
-def finished_run(cfg: Config, traces_digest: str, total: int) -> TrainOutcome | None:
-    """The newest finished training run with these inputs whose registered version still exists."""
+def finished_run(cfg: Config, lineage_info: dict, total: int) -> TrainOutcome | None:
+    """The newest finished training run with these inputs (:func:`lineage`'s train key) whose registered version
+    still exists."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from r2d import run_tags as T
     from r2d.runtime import init_mlflow
     from r2d.train.loop import REGISTERED_TAG
-    from r2d.train.run_log import train_key
 
-    if not traces_digest:
+    if not lineage_info["traces_digest"]:
         return None
     mlflow = init_mlflow(cfg.tracking.experiment, cfg.tracking.uri)
     client = MlflowClient()
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=10,
-                              filter_string=f"tags.`{T.TRAIN_KEY}` = '{train_key(cfg, traces_digest)}' and "
+                              filter_string=f"tags.`{T.TRAIN_KEY}` = '{lineage_info['train_key']}' and "
                                             "attributes.status = 'FINISHED'")
     for run in runs:
         version = run.data.tags.get(REGISTERED_TAG)
