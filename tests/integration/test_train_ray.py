@@ -117,7 +117,7 @@ def test_killed_worker_resumes_and_the_registered_model_reloads_by_alias(ray_ses
 
 def test_the_same_seed_trains_the_same_model(ray_session, state_dir, tiny_model_dir, tmp_path):
     """Each worker gets the same rows in the same order on every attempt (Ray Data's order kept), so two runs of
-    one seed end in the same weights, and a resumed attempt's skip of the windows it trained on is exact."""
+    one seed end in the same weights (the same order is what a resumed attempt's positional skip relies on)."""
     import pyarrow.parquet as pq
     import torch
 
