@@ -61,7 +61,7 @@ def server(ray_session, vllm_model_dir, tmp_path_factory):
         f"serve.model=models:/{NAME}@champion", f"model.cache_dir={tmp_path_factory.mktemp('cache')}",
         "serve.engine.kind=vllm", "serve.engine.num_cpus=1",
         "serve.engine.max_model_len=512", f"serve.max_tokens_limit={LIMIT}", "serve.default_max_tokens=8",
-        f"serve.api_key_file={keys / 'api'}", f"serve.admin_key_file={keys / 'admin'}", "serve.allowed_modes=[show]",
+        f"serve.api_key_file={keys / 'api'}", f"serve.admin_key_file={keys / 'admin'}", "serve.allowed_modes=[show,guard]",
         f"serve.port={port}"])
     started = time.time()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -126,6 +126,43 @@ def test_vllm_engine_behind_the_ingress(server):
     assert httpx.post(f"{base}/v1/chat/completions", json=body, headers=_headers()).status_code == 422
     assert httpx.post(f"{base}/v1/chat/completions", json={"messages": MESSAGES, "r2d_mode": "show"},
                       headers=_headers()).status_code == 403
+
+
+def test_guard_keys_and_body_limits_on_the_vllm_path(server):
+    """The safety boundary and the door on the served engine: guard refuses the forced model's [UNSAFE] answer,
+    plain and streamed, without a byte of it; no key or a wrong one is a 401 before anything else; a body over
+    the limit or not JSON gets its 4xx."""
+    from openai import OpenAI
+
+    from r2d.serve.pivot_modes import REFUSAL
+
+    base = server["base"]
+    client = OpenAI(base_url=f"{base}/v1", api_key=KEY)
+    guarded = client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8,
+                                             extra_body={"r2d_mode": "guard"})
+    meta = guarded.model_extra["r2d"]
+    assert guarded.choices[0].message.content == REFUSAL and "[UNSAFE]" not in str(guarded.model_dump())
+    assert meta["mode"] == "guard" and meta["guarded"] is True and meta["guard_reason"] == "unsafe_answer"
+    assert meta["pivots"]["unsafe"] == 8
+    chunks = list(client.chat.completions.create(model="r2d", messages=MESSAGES, max_tokens=8, stream=True,
+                                                 extra_body={"r2d_mode": "guard"}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == REFUSAL
+    assert all("[UNSAFE]" not in str(c.model_dump()) for c in chunks)
+
+    body = {"messages": MESSAGES, "max_tokens": 4}
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Bearer {ADMIN}"}):
+        r = httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (headers, r.text)
+    assert httpx.get(f"{base}/v1/models").status_code == 401
+    assert httpx.post(f"{base}/v1/chat/completions", content=b"x", headers={"content-type": "text/plain"}
+                      ).status_code == 401  # before 415: an anonymous client learns nothing about the API
+    plain = httpx.post(f"{base}/v1/chat/completions", content=b"x",
+                       headers={**_headers(), "content-type": "text/plain"})
+    assert plain.status_code == 415 and "JSON" in plain.json()["error"]["message"]
+    big = {"messages": [{"role": "user", "content": "y" * 70_000}], "max_tokens": 4}
+    r = httpx.post(f"{base}/v1/chat/completions", json=big, headers=_headers())
+    assert r.status_code == 413 and "65536" in r.json()["error"]["message"], r.text
+    assert httpx.post(f"{base}/v1/chat/completions", json=body, headers=_headers()).status_code == 200
 
 
 def test_one_bad_request_never_fails_the_others(server):
