@@ -9,7 +9,8 @@ the server, one prompt at a time: ``model.generate`` in this process with the re
 thread count, or ``vllm.LLM.generate`` in a child process with the replica's engine settings.
 Concurrency 1 is measured in pairs: one bare request, one through the server, turn about,
 both engines loaded and waiting, so a machine that slows down during the run slows both
-sides alike (run one after the other, the two p50s once drifted by 17% between runs). For
+sides alike (run one after the other, the two p50s once drifted by 17% between runs); the ratios of
+the pairs give a median with a distribution-free 95% interval, how far the noise lets it move. For
 vLLM the bare engine also runs 32 prompts a call: the engine's own batching, the ceiling
 for the server at concurrency 32.
 
@@ -29,11 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (CpuSampler, PySpyAttach, Row, median, per_second, percentile, repo_path,  # noqa: E402
-                    start_ray)
+from common import (CpuSampler, PySpyAttach, Row, median, median_interval, per_second, percentile,  # noqa: E402
+                    repo_path, start_ray)
 
 SECTION = "serve"
-SIZES = {"full": {"max_tokens": 24, "requests": {1: 12, 8: 24, 32: 64}},
+SIZES = {"full": {"max_tokens": 24, "requests": {1: 30, 8: 24, 32: 64}},
          "quick": {"max_tokens": 16, "requests": {1: 6, 8: 8, 32: 32}}}
 """Requests per level (at 1: pairs, one bare and one served each): at 32 clients two waves at least,
 so batches form in a steady state."""
@@ -92,7 +93,10 @@ def single_client(seconds: list[float], tokens: int) -> dict:
 
 def paired(bare, served, n: int) -> tuple[dict, dict]:
     """``n`` requests each through ``bare(i)`` and ``served(i)`` (each returns the tokens it generated),
-    turn about and each side first every other time, after one untimed warm-up of each."""
+    turn about and each side first every other time, after one untimed warm-up of each.
+
+    The served side's stats also hold ``pair_ratios``: served over bare, pair by pair (the two requests
+    of a pair run back to back, so a machine that drifts during the run moves both)."""
     bare(0)
     served(0)
     times: dict = {bare: [], served: []}
@@ -102,7 +106,9 @@ def paired(bare, served, n: int) -> tuple[dict, dict]:
             start = time.perf_counter()
             tokens[one] += one(i)
             times[one].append(time.perf_counter() - start)
-    return single_client(times[bare], tokens[bare]), single_client(times[served], tokens[served])
+    stats = single_client(times[served], tokens[served])
+    stats["pair_ratios"] = [s / b for s, b in zip(times[served], times[bare])]
+    return single_client(times[bare], tokens[bare]), stats
 
 
 REPLY = "r2d-bench-reply "
@@ -268,6 +274,12 @@ def level_rows(engine: str, levels: dict, bare: dict, baseline: str, note: str) 
     overhead, batching = TARGETS[engine]
     rows = [Row(SECTION, f"{engine}: latency p50 at concurrency 1 vs bare", levels[1]["p50_s"], "s",
                 baseline, bare["p50_s"], overhead, higher_is_better=False, note=note)]
+    pairs = levels[1].get("pair_ratios") or []
+    if len(pairs) >= 6:  # the same requests read pair by pair, with how far the noise lets the median move
+        low, high = median_interval(pairs)
+        rows.append(Row(SECTION, f"{engine}: concurrency 1, server over bare, median of {len(pairs)} back-to-back "
+                                 "pairs", median(pairs), "x",
+                        note=f"95% interval of the median [{low:.2f}, {high:.2f}]; the target is read on the p50 row"))
     for c in (8, 32):
         rows.append(Row(SECTION, f"{engine}: requests/s at concurrency {c} vs 1", levels[c]["req_s"], "req/s",
                         "concurrency 1", levels[1]["req_s"], batching if c == 32 else None,

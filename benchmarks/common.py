@@ -46,6 +46,30 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median: the order statistics ``x_(k)`` and ``x_(n-k+1)``.
+
+    ``k`` is the largest with ``P(B <= k - 1) <= (1 - level) / 2`` for ``B ~ Binomial(n, 1/2)`` (the
+    number of values below the true median), so the interval holds the median with probability at
+    least ``level`` whatever the values' distribution: for 12 values ``[x_(3), x_(10)]`` (96.1%), for
+    30 ``[x_(10), x_(21)]`` (95.7%).
+
+    Raises:
+        ValueError: when ``values`` are too few for ``level`` (fewer than 6 at 95%).
+    """
+    ordered = sorted(float(v) for v in values)
+    n, tail = len(ordered), (1 - level) / 2
+    below, k = 0.0, 0
+    for j in range(n + 1):
+        below += math.comb(n, j) / 2 ** n
+        if below > tail:
+            break
+        k = j + 1
+    if k == 0:
+        raise ValueError(f"{n} values are too few for a {level:.0%} interval of their median")
+    return ordered[k - 1], ordered[n - k]
+
+
 def ratio(value: float | None, baseline: float | None) -> float | None:
     """``value / baseline``; None when either is missing or the baseline is not positive."""
     if value is None or baseline is None or baseline <= 0:

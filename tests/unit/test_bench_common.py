@@ -11,8 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from common import (Row, emit, format_table, meets, median, per_second, percentile, ratio,  # noqa: E402
-                    repeat, summarize_collapsed)
+from common import (Row, emit, format_table, meets, median, median_interval, per_second, percentile,  # noqa: E402
+                    ratio, repeat, summarize_collapsed)
 
 
 def test_median_of_odd_and_even_repeats():
@@ -211,3 +211,33 @@ def test_concurrency_one_is_measured_in_pairs_turn_about(monkeypatch):
                      ("s", 3), ("b", 3)]
     assert (bare["p50_s"], bare["req_s"], bare["tokens"]) == (1.0, 1.0, 20)
     assert (served["p50_s"], served["req_s"], served["tokens"]) == (3.0, pytest.approx(1 / 3), 28)
+    assert served["pair_ratios"] == [3.0] * 4 and "pair_ratios" not in bare
+
+
+def test_the_pairs_row_reads_each_pair_against_its_own_bare_request():
+    """The pairs row: the median of the pair ratios and its order-statistic interval, with no target of its own
+    (the p50 row keeps it: 1.65 s over 1.5 s is 1.10x, missed)."""
+    from bench_serving import level_rows
+
+    pairs = [1.1] * 6 + [1.0, 1.2] * 3  # 12 pairs, sorted: three 1.0, six 1.1, three 1.2; x_(3) = 1.0, x_(10) = 1.2
+    levels = {1: {"p50_s": 1.65, "req_s": 1.0, "pair_ratios": pairs}, 8: {"p50_s": 2.0, "p99_s": 2.0, "req_s": 3.0},
+              32: {"p50_s": 5.0, "p99_s": 6.0, "req_s": 9.0}}
+    rows = level_rows("vllm", levels, {"p50_s": 1.5}, "bare", "")
+    assert [r.met for r in rows] == [False, None, None, True]
+    assert rows[1].value == pytest.approx(1.1) and rows[1].target is None
+    assert "median of 12 back-to-back pairs" in rows[1].name and "[1.00, 1.20]" in rows[1].note
+    few = {**levels, 1: {**levels[1], "pair_ratios": [1.1] * 5}}  # too few for an interval: no row
+    assert len(level_rows("vllm", few, {"p50_s": 1.5}, "bare", "")) == 3
+
+
+def test_median_interval_is_the_binomial_order_statistics():
+    # n = 12: P(B <= 2) = 79/4096 = 0.0193 <= 0.025 < P(B <= 3) = 299/4096: [x_(3), x_(10)]
+    assert median_interval([12 - i for i in range(12)]) == (3.0, 10.0)
+    # n = 30: P(B <= 9) = 0.0214 <= 0.025 < P(B <= 10) = 0.0494: [x_(10), x_(21)]
+    assert median_interval(list(range(1, 31))) == (10.0, 21.0)
+    # n = 6: P(B = 0) = 1/64 <= 0.025: the whole range; a wider level needs more values
+    assert median_interval([5, 1, 4, 2, 6, 3]) == (1.0, 6.0)
+    with pytest.raises(ValueError, match="too few"):
+        median_interval([1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="too few"):
+        median_interval([1, 2, 3, 4, 5, 6], level=0.99)
