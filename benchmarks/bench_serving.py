@@ -9,8 +9,9 @@ the server, one prompt at a time: ``model.generate`` in this process with the re
 thread count, or ``vllm.LLM.generate`` in a child process with the replica's engine settings.
 Concurrency 1 is measured in pairs: one bare request, one through the server, turn about,
 both engines loaded and waiting, so a machine that slows down during the run slows both
-sides alike (run one after the other, the two p50s once drifted by 17% between runs); the ratios of
-the pairs give a median with a distribution-free 95% interval, how far the noise lets it move. For
+sides alike (run one after the other, the two p50s once drifted by 17% between runs), each
+request after a short untimed pause (the other engine's last request must not share its
+cores); the ratios of the pairs give a median with a distribution-free 95% interval. For
 vLLM the bare engine also runs 32 prompts a call: the engine's own batching, the ceiling
 for the server at concurrency 32.
 
@@ -91,18 +92,28 @@ def single_client(seconds: list[float], tokens: int) -> dict:
             "req_s": per_second(len(seconds), sum(seconds))}
 
 
-def paired(bare, served, n: int) -> tuple[dict, dict]:
+SETTLE_S = 1.0
+"""Untimed pause before each timed request at concurrency 1. Both engines share the machine's cores, and
+an engine's last request leaves it busy for a moment after it has answered: measured at ``2643332``, a
+served request right after a bare one took 1.82-2.02 s (median of 8) against 1.19 s right after another
+served one, while the bare side moved 1.35 -> 1.39 s; with a 1 s pause, 1.22-1.25 s and 1.36 s in either
+order. Back to back, the pairs read 1.4x when the bare request went first and 0.9x when it went second."""
+
+
+def paired(bare, served, n: int, settle_s: float = SETTLE_S) -> tuple[dict, dict]:
     """``n`` requests each through ``bare(i)`` and ``served(i)`` (each returns the tokens it generated),
-    turn about and each side first every other time, after one untimed warm-up of each.
+    turn about and each side first every other time, after one untimed warm-up of each; ``settle_s``
+    untimed seconds before each timed request (see :data:`SETTLE_S`).
 
     The served side's stats also hold ``pair_ratios``: served over bare, pair by pair (the two requests
-    of a pair run back to back, so a machine that drifts during the run moves both)."""
+    of a pair run a moment apart, so a machine that drifts during the run moves both)."""
     bare(0)
     served(0)
     times: dict = {bare: [], served: []}
     tokens: dict = {bare: 0, served: 0}
     for i in range(n):
         for one in (bare, served) if i % 2 == 0 else (served, bare):
+            time.sleep(settle_s)
             start = time.perf_counter()
             tokens[one] += one(i)
             times[one].append(time.perf_counter() - start)

@@ -206,7 +206,11 @@ def test_concurrency_one_is_measured_in_pairs_turn_about(monkeypatch):
             return tokens
         return one
 
-    bare, served = bench_serving.paired(side("b", 1.0, 5), side("s", 3.0, 7), 4)
+    sleeps = []
+    monkeypatch.setattr(bench_serving.time, "sleep", lambda s: sleeps.append((s, len(calls))))
+    bare, served = bench_serving.paired(side("b", 1.0, 5), side("s", 3.0, 7), 4, settle_s=0.5)
+    # an untimed pause before every timed request, none before the two warm-ups
+    assert sleeps == [(0.5, k) for k in range(2, 10)]
     assert calls == [("b", 0), ("s", 0), ("b", 0), ("s", 0), ("s", 1), ("b", 1), ("b", 2), ("s", 2),
                      ("s", 3), ("b", 3)]
     assert (bare["p50_s"], bare["req_s"], bare["tokens"]) == (1.0, 1.0, 20)
