@@ -288,8 +288,8 @@ def level_rows(engine: str, levels: dict, bare: dict, baseline: str, note: str) 
     pairs = levels[1].get("pair_ratios") or []
     if len(pairs) >= 6:  # the same requests read pair by pair, with how far the noise lets the median move
         low, high = median_interval(pairs)
-        rows.append(Row(SECTION, f"{engine}: concurrency 1, server over bare, median of {len(pairs)} back-to-back "
-                                 "pairs", median(pairs), "x",
+        rows.append(Row(SECTION, f"{engine}: concurrency 1, server over bare, median of {len(pairs)} pairs",
+                        median(pairs), "x",
                         note=f"95% interval of the median [{low:.2f}, {high:.2f}]; the target is read on the p50 row"))
     for c in (8, 32):
         rows.append(Row(SECTION, f"{engine}: requests/s at concurrency {c} vs 1", levels[c]["req_s"], "req/s",

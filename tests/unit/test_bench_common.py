@@ -229,7 +229,7 @@ def test_the_pairs_row_reads_each_pair_against_its_own_bare_request():
     rows = level_rows("vllm", levels, {"p50_s": 1.5}, "bare", "")
     assert [r.met for r in rows] == [False, None, None, True]
     assert rows[1].value == pytest.approx(1.1) and rows[1].target is None
-    assert "median of 12 back-to-back pairs" in rows[1].name and "[1.00, 1.20]" in rows[1].note
+    assert "median of 12 pairs" in rows[1].name and "[1.00, 1.20]" in rows[1].note
     few = {**levels, 1: {**levels[1], "pair_ratios": [1.1] * 5}}  # too few for an interval: no row
     assert len(level_rows("vllm", few, {"p50_s": 1.5}, "bare", "")) == 3
 
