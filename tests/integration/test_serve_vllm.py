@@ -61,8 +61,8 @@ def server(ray_session, vllm_model_dir, tmp_path_factory):
         f"serve.model=models:/{NAME}@champion", f"model.cache_dir={tmp_path_factory.mktemp('cache')}",
         "serve.engine.kind=vllm", "serve.engine.num_cpus=1",
         "serve.engine.max_model_len=512", f"serve.max_tokens_limit={LIMIT}", "serve.default_max_tokens=8",
-        f"serve.api_key_file={keys / 'api'}", f"serve.admin_key_file={keys / 'admin'}", "serve.allowed_modes=[show,guard]",
-        f"serve.port={port}"])
+        f"serve.api_key_file={keys / 'api'}", f"serve.admin_key_file={keys / 'admin'}",
+        "serve.allowed_modes=[show,guard]", f"serve.port={port}"])
     started = time.time()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="r2d-vllm", route_prefix="/")
@@ -73,7 +73,7 @@ def server(ray_session, vllm_model_dir, tmp_path_factory):
         assert time.time() - started < 480, "vLLM never produced a first token"
         time.sleep(1)
     print(f"vLLM serve ready after {time.time() - started:.0f} s")
-    yield {"base": base, "engine": serve.get_deployment_handle("r2d-vllm", "r2d-vllm"), "first": first}
+    yield {"base": base, "engine": serve.get_deployment_handle("r2d-vllm", "r2d-vllm"), "first": first, "cfg": cfg}
     serve.shutdown()
 
 
@@ -159,9 +159,10 @@ def test_guard_keys_and_body_limits_on_the_vllm_path(server):
     plain = httpx.post(f"{base}/v1/chat/completions", content=b"x",
                        headers={**_headers(), "content-type": "text/plain"})
     assert plain.status_code == 415 and "JSON" in plain.json()["error"]["message"]
-    big = {"messages": [{"role": "user", "content": "y" * 70_000}], "max_tokens": 4}
+    limit = server["cfg"].serve.max_body_bytes
+    big = {"messages": [{"role": "user", "content": "y" * (limit + 1)}], "max_tokens": 4}
     r = httpx.post(f"{base}/v1/chat/completions", json=big, headers=_headers())
-    assert r.status_code == 413 and "65536" in r.json()["error"]["message"], r.text
+    assert r.status_code == 413 and f"the limit is {limit}" in r.json()["error"]["message"], r.text
     assert httpx.post(f"{base}/v1/chat/completions", json=body, headers=_headers()).status_code == 200
 
 
